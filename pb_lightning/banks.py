@@ -1,0 +1,267 @@
+"""Fused dendrite operations: N copies of a layer's operation computed as one.
+
+A *bank* holds the weights of N dendrite sets of one perforated layer (N accepted sets, or K
+candidates). Its forward runs all N copies in a single operation — one ``F.linear`` with
+``N·out`` outputs, one ``F.convNd`` with ``N·out`` output channels, or one ``vmap`` of a custom
+module — rather than a Python loop over dendrites, so the cost of a set is close to its FLOPs.
+
+Every stacked tensor is stored as ``[N, out, ...]`` for Linear and Conv (``per_neuron``): the set
+axis first, then the neuron axis. That layout makes the operations the phases need — pick, for
+every neuron, the weights of its best candidate; append a set; snapshot the rows of neurons
+whose score improved — plain indexing on the first two axes, whatever the layer.
+
+The output of a bank is the layer's output shape with a set axis inserted just before the
+neuron axis (``[B, N, out]`` for Linear, ``[B, N, out, *spatial]`` for Conv), so per-neuron
+scalars of shape ``[N, out]`` broadcast against it without any permutation.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pb_lightning.errors import PerforationError
+
+_CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+class DendriteBank(nn.Module):
+    """N dendrite sets of one layer, stored stacked and computed by one operation.
+
+    Subclasses register their stacked parameters (leading axis N) and implement :meth:`forward`.
+    """
+
+    #: Whether each stacked tensor has the neuron axis second, so candidates can be chosen per
+    #: neuron. ``False`` for custom modules, whose parameters are shared by all their neurons.
+    per_neuron: bool = True
+
+    def stacked(self) -> dict[str, nn.Parameter]:
+        """The stacked parameters by name, each with the set axis first."""
+        return dict(self.named_parameters(recurse=False))
+
+    @property
+    def num_sets(self) -> int:
+        """N, the number of dendrite sets in the bank."""
+        return next(iter(self.stacked().values())).shape[0]
+
+    def replace(self, tensors: dict[str, Tensor], *, requires_grad: bool) -> None:
+        """Swap every stacked parameter for a new one holding ``tensors[name]``.
+
+        New ``Parameter`` objects (never in-place resizes) so that an optimizer built before the
+        change cannot silently keep stale state for a tensor whose shape changed.
+        """
+        for name in self.stacked():
+            setattr(self, name, nn.Parameter(tensors[name], requires_grad=requires_grad))
+
+    def take(self, choice: Tensor) -> dict[str, Tensor]:
+        """One set built by choosing, for every neuron ``i``, set ``choice[i]`` of this bank."""
+        return take_sets(self.stacked(), choice, per_neuron=self.per_neuron)
+
+    def append(self, tensors: dict[str, Tensor], *, requires_grad: bool) -> None:
+        """Add sets at the end (the sets given must match this bank's operation)."""
+        self.replace(
+            {name: torch.cat([p.detach(), tensors[name].to(p)], dim=0) for name, p in self.stacked().items()},
+            requires_grad=requires_grad,
+        )
+
+    def resize(self, num_sets: int) -> None:
+        """Give every stacked tensor ``num_sets`` uninitialised sets (before loading weights)."""
+        if num_sets == self.num_sets:
+            return
+        self.replace(
+            {name: p.new_empty((num_sets, *p.shape[1:])) for name, p in self.stacked().items()},
+            requires_grad=any(p.requires_grad for p in self.stacked().values()),
+        )
+
+    def flops_per_position(self) -> int:
+        """Multiply-accumulates of one set at one output position (for benchmarks)."""
+        raise NotImplementedError
+
+
+def take_sets(tensors: dict[str, Tensor], choice: Tensor, *, per_neuron: bool) -> dict[str, Tensor]:
+    """From stacked tensors ``[N, ...]``, one set ``[1, ...]`` that holds set ``choice[i]`` for neuron ``i``.
+
+    With ``per_neuron=False`` (custom modules, whose weights serve all neurons at once) the
+    choice must be the same for every neuron and whole sets are taken.
+    """
+    out: dict[str, Tensor] = {}
+    for name, t in tensors.items():
+        if per_neuron:
+            index = choice.view(1, -1, *([1] * (t.dim() - 2))).expand(1, *t.shape[1:])
+            out[name] = t.detach().gather(0, index)
+        else:
+            out[name] = t.detach()[int(choice[0])].unsqueeze(0)
+    return out
+
+
+def _uniform(shape: tuple[int, ...], bound: float, like: Tensor) -> Tensor:
+    return torch.empty(shape, dtype=like.dtype, device=like.device).uniform_(-bound, bound)
+
+
+class LinearBank(DendriteBank):
+    """N copies of an ``nn.Linear``: weight ``[N, out, in]``, bias ``[N, out]``."""
+
+    def __init__(self, template: nn.Linear, num_sets: int, init_scale: float) -> None:
+        super().__init__()
+        w = template.weight
+        # PyTorch's default Linear initialisation bound, scaled.
+        bound = init_scale / math.sqrt(template.in_features)
+        self.weight = nn.Parameter(_uniform((num_sets, template.out_features, template.in_features), bound, w))
+        self.bias = (
+            nn.Parameter(_uniform((num_sets, template.out_features), bound, w)) if template.bias is not None else None
+        )
+
+    def forward(self, x: Tensor, neuron_axis: int = -1) -> Tensor:
+        n, out, _ = self.weight.shape
+        bias = None if self.bias is None else self.bias.reshape(n * out)
+        y = F.linear(x, self.weight.reshape(n * out, -1), bias)  # (..., N*out)
+        return y.unflatten(-1, (n, out))  # (..., N, out)
+
+    def flops_per_position(self) -> int:
+        return self.weight.shape[1] * self.weight.shape[2]
+
+
+class ConvBank(DendriteBank):
+    """N copies of an ``nn.Conv1d/2d/3d``: weight ``[N, out, in/groups, *kernel]``, bias ``[N, out]``."""
+
+    def __init__(self, template: nn.modules.conv._ConvNd, num_sets: int, init_scale: float) -> None:
+        super().__init__()
+        w = template.weight
+        self.dims = w.dim() - 2
+        self.stride = template.stride
+        self.padding = template.padding
+        self.dilation = template.dilation
+        self.groups = template.groups
+        self.padding_mode = template.padding_mode
+        self._reversed_padding = template._reversed_padding_repeated_twice
+        fan_in = w.shape[1] * math.prod(w.shape[2:])
+        bound = init_scale / math.sqrt(fan_in)
+        self.weight = nn.Parameter(_uniform((num_sets, *w.shape), bound, w))
+        self.bias = nn.Parameter(_uniform((num_sets, w.shape[0]), bound, w)) if template.bias is not None else None
+
+    def forward(self, x: Tensor, neuron_axis: int = 1) -> Tensor:
+        n, out = self.weight.shape[:2]
+        g = self.groups
+        # A grouped conv connects output channel j to input group j // (channels / groups). With
+        # N·out channels the sets must be interleaved inside each group: [G, N, out/G].
+        weight = self.weight.unflatten(1, (g, out // g)).transpose(0, 1).reshape(n * out, *self.weight.shape[2:])
+        bias = None
+        if self.bias is not None:
+            bias = self.bias.unflatten(1, (g, out // g)).transpose(0, 1).reshape(n * out)
+        padding: Any = self.padding
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding, mode=self.padding_mode)
+            padding = 0
+        y = _CONV_FUNCTIONS[self.dims](x, weight, bias, self.stride, padding, self.dilation, g)  # (B, G*N*out/G, *S)
+        y = y.unflatten(1, (g, n, out // g))
+        if g > 1:
+            y = y.transpose(1, 2)
+        return y.flatten(2, 3)  # (B, N, out, *S)
+
+    def flops_per_position(self) -> int:
+        return self.weight.shape[1] * math.prod(self.weight.shape[2:])
+
+
+class ModuleBank(DendriteBank):
+    """N fresh copies of any module, run together with ``torch.func.vmap``.
+
+    The copies' parameters are stacked (``[N, *shape]``). They are shared by all neurons of a
+    copy, so a candidate is chosen per set, not per neuron (``per_neuron = False``).
+    """
+
+    per_neuron = False
+
+    def __init__(self, template: nn.Module, num_sets: int, init_scale: float) -> None:
+        super().__init__()
+        copies = [_fresh_copy(template, init_scale) for _ in range(num_sets)]
+        self._names = [name for name, _ in template.named_parameters()]
+        for name in self._names:
+            tensors = [dict(c.named_parameters())[name].detach() for c in copies]
+            if tensors:
+                stacked = torch.stack(tensors)
+            else:
+                p = dict(template.named_parameters())[name]
+                stacked = p.detach().new_empty((0, *p.shape))
+            self.register_parameter(_encode(name), nn.Parameter(stacked))
+        # The functional skeleton only: its own tensors live on the meta device (no memory, not in
+        # the state dict); functional_call supplies each set's parameters.
+        self.__dict__["_skeleton"] = copy.deepcopy(template).to("meta")
+
+    def forward(self, *inputs: Any, neuron_axis: int, **kwargs: Any) -> Tensor:
+        names = [_encode(n) for n in self._names]
+        params = tuple(getattr(self, n) for n in names)
+
+        def run(*flat: Any) -> Tensor:
+            ps, args = flat[: len(names)], flat[len(names) :]
+            return torch.func.functional_call(self._skeleton, dict(zip(self._names, ps, strict=True)), args, kwargs)
+
+        in_dims = (0,) * len(names) + (None,) * len(inputs)
+        y = torch.func.vmap(run, in_dims=in_dims)(*params, *inputs)  # (N, *y.shape)
+        return y.movedim(0, neuron_axis)
+
+    def flops_per_position(self) -> int:
+        return sum(p[0].numel() for p in self.stacked().values())
+
+
+def _encode(name: str) -> str:
+    return name.replace(".", "__")
+
+
+def _reset(module: nn.Module) -> bool:
+    found = False
+    for m in module.modules():
+        reset = getattr(m, "reset_parameters", None)
+        if callable(reset):
+            reset()
+            found = True
+    return found
+
+
+def _fresh_copy(template: nn.Module, init_scale: float) -> nn.Module:
+    clone = copy.deepcopy(template)
+    _reset(clone)
+    with torch.no_grad():
+        for p in clone.parameters():
+            p.mul_(init_scale)
+    return clone
+
+
+def check_custom_module(module: nn.Module, name: str) -> None:
+    """Refuse, at conversion time, a custom module that cannot be copied into dendrites."""
+    if not any(callable(getattr(m, "reset_parameters", None)) for m in module.modules()):
+        raise PerforationError(
+            f"Module `{name}` ({type(module).__name__}) has no `reset_parameters()` in itself or its "
+            "submodules, so pb_lightning cannot give its dendrite copies fresh weights. Add a "
+            "`reset_parameters()` method, or perforate the nn.Linear/nn.Conv layers inside it instead."
+        )
+    buffers = [n for n, _ in module.named_buffers()]
+    if buffers:
+        raise PerforationError(
+            f"Module `{name}` ({type(module).__name__}) has buffers {buffers}; dendrite copies of a "
+            "custom module must be pure functions of their parameters (run with torch.func.vmap). "
+            "Perforate a buffer-free submodule instead, e.g. the layer before its normalisation."
+        )
+    if not any(True for _ in module.parameters()):
+        raise PerforationError(f"Module `{name}` ({type(module).__name__}) has no parameters to copy into dendrites.")
+
+
+def make_bank(module: nn.Module, num_sets: int, init_scale: float) -> DendriteBank:
+    """A bank of ``num_sets`` fresh dendrite sets shaped after ``module``'s operation."""
+    if isinstance(module, nn.Linear):
+        return LinearBank(module, num_sets, init_scale)
+    if isinstance(module, _CONV_TYPES):
+        return ConvBank(module, num_sets, init_scale)  # type: ignore[arg-type]
+    return ModuleBank(module, num_sets, init_scale)
+
+
+def iter_stacked(bank: DendriteBank | None) -> Iterator[tuple[str, nn.Parameter]]:
+    """``bank.stacked().items()``, or nothing for a layer without a bank."""
+    if bank is not None:
+        yield from bank.stacked().items()

@@ -1,0 +1,178 @@
+r"""Correlation learning: candidates learn to follow their neuron's remaining error.
+
+For candidate ``k`` of neuron ``i`` with output ``V`` and the neuron's error
+``E = ∂L/∂y'_i`` (the ordinary backprop gradient at the neuron's output), Cascade-Correlation's
+objective is the magnitude of their covariance over all samples and positions ``p``:
+
+.. code-block:: text
+
+    S_{k,i} = | Σ_p (V_{p,k,i} − V̄_{k,i}) (E_{p,i} − Ē_i) | / N_{k,i}
+
+Running estimates (exponential moving averages over mini-batches) hold the first and second
+moments of ``V`` and ``E`` and their cross moment; from them come the means, the sign
+``σ = sign(cov)`` and the normaliser ``N``:
+
+* ``"raw"``: ``N = 1``.
+* ``"error_energy"``: ``N = mean(E²)`` (Cascade-Correlation's division by ``Σ E²``).
+* ``"pearson"`` (default): ``N = std(V)·std(E)``, so ``S`` is a correlation and a loss scale
+  (mixed precision, a loss multiplied by a constant) cancels out.
+
+Each training step, with those estimates held constant, the candidate ascends the batch objective
+
+.. code-block:: text
+
+    J = Σ_{k,i} σ_{k,i} / (P · N_{k,i}) · Σ_p V_{p,k,i} (E_{p,i} − Ē_i)
+
+(``P`` positions in the batch), whose gradient ``σ (E − Ē) / (P N)`` with respect to ``V`` is the
+Cascade-Correlation update. :class:`CorrelationTap` delivers it from the *same* backward pass as
+the task loss: it is the identity on the layer output in the forward pass, receives ``E`` in its
+backward, and hands ``−∂J/∂V`` to the candidates' graph. No second backward pass is needed.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from pb_lightning.config import DendriteConfig
+
+log = logging.getLogger(__name__)
+
+# Rows of the moment buffer.
+_V, _E, _VV, _EE, _VE = range(5)
+
+
+def flatten_positions(v: Tensor, e: Tensor, axis: int) -> tuple[Tensor, Tensor]:
+    """``V (..., K, out, ...)`` → ``[P, K, out]`` and ``E (..., out, ...)`` → ``[P, out]``, float32.
+
+    ``axis`` is the neuron axis of ``E`` (``V`` has its set axis there and the neuron axis after).
+    Statistics are always accumulated in float32 whatever the autocast or parameter dtype.
+    """
+    vf = v.detach().movedim((axis, axis + 1), (-2, -1)).reshape(-1, v.shape[axis], v.shape[axis + 1])
+    ef = e.detach().movedim(axis, -1).reshape(-1, e.shape[axis])
+    return vf.float(), ef.float()
+
+
+def batch_moments(vf: Tensor, ef: Tensor) -> Tensor:
+    """The batch means of ``V, E, V², E², V·E`` per candidate and neuron: ``[5, K, out]``."""
+    p = vf.shape[0]
+    mean_v = vf.mean(0)
+    mean_e = ef.mean(0).expand_as(mean_v)
+    mean_vv = (vf * vf).mean(0)
+    mean_ee = (ef * ef).mean(0).expand_as(mean_v)
+    mean_ve = torch.einsum("pko,po->ko", vf, ef) / p
+    return torch.stack([mean_v, mean_e, mean_vv, mean_ee, mean_ve])
+
+
+class CorrelationStatistics(nn.Module):
+    """Running moments of candidate outputs and neuron errors for one layer's candidate pool.
+
+    The moments are buffers, so a checkpoint taken mid-dendrite-phase resumes with the same
+    estimates. Moments of ``E`` are kept in *unscaled* units: the caller divides ``E`` by the loss
+    scale before :meth:`update` and multiplies the gradient back (see :attr:`loss_scale`).
+
+    Args:
+        num_candidates: K.
+        num_neurons: neurons of the layer.
+        config: the engine configuration (momentum, normalisation, warm-up, eps).
+    """
+
+    def __init__(self, num_candidates: int, num_neurons: int, config: DendriteConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.register_buffer("moments", torch.zeros(5, num_candidates, num_neurons))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
+
+    def covariance(self) -> Tensor:
+        """Running covariance of each candidate with its neuron's error, ``[K, out]``."""
+        m = self.moments
+        return m[_VE] - m[_V] * m[_E]
+
+    def normalizer(self) -> Tensor:
+        """``N`` of the module docstring, ``[K, out]``."""
+        m, eps = self.moments, self.config.eps
+        mode = self.config.normalization
+        if mode == "raw":
+            return torch.ones_like(m[_V])
+        if mode == "error_energy":
+            return m[_EE] + eps
+        var_v = (m[_VV] - m[_V] ** 2).clamp_min(0)
+        var_e = (m[_EE] - m[_E] ** 2).clamp_min(0)
+        return torch.sqrt(var_v + eps) * torch.sqrt(var_e + eps)
+
+    def score(self) -> Tensor:
+        """The running objective ``S`` per candidate and neuron, ``[K, out]`` (≥ 0)."""
+        return self.covariance().abs() / self.normalizer()
+
+    @property
+    def warmed_up(self) -> bool:
+        """Whether enough batches have been seen to start updating candidates."""
+        return int(self.steps) > self.config.warmup_steps
+
+    def update(self, vf: Tensor, ef: Tensor) -> bool:
+        """Fold one batch into the running moments; returns False (and skips) if it is not finite.
+
+        Non-finite batches happen under a GradScaler whenever the loss scale overflows (the
+        optimizer step is then skipped too); folding them in would poison every later estimate.
+        """
+        moments = batch_moments(vf, ef)
+        if not bool(torch.isfinite(moments).all()):
+            self.skipped_steps += 1
+            log.debug("Skipped a non-finite batch in the correlation statistics.")
+            return False
+        steps = int(self.steps)
+        # Averaging with weight 1/(t+1) until the EMA's horizon is reached removes the bias of
+        # zero-initialised moments, so the estimates are usable from the first batch.
+        decay = min(self.config.statistics_momentum, steps / (steps + 1))
+        self.moments.mul_(decay).add_(moments, alpha=1 - decay)
+        self.steps += 1
+        return True
+
+    def objective_gradient(self, ef: Tensor, v_shape: torch.Size, axis: int) -> Tensor:
+        """``∂J/∂V`` for the batch whose errors are ``ef`` (``[P, out]``), shaped like ``V``.
+
+        Uses the current running estimates of ``Ē``, ``σ`` and ``N`` (held constant).
+        """
+        p = ef.shape[0]
+        coef = torch.sign(self.covariance()) / (p * self.normalizer())  # (K, out)
+        centred = ef - self.moments[_E, 0]  # (P, out)
+        # Back to V's layout: positions are every axis but the set and neuron axes.
+        trailing = len(v_shape) - axis - 2
+        centred = centred.reshape(*v_shape[:axis], *v_shape[axis + 2 :], v_shape[axis + 1])
+        centred = centred.movedim(-1, axis).unsqueeze(axis)  # (..., 1, out, ...)
+        return centred * coef.view(*coef.shape, *([1] * trailing))
+
+
+class CandidateObserver(Protocol):
+    """What :class:`CorrelationTap` reports a batch to (the layer's candidate pool)."""
+
+    def observe(self, v: Tensor, e: Tensor) -> Tensor | None:
+        """Take one batch's candidate outputs and neuron errors; return the gradient for ``V``."""
+        ...
+
+
+class CorrelationTap(torch.autograd.Function):
+    """Identity on the layer output that hands its incoming gradient ``E`` to the candidate pool.
+
+    ``forward(y, v, observer)`` returns ``y`` unchanged; ``v`` (the candidates' outputs) only
+    enters so that its graph receives the gradient the observer returns.
+    """
+
+    @staticmethod
+    def forward(y: Tensor, v: Tensor, observer: CandidateObserver) -> Tensor:  # type: ignore[override]
+        return y.view_as(y)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        _, v, observer = inputs
+        ctx.observer = observer
+        ctx.save_for_backward(v)
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor, Tensor | None, None]:  # type: ignore[override]
+        (v,) = ctx.saved_tensors
+        return grad_y, ctx.observer.observe(v, grad_y), None

@@ -1,0 +1,74 @@
+"""A deployment copy of a perforated model: accepted dendrites only, no training machinery."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from torch import Tensor, nn
+
+from pb_lightning.banks import DendriteBank
+from pb_lightning.convert import perforated_layers
+from pb_lightning.layer import PerforatedLayer, accepted_activations, add_weighted
+
+
+class DendriteInferenceLayer(nn.Module):
+    """A module plus its accepted dendrites, for deployment.
+
+    It computes exactly what the trained :class:`~pb_lightning.layer.PerforatedLayer` computes in
+    its neuron phase, with the same fused operation for all dendrites, and holds nothing else: no
+    candidates, no statistics, no autograd hooks, no frozen-flag bookkeeping.
+    """
+
+    def __init__(self, layer: PerforatedLayer) -> None:
+        super().__init__()
+        if layer.dendrites is None or layer.output_weight is None:
+            raise ValueError(f"Layer `{layer.name}` has no dendrites; deploy its module directly.")
+        self.module = layer.module
+        self.norm = layer.norm
+        self.dendrites: DendriteBank = layer.dendrites
+        self.cascade_weight = layer.cascade_weight
+        self.output_weight = layer.output_weight
+        self.neuron_axis = layer.neuron_axis
+        self.activation = layer.config.activation
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        y = self.module(*args, **kwargs)
+        if self.norm is not None:
+            y = self.norm(y)
+        axis = self.neuron_axis % y.dim()
+        acts = accepted_activations(self.dendrites, self.cascade_weight, args, axis, self.activation, **kwargs)
+        return add_weighted(y, acts, self.output_weight, axis)
+
+
+def to_inference(model: nn.Module) -> nn.Module:
+    """Return a deployment copy of ``model`` (the original is left untouched).
+
+    Every perforated layer becomes a :class:`DendriteInferenceLayer` (or, without dendrites, its
+    plain module — followed by its norm layer where one was wrapped in). Candidates are dropped.
+    The copy is in eval mode with gradients switched off; its outputs equal the trained model's in
+    eval mode.
+    """
+    deployed = copy.deepcopy(model)
+    for layer in perforated_layers(deployed):
+        if layer.output_weight is None:
+            replacement: nn.Module = layer.module if layer.norm is None else nn.Sequential(layer.module, layer.norm)
+        else:
+            replacement = DendriteInferenceLayer(layer)
+        _replace(deployed, layer, replacement)
+    for m in deployed.modules():
+        handle = m.__dict__.pop("_pb_keep_eval_handle", None)
+        if handle is not None:
+            handle.remove()
+    deployed.__dict__.pop("_pb_frozen_by_dendrite_phase", None)
+    deployed.eval()
+    deployed.requires_grad_(False)
+    return deployed
+
+
+def _replace(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    for parent in root.modules():
+        for name, child in parent.named_children():
+            if child is old:
+                setattr(parent, name, new)
+                return

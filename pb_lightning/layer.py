@@ -1,0 +1,416 @@
+"""The perforated layer: a wrapped module whose neurons carry dendrites.
+
+For input ``x``, the wrapped module's output ``y = M(x)`` (optionally followed by a
+normalisation layer) and ``D`` accepted dendrite sets ``L_1 … L_D``::
+
+    z_d = L_d(x̂) + Σ_{e<d} c_{d,e} ⊙ a_e        (cascade)
+    a_d = f(z_d)
+    y'  = y + Σ_d w_d ⊙ a_d
+
+where ``x̂`` is ``x`` detached (perforation) and ``c``, ``w`` hold one scalar per neuron. All D
+operations ``L_d`` run as one fused operation (:mod:`pb_lightning.banks`).
+
+During a dendrite phase the layer also holds a :class:`CandidatePool`: K candidate sets that see
+exactly what an accepted dendrite would (``x̂`` and the accepted ``a_e``) but whose outputs do not
+enter ``y'``. A :class:`~pb_lightning.correlation.CorrelationTap` at ``y'`` hands them the neuron's
+error from the ordinary backward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from pb_lightning.banks import DendriteBank, iter_stacked, make_bank, take_sets
+from pb_lightning.config import DendriteConfig
+from pb_lightning.correlation import CorrelationStatistics, CorrelationTap, flatten_positions
+
+_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "relu": torch.relu,
+}
+
+
+def _triangle(d: int) -> int:
+    """Cascade weights of the first ``d`` dendrites: dendrite ``e`` has ``e`` of them."""
+    return d * (d - 1) // 2
+
+
+def _per_neuron(t: Tensor, trailing: int) -> Tensor:
+    """View ``[..., out]`` per-neuron scalars so they broadcast over ``trailing`` spatial axes."""
+    return t.view(*t.shape, *([1] * trailing))
+
+
+def accepted_activations(
+    bank: DendriteBank,
+    cascade_weight: Tensor | None,
+    inputs: tuple[Any, ...],
+    axis: int,
+    activation: str,
+    **kwargs: Any,
+) -> Tensor:
+    """The activations ``a`` of all accepted dendrites, shaped ``(..., D, out, ...)``.
+
+    Shared by the training layer and the deployment layer of :mod:`pb_lightning.inference`, so
+    the two compute the very same function.
+    """
+    f = _ACTIVATIONS[activation]
+    z = bank(*inputs, neuron_axis=axis, **kwargs)
+    num = z.shape[axis]
+    if cascade_weight is None or num == 1:
+        return f(z)
+    # The cascade is a recurrence through f: dendrite d needs a_e for all e < d. The expensive
+    # part (L_d(x̂) for every d) is already one fused op above; this loop is elementwise.
+    trailing = z.dim() - axis - 2
+    acts = [f(z.select(axis, 0))]
+    for d in range(1, num):
+        c = _per_neuron(cascade_weight[_triangle(d) : _triangle(d) + d], trailing)  # (d, out, 1...)
+        acts.append(f(z.select(axis, d) + (torch.stack(acts, axis) * c).sum(axis)))
+    return torch.stack(acts, axis)
+
+
+def add_weighted(y: Tensor, acts: Tensor, weight: Tensor, axis: int) -> Tensor:
+    """``y + Σ_d w_d ⊙ a_d`` with ``acts (..., D, out, ...)`` and ``weight [D, out]``."""
+    return y + (acts * _per_neuron(weight, acts.dim() - axis - 2)).sum(axis)
+
+
+class CandidatePool(nn.Module):
+    """K candidate dendrite sets of one layer, with their correlation statistics and snapshots.
+
+    Per neuron and candidate the pool keeps the best score reached (:attr:`best_score`) and a
+    snapshot of the candidate's weights at that point (the ``best_*`` buffers); acceptance installs
+    the snapshots of each neuron's best candidate.
+
+    Args:
+        module: the wrapped module, template of the candidates' operation.
+        num_candidates: K.
+        num_neurons: neurons of the layer.
+        num_accepted: D, the accepted sets the candidates cascade from.
+        config: the engine configuration.
+    """
+
+    def __init__(
+        self, module: nn.Module, num_candidates: int, num_neurons: int, num_accepted: int, config: DendriteConfig
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.bank = make_bank(module, num_candidates, config.init_scale)
+        like = next(iter(self.bank.stacked().values()))
+        zeros = like.new_zeros
+        # Zero cascade weights: a candidate starts as a function of x̂ alone and learns how much
+        # of the earlier dendrites to use.
+        self.cascade_weight = (
+            nn.Parameter(zeros(num_candidates, num_accepted, num_neurons)) if config.cascade and num_accepted else None
+        )
+        # Gradient-descent candidates feed the output through w, starting at 0 (function-preserving).
+        self.output_weight = nn.Parameter(zeros(num_candidates, num_neurons)) if config.learning == "gradient" else None
+        self.statistics = CorrelationStatistics(num_candidates, num_neurons, config)
+        self.register_buffer("best_score", torch.full((num_candidates, num_neurons), -1.0, device=like.device))
+        for name, t in self._learned().items():
+            self.register_buffer("best_" + name, t.detach().clone())
+        #: The loss scale the errors arriving in backward carry (a GradScaler's scale). Statistics
+        #: are kept in unscaled units and the gradient handed back is scaled by it.
+        self.loss_scale: float = 1.0
+        self.neuron_axis: int = -1
+
+    def _learned(self) -> dict[str, Tensor]:
+        """Every tensor a candidate learns, by buffer-name suffix (bank params and cascade)."""
+        tensors: dict[str, Tensor] = {"bank__" + n: p for n, p in self.bank.stacked().items()}
+        if self.cascade_weight is not None:
+            tensors["cascade_weight"] = self.cascade_weight
+        return tensors
+
+    @property
+    def num_candidates(self) -> int:
+        """K."""
+        return self.best_score.shape[0]
+
+    def forward(self, inputs: tuple[Any, ...], accepted: Tensor | None, axis: int, **kwargs: Any) -> Tensor:
+        """Candidate outputs ``V`` shaped ``(..., K, out, ...)``."""
+        self.neuron_axis = axis
+        z = self.bank(*inputs, neuron_axis=axis, **kwargs)
+        if self.cascade_weight is not None and accepted is not None:
+            trailing = z.dim() - axis - 2
+            c = self.cascade_weight.view(*self.cascade_weight.shape, *([1] * trailing))  # (K, D, out, 1...)
+            z = z + (accepted.detach().unsqueeze(axis) * c).sum(axis + 1)
+        return _ACTIVATIONS[self.config.activation](z)
+
+    def observe(self, v: Tensor, e: Tensor) -> Tensor | None:
+        """Fold a batch into the statistics, snapshot improved candidates, return ``∂(−J)/∂V``."""
+        scale = self.loss_scale
+        vf, ef = flatten_positions(v, e / scale if scale != 1.0 else e, self.neuron_axis)
+        stats = self.statistics
+        if not stats.update(vf, ef) or not stats.warmed_up:
+            return None
+        self._record_best(stats.score())
+        if self.config.learning != "correlation":
+            return None
+        grad = stats.objective_gradient(ef, v.shape, self.neuron_axis)
+        # Descending −J ascends the correlation; the scale makes it unscale correctly in a GradScaler.
+        return (grad * -scale).to(v.dtype)
+
+    @torch.no_grad()
+    def _record_best(self, score: Tensor) -> None:
+        if not self.bank.per_neuron:
+            # One custom-module copy serves every neuron, so it is judged by its mean score.
+            score = score.mean(1, keepdim=True).expand_as(score)
+        improved = score > self.best_score
+        if not bool(improved.any()):
+            return
+        self.best_score[improved] = score[improved]
+        set_improved = improved[:, 0]
+        for name, current in self._learned().items():
+            best = getattr(self, "best_" + name)
+            if name == "cascade_weight":  # (K, D, out): the neuron axis is last
+                best.transpose(1, 2)[improved] = current.detach().transpose(1, 2)[improved]
+            elif self.bank.per_neuron:
+                best[improved] = current.detach()[improved]
+            else:
+                best[set_improved] = current.detach()[set_improved]
+
+    def choice(self) -> Tensor:
+        """For every neuron, the index of the candidate to accept."""
+        if self.config.learning == "gradient":
+            return torch.zeros(self.best_score.shape[1], dtype=torch.long, device=self.best_score.device)
+        return self.best_score.argmax(0)
+
+    def selected(self) -> tuple[dict[str, Tensor], Tensor | None, Tensor | None]:
+        """The set to accept: bank tensors ``[1, ...]``, cascade ``[D, out]`` and output weight ``[out]``.
+
+        Correlation candidates give their snapshot at the best score; gradient-descent candidates
+        (no correlation objective to snapshot on) give their final weights and output weight.
+        """
+        choice = self.choice()
+        snapshot = self.config.learning == "correlation"
+        source = {n: (getattr(self, "best_" + n) if snapshot else t) for n, t in self._learned().items()}
+        bank = take_sets(
+            {n[len("bank__") :]: t for n, t in source.items() if n.startswith("bank__")},
+            choice,
+            per_neuron=self.bank.per_neuron,
+        )
+        cascade = None
+        if self.cascade_weight is not None:
+            c = source["cascade_weight"].detach()  # (K, D, out)
+            cascade = c.gather(0, choice.view(1, 1, -1).expand(1, *c.shape[1:]))[0]
+        output = None
+        if self.output_weight is not None:
+            output = self.output_weight.detach().gather(0, choice.view(1, -1))[0]
+        return bank, cascade, output
+
+
+class PerforatedLayer(nn.Module):
+    """A module whose output neurons can grow dendrites (see the module docstring).
+
+    Attributes not found on the layer are looked up on the wrapped module, so code that reads
+    ``layer.weight`` or ``layer.out_features`` keeps working after conversion.
+
+    Args:
+        module: the wrapped module (its output is the neurons' pre-activation).
+        config: the engine configuration.
+        neuron_axis: the axis of ``module``'s output that indexes neurons (``-1`` for Linear,
+            ``1`` for Conv).
+        num_neurons: the size of that axis, or ``None`` to read it from the first forward pass.
+        norm: a normalisation layer applied to ``module``'s output before dendrites are added.
+        name: the qualified name of the wrapped module in the model (for messages and reports).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        *,
+        config: DendriteConfig,
+        neuron_axis: int,
+        num_neurons: int | None,
+        norm: nn.Module | None = None,
+        name: str = "",
+    ) -> None:
+        super().__init__()
+        self.module = module
+        self.norm = norm
+        self.config = config
+        self.neuron_axis = neuron_axis
+        self.name = name
+        self._num_neurons = num_neurons
+        self.dendrites: DendriteBank | None = None
+        self.cascade_weight: nn.Parameter | None = None  # [D(D-1)/2, out]: c_{d,e} for e < d
+        self.output_weight: nn.Parameter | None = None  # [D, out]: w_d
+        self.candidates: CandidatePool | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            module = self._modules.get("module")
+            if module is None or name.startswith("_"):
+                raise
+            return getattr(module, name)
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def num_dendrites(self) -> int:
+        """D, the accepted dendrite sets of this layer."""
+        return 0 if self.output_weight is None else self.output_weight.shape[0]
+
+    @property
+    def num_candidates(self) -> int:
+        """K during a dendrite phase, else 0."""
+        return 0 if self.candidates is None else self.candidates.num_candidates
+
+    @property
+    def num_neurons(self) -> int | None:
+        """Neurons of the layer (``None`` for a custom module not yet run)."""
+        return self._num_neurons
+
+    def dendrite_parameters(self) -> list[nn.Parameter]:
+        """Accepted-dendrite parameters: the fused bank, cascade and output weights."""
+        params = [p for _, p in iter_stacked(self.dendrites)]
+        return params + [p for p in (self.cascade_weight, self.output_weight) if p is not None]
+
+    def _like(self) -> Tensor:
+        return next(iter(self.module.parameters()))
+
+    def _ensure_accepted(self, num: int, num_neurons: int) -> None:
+        """Give the layer ``num`` accepted sets with uninitialised weights (for loading)."""
+        if self.dendrites is None:
+            self.dendrites = make_bank(self.module, 0, self.config.init_scale)
+        self.dendrites.resize(num)
+        like = self._like()
+        if self.config.cascade:
+            self.cascade_weight = nn.Parameter(like.new_empty(_triangle(num), num_neurons))
+        self.output_weight = nn.Parameter(like.new_empty(num, num_neurons))
+        self._set_neuron_phase_trainability()
+
+    def _set_neuron_phase_trainability(self) -> None:
+        """w always learns in the neuron phase; L and c only if configured to."""
+        if self.output_weight is not None:
+            self.output_weight.requires_grad_(True)
+        keep_training = self.config.train_accepted_dendrites
+        for _, p in iter_stacked(self.dendrites):
+            p.requires_grad_(keep_training)
+        if self.cascade_weight is not None:
+            self.cascade_weight.requires_grad_(keep_training)
+
+    # ------------------------------------------------------------------ phases
+    def add_candidates(self, num_candidates: int | None = None) -> CandidatePool:
+        """Start this layer's dendrite phase with a pool of fresh candidate sets."""
+        if self._num_neurons is None:
+            raise RuntimeError(
+                f"Layer `{self.name}` has not run a forward pass yet, so its number of neurons is "
+                "unknown; run at least one batch through the model before starting a dendrite phase."
+            )
+        if self.candidates is not None:
+            raise RuntimeError(f"Layer `{self.name}` already has candidates; accept or discard them first.")
+        k = self.config.num_candidates if num_candidates is None else num_candidates
+        self.candidates = CandidatePool(self.module, k, self._num_neurons, self.num_dendrites, self.config)
+        return self.candidates
+
+    def drop_candidates(self) -> None:
+        """End the dendrite phase without accepting anything."""
+        self.candidates = None
+
+    def accept_candidates(self) -> Tensor:
+        """Install each neuron's best candidate as its next dendrite; returns the accepted scores.
+
+        The new output weight ``w`` is exactly 0 for correlation-trained dendrites, so the layer
+        computes the same function before and after (function preservation).
+        """
+        pool = self.candidates
+        if pool is None:
+            raise RuntimeError(f"Layer `{self.name}` has no candidates to accept.")
+        scores = pool.best_score.max(0).values.clamp_min(0)
+        bank, cascade, output = pool.selected()
+        num, like = self.num_dendrites, self._like()
+        if self.dendrites is None:
+            self.dendrites = make_bank(self.module, 0, self.config.init_scale)
+        self.dendrites.append(bank, requires_grad=False)
+        if self.config.cascade:
+            old = self.cascade_weight.detach() if self.cascade_weight is not None else like.new_zeros(0, scores.numel())
+            new_rows = cascade if cascade is not None else like.new_zeros(num, scores.numel())
+            self.cascade_weight = nn.Parameter(torch.cat([old, new_rows.to(old)]))
+        w_new = output if output is not None else like.new_zeros(scores.numel())
+        w_old = self.output_weight.detach() if self.output_weight is not None else like.new_zeros(0, scores.numel())
+        self.output_weight = nn.Parameter(torch.cat([w_old, w_new.to(w_old).unsqueeze(0)]))
+        self.candidates = None
+        self._set_neuron_phase_trainability()
+        return scores
+
+    def set_loss_scale(self, scale: float) -> None:
+        """Tell the candidate pool by how much the incoming errors are scaled (mixed precision)."""
+        if self.candidates is not None:
+            self.candidates.loss_scale = float(scale)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        y = self.module(*args, **kwargs)
+        if self.norm is not None:
+            y = self.norm(y)
+        pool = self.candidates
+        if self.output_weight is None and pool is None:
+            return y  # no dendrites yet: the wrapped module alone, no extra work
+        axis = self.neuron_axis % y.dim()
+        if self._num_neurons is None:
+            self._num_neurons = y.shape[axis]
+        perforated = self.config.perforation or pool is not None
+        detached = tuple(a.detach() if isinstance(a, Tensor) else a for a in args) if perforated else args
+        acts = None
+        if self.dendrites is not None and self.output_weight is not None:
+            learn_accepted = any(p.requires_grad for p in self.dendrites.parameters()) or (
+                self.cascade_weight is not None and self.cascade_weight.requires_grad
+            )
+            # Frozen dendrites behind a perforation need no backward at all: only w gets a
+            # gradient, and that needs only the activations.
+            with torch.set_grad_enabled(torch.is_grad_enabled() and (learn_accepted or not perforated)):
+                acts = accepted_activations(
+                    self.dendrites, self.cascade_weight, detached, axis, self.config.activation, **kwargs
+                )
+            y = add_weighted(y, acts, self.output_weight, axis)
+        if pool is None:
+            return y
+        gradient_learning = pool.output_weight is not None
+        observe = self.training and torch.is_grad_enabled()
+        if not (observe or gradient_learning):
+            return y  # correlation candidates do not change the output: skip them when not learning
+        v = pool(detached, acts, axis, **kwargs)
+        if gradient_learning:
+            y = add_weighted(y, v, pool.output_weight, axis)
+        return CorrelationTap.apply(y, v, pool) if observe else y
+
+    # ------------------------------------------------------------------ checkpoints
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # Rebuild the structure the checkpoint describes (accepted sets, candidate pool) before the
+        # tensors are copied in, so a state dict from any point of training loads into a freshly
+        # perforated model.
+        w = state_dict.get(prefix + "output_weight")
+        if w is not None:
+            self._num_neurons = w.shape[1]
+            self._ensure_accepted(w.shape[0], w.shape[1])
+        moments = state_dict.get(prefix + "candidates.statistics.moments")
+        if moments is None:
+            self.candidates = None
+        elif self.candidates is None or self.candidates.statistics.moments.shape != moments.shape:
+            self._num_neurons = moments.shape[2]
+            self.candidates = CandidatePool(
+                self.module, moments.shape[1], moments.shape[2], self.num_dendrites, self.config
+            )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"name={self.name!r}, neurons={self._num_neurons}, dendrites={self.num_dendrites}, "
+            f"candidates={self.num_candidates}"
+        )

@@ -1,0 +1,243 @@
+"""Phase control: what the training loop (Lightning or plain PyTorch) calls between phases.
+
+The cycle of ALGORITHM.md §3::
+
+    neuron phase ──start_dendrite_phase──► dendrite phase ──accept_dendrites──► neuron phase
+                                                       └──discard_candidates──┘
+
+The phase is not stored separately: a model is in a dendrite phase exactly when its perforated
+layers hold candidates. What the dendrite phase froze is remembered on the model, so returning
+to the neuron phase unfreezes exactly that — parameters the user froze stay frozen.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from torch import Tensor, nn
+
+from pb_lightning.convert import perforated_layers
+from pb_lightning.errors import PerforationError
+from pb_lightning.layer import PerforatedLayer
+
+log = logging.getLogger(__name__)
+
+_FROZEN = "_pb_frozen_by_dendrite_phase"
+_EVAL_HOOK = "_pb_keep_eval_handle"
+#: Layers whose forward differs between train and eval mode through running statistics.
+_STATEFUL_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+def _layers(model: nn.Module) -> list[PerforatedLayer]:
+    layers = perforated_layers(model)
+    if not layers:
+        raise PerforationError(
+            f"{type(model).__name__} has no perforated layers; call pb_lightning.perforate(model) first."
+        )
+    return layers
+
+
+def in_dendrite_phase(model: nn.Module) -> bool:
+    """Whether ``model``'s perforated layers currently hold candidates."""
+    return any(layer.candidates is not None for layer in perforated_layers(model))
+
+
+def _keep_eval(module: nn.Module, args: Any) -> None:
+    # A training loop calls model.train() every epoch; this puts the norm back in eval mode
+    # before each forward, so its running statistics cannot drift during the dendrite phase.
+    module.training = False
+
+
+def start_dendrite_phase(model: nn.Module, *, num_candidates: int | None = None) -> None:
+    """Add a pool of candidate sets to every perforated layer and freeze the network.
+
+    Frozen: every parameter that was trainable (original weights, accepted dendrites, output
+    weights ``w``). Batch and instance norms are held in eval mode. Only the candidates train.
+
+    Args:
+        model: a perforated model in its neuron phase.
+        num_candidates: pool size K for this phase (default: the layers' ``config.num_candidates``).
+    """
+    layers = _layers(model)
+    if in_dendrite_phase(model):
+        raise RuntimeError("The model is already in a dendrite phase; accept or discard its candidates first.")
+    if num_candidates is not None and (
+        isinstance(num_candidates, bool) or not isinstance(num_candidates, int) or num_candidates < 1
+    ):
+        raise PerforationError(f"`num_candidates` must be an int >= 1; got {num_candidates!r}.")
+    for layer in layers:
+        layer.add_candidates(num_candidates)
+    candidate_ids = {id(p) for layer in layers for p in layer.candidates.parameters()}  # type: ignore[union-attr]
+    frozen = []
+    for name, p in model.named_parameters():
+        if p.requires_grad and id(p) not in candidate_ids:
+            p.requires_grad_(False)
+            frozen.append(name)
+    setattr(model, _FROZEN, frozen)
+    _hold_norms_in_eval(model)
+    log.info(
+        "Dendrite phase started: %d candidate sets in each of %d layers; %d parameter tensors frozen.",
+        layers[0].num_candidates,
+        len(layers),
+        len(frozen),
+    )
+
+
+def _hold_norms_in_eval(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, _STATEFUL_NORMS) and _EVAL_HOOK not in m.__dict__:
+            m.__dict__[_EVAL_HOOK] = m.register_forward_pre_hook(_keep_eval)
+            m.training = False
+
+
+def _return_to_neuron_phase(model: nn.Module) -> None:
+    params = dict(model.named_parameters())
+    for name in getattr(model, _FROZEN, []):
+        if name in params:
+            params[name].requires_grad_(True)
+    if hasattr(model, _FROZEN):
+        delattr(model, _FROZEN)
+    for layer in perforated_layers(model):
+        layer._set_neuron_phase_trainability()
+    parents = {id(child): parent for parent in model.modules() for child in parent.children()}
+    for m in model.modules():
+        handle = m.__dict__.pop(_EVAL_HOOK, None)
+        if handle is not None:
+            handle.remove()
+            m.training = parents.get(id(m), model).training
+
+
+def accept_dendrites(model: nn.Module) -> dict[str, Tensor]:
+    """Install every neuron's best candidate as its next dendrite and return to the neuron phase.
+
+    The new dendrites enter with output weight ``w = 0`` (the model's outputs do not change) and
+    frozen; the other candidates are dropped.
+
+    Returns:
+        For every layer (by name), the score of the accepted dendrite of each neuron.
+    """
+    layers = _layers(model)
+    if not in_dendrite_phase(model):
+        raise RuntimeError("The model is not in a dendrite phase; call start_dendrite_phase(model) first.")
+    scores = {layer.name: layer.accept_candidates() for layer in layers}
+    _return_to_neuron_phase(model)
+    log.info(
+        "Accepted dendrites: %s",
+        ", ".join(f"{n} (mean score {s.mean():.3f})" for n, s in scores.items()),
+    )
+    return scores
+
+
+def discard_candidates(model: nn.Module) -> None:
+    """Drop all candidates without accepting any, and return to the neuron phase."""
+    for layer in _layers(model):
+        layer.drop_candidates()
+    _return_to_neuron_phase(model)
+
+
+def candidate_scores(model: nn.Module) -> dict[str, Tensor]:
+    """During a dendrite phase: per layer, each neuron's best candidate score so far (``[out]``).
+
+    A training loop can watch these to end the phase when they stop improving.
+    """
+    return {
+        layer.name: layer.candidates.best_score.max(0).values.clamp_min(0)
+        for layer in _layers(model)
+        if layer.candidates is not None
+    }
+
+
+def set_loss_scale(model: nn.Module, scale: float) -> None:
+    """Tell the candidates the current loss scale (e.g. ``GradScaler.get_scale()``) before backward.
+
+    Correlation statistics are kept in unscaled units and the candidate gradient is scaled back,
+    so that the scaler's unscale step leaves it correct.
+    """
+    for layer in _layers(model):
+        layer.set_loss_scale(scale)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters the current phase trains (``requires_grad``), without duplicates."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def parameter_groups(
+    model: nn.Module, *, weight_decay: float = 0.0, candidate_lr: float | None = None
+) -> list[dict[str, Any]]:
+    """Optimizer parameter groups for the current phase, each named by its ``"name"`` key.
+
+    * ``"network"``: the original weights (neuron phase).
+    * ``"dendrite_output_weights"``: the ``w`` of accepted dendrites, always with weight decay 0
+      — decay would hold freshly accepted dendrites at their initial ``w = 0`` (ALGORITHM.md §9).
+    * ``"dendrites"``: accepted dendrite weights, if configured to keep training.
+    * ``"candidates"``: the candidate pool (dendrite phase), with ``lr=candidate_lr`` if given.
+
+    Only trainable parameters appear, every one exactly once; empty groups are left out.
+
+    Example::
+
+        >>> import torch
+        >>> from pb_lightning import perforate
+        >>> net = perforate(torch.nn.Sequential(torch.nn.Linear(4, 2)))
+        >>> opt = torch.optim.AdamW(parameter_groups(net, weight_decay=0.01), lr=1e-3)
+        >>> [g["name"] for g in opt.param_groups]
+        ['network']
+    """
+    layers = perforated_layers(model)
+    output_ids = {id(layer.output_weight) for layer in layers if layer.output_weight is not None}
+    candidate_ids = {id(p) for layer in layers if layer.candidates is not None for p in layer.candidates.parameters()}
+    dendrite_ids = {id(p) for layer in layers for p in layer.dendrite_parameters()} - output_ids
+    groups: dict[str, list[nn.Parameter]] = {
+        "network": [],
+        "dendrite_output_weights": [],
+        "dendrites": [],
+        "candidates": [],
+    }
+    for p in trainable_parameters(model):
+        if id(p) in output_ids:
+            groups["dendrite_output_weights"].append(p)
+        elif id(p) in candidate_ids:
+            groups["candidates"].append(p)
+        elif id(p) in dendrite_ids:
+            groups["dendrites"].append(p)
+        else:
+            groups["network"].append(p)
+    options: dict[str, dict[str, Any]] = {
+        "network": {"weight_decay": weight_decay},
+        "dendrite_output_weights": {"weight_decay": 0.0},
+        "dendrites": {"weight_decay": weight_decay},
+        "candidates": {"weight_decay": weight_decay} | ({} if candidate_lr is None else {"lr": candidate_lr}),
+    }
+    return [{"name": name, "params": params, **options[name]} for name, params in groups.items() if params]
+
+
+def perforation_state(model: nn.Module) -> dict[str, Any]:
+    """The phase bookkeeping that ``state_dict()`` does not hold, as plain data.
+
+    Structure (accepted sets, candidates, statistics, snapshots) lives in the state dict and is
+    rebuilt by ``load_state_dict``; this adds which parameters the dendrite phase froze. Save it
+    beside the state dict and give it to :func:`load_perforation_state` after loading.
+    """
+    return {"dendrite_phase": in_dendrite_phase(model), "frozen": list(getattr(model, _FROZEN, []))}
+
+
+def load_perforation_state(model: nn.Module, state: dict[str, Any]) -> None:
+    """Re-apply :func:`perforation_state` after ``model.load_state_dict``."""
+    if bool(state.get("dendrite_phase")) != in_dendrite_phase(model):
+        raise PerforationError(
+            f"The perforation state says dendrite_phase={state.get('dendrite_phase')!r}, but the loaded "
+            f"model {'holds' if in_dendrite_phase(model) else 'holds no'} candidates; load the state "
+            "dict saved with it first."
+        )
+    if not state.get("dendrite_phase"):
+        return
+    params = dict(model.named_parameters())
+    missing = [n for n in state.get("frozen", []) if n not in params]
+    if missing:
+        raise PerforationError(f"The perforation state names parameters the model does not have: {missing}.")
+    for name in state.get("frozen", []):
+        params[name].requires_grad_(False)
+    setattr(model, _FROZEN, list(state.get("frozen", [])))
+    _hold_norms_in_eval(model)

@@ -1,0 +1,37 @@
+"""Shared fixtures: every test starts from the same seed and leaves no files in the repository."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+_REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads() -> Iterator[None]:
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(threads, 2))
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _leave_no_artifacts_behind() -> Iterator[None]:
+    def snapshot() -> set[str]:
+        found = set()
+        for top in ("tests", "pb_lightning", "examples", "configs", "benchmarks"):
+            for root, dirs, files in os.walk(_REPO / top):
+                dirs[:] = [d for d in dirs if d != "__pycache__"]
+                found.update(str(Path(root) / f) for f in files)
+        return found
+
+    before = snapshot()
+    yield
+    new = snapshot() - before
+    assert not new, f"test left files behind: {sorted(new)}"
