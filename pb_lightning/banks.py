@@ -160,10 +160,8 @@ class ConvBank(DendriteBank):
             x = F.pad(x, self._reversed_padding, mode=self.padding_mode)
             padding = 0
         y = _CONV_FUNCTIONS[self.dims](x, weight, bias, self.stride, padding, self.dilation, g)  # (B, G*N*out/G, *S)
-        y = y.unflatten(1, (g, n, out // g))
-        if g > 1:
-            y = y.transpose(1, 2)
-        return y.flatten(2, 3)  # (B, N, out, *S)
+        # (B, G, N, out/G, *S) → (B, N, out, *S); a view when G = 1.
+        return y.unflatten(1, (g, n, out // g)).transpose(1, 2).flatten(2, 3)
 
     def flops_per_position(self) -> int:
         return self.weight.shape[1] * math.prod(self.weight.shape[2:])

@@ -40,7 +40,7 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (
 def _as_list(selectors: Selectors | None, argument: str) -> list[Selector]:
     if selectors is None:
         return []
-    items = [selectors] if isinstance(selectors, (str, type)) or callable(selectors) else list(selectors)
+    items = list(selectors) if isinstance(selectors, (list, tuple)) else [selectors]
     for item in items:
         ok = isinstance(item, str) or callable(item)
         if isinstance(item, type) and not issubclass(item, nn.Module):

@@ -348,12 +348,12 @@ class PerforatedLayer(nn.Module):
         y = self.module(*args, **kwargs)
         if self.norm is not None:
             y = self.norm(y)
+        if self._num_neurons is None:  # a custom module: its output tells the neuron count
+            self._num_neurons = y.shape[self.neuron_axis]
         pool = self.candidates
         if self.output_weight is None and pool is None:
             return y  # no dendrites yet: the wrapped module alone, no extra work
         axis = self.neuron_axis % y.dim()
-        if self._num_neurons is None:
-            self._num_neurons = y.shape[axis]
         perforated = self.config.perforation or pool is not None
         detached = tuple(a.detach() if isinstance(a, Tensor) else a for a in args) if perforated else args
         acts = None

@@ -1,0 +1,142 @@
+"""Nothing trained is lost: state dicts load into a fresh model, deployment copies agree."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import pb_lightning as pb
+from pb_lightning import DendriteInferenceLayer, PerforatedLayer
+
+
+class Mixer(nn.Module):
+    """A custom module with a named neuron axis (its dendrites are vmapped copies)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(5, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.proj(x))
+
+
+def _conv_net() -> nn.Module:
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, groups=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 3),
+    )
+    return pb.perforate(model, with_norm=True)
+
+
+def _mixer_net() -> nn.Module:
+    model = nn.Sequential(Mixer(), nn.Linear(6, 3))
+    return pb.perforate(model, include=[Mixer, nn.Linear], neuron_axes={Mixer: -1})
+
+
+_BUILDERS = {"conv": (_conv_net, (8, 2, 6, 6)), "mixer": (_mixer_net, (8, 4, 5))}
+
+
+def _train(model: nn.Module, x: torch.Tensor, steps: int) -> None:
+    target = torch.randint(0, 3, (x.shape[0],))
+    opt = torch.optim.Adam(pb.trainable_parameters(model), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        out = model(x)
+        F.cross_entropy(out.reshape(-1, 3), target.repeat_interleave(out.numel() // 3 // x.shape[0])).backward()
+        opt.step()
+
+
+def _grown(kind: str, cycles: int, mid_phase: bool) -> tuple[nn.Module, torch.Tensor]:
+    build, shape = _BUILDERS[kind]
+    model, x = build(), torch.randn(*shape)
+    _train(model, x, 2)
+    for _ in range(cycles):
+        pb.start_dendrite_phase(model, num_candidates=3)
+        _train(model, x, 6)
+        pb.accept_dendrites(model)
+        _train(model, x, 3)  # w moves away from 0
+    if mid_phase:
+        pb.start_dendrite_phase(model, num_candidates=2)
+        _train(model, x, 6)
+    return model, x
+
+
+def _round_trip(model: nn.Module, kind: str) -> nn.Module:
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = _BUILDERS[kind][0]()
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    return fresh
+
+
+@pytest.mark.parametrize("kind", ["conv", "mixer"])
+@pytest.mark.parametrize("mid_phase", [False, True])
+def test_state_dict_loads_into_a_freshly_perforated_model(kind: str, mid_phase: bool) -> None:
+    model, x = _grown(kind, cycles=2, mid_phase=mid_phase)
+    fresh = _round_trip(model, kind)
+    pb.load_perforation_state(fresh, pb.perforation_state(model))
+    assert [layer.num_dendrites for layer in pb.perforated_layers(fresh)] == [
+        layer.num_dendrites for layer in pb.perforated_layers(model)
+    ]
+    assert {layer.num_candidates for layer in pb.perforated_layers(fresh)} == {2 if mid_phase else 0}
+    model.eval()
+    fresh.eval()
+    assert torch.equal(fresh(x), model(x))
+    if mid_phase:
+        # The resumed dendrite phase continues exactly where it was: same statistics, same update.
+        for layer_a, layer_b in zip(pb.perforated_layers(model), pb.perforated_layers(fresh), strict=True):
+            assert torch.equal(layer_a.candidates.statistics.moments, layer_b.candidates.statistics.moments)
+        torch.manual_seed(1)
+        _train(model, x, 1)
+        torch.manual_seed(1)
+        _train(fresh, x, 1)
+        for a, b in zip(pb.trainable_parameters(model), pb.trainable_parameters(fresh), strict=True):
+            assert torch.equal(a, b)
+
+
+def test_a_checkpoint_without_the_dendrites_is_reported_not_guessed() -> None:
+    model, _ = _grown("conv", cycles=1, mid_phase=False)
+    # A strict load of a dendrite-free state dict into a grown model names what is missing.
+    with pytest.raises(RuntimeError, match=r"Missing key.*0\.output_weight"):
+        model.load_state_dict(_conv_net().state_dict())
+
+
+@pytest.mark.parametrize("kind", ["conv", "mixer"])
+def test_to_inference_equals_the_trained_model_and_holds_nothing_else(kind: str) -> None:
+    model, x = _grown(kind, cycles=2, mid_phase=True)
+    model.eval()
+    expected = model(x)
+    deployed = pb.to_inference(model)
+    assert torch.allclose(deployed(x), expected, atol=1e-6)
+    assert not any(isinstance(m, PerforatedLayer) for m in deployed.modules())
+    assert sum(isinstance(m, DendriteInferenceLayer) for m in deployed.modules()) == len(pb.perforated_layers(model))
+    assert not any("candidates" in name or "statistics" in name for name, _ in deployed.state_dict().items())
+    assert not any(m._forward_pre_hooks for m in deployed.modules())
+    assert not deployed.training
+    assert not any(p.requires_grad for p in deployed.parameters())
+    assert pb.in_dendrite_phase(model)  # the original is untouched
+    dendrite_params = pb.parameter_counts(model)["dendrites"]
+    original = pb.parameter_counts(model)["original"]
+    assert sum(p.numel() for p in deployed.parameters()) == original + dendrite_params
+
+
+def test_to_inference_unwraps_layers_without_dendrites() -> None:
+    model = _conv_net()
+    x = torch.randn(2, 2, 6, 6)
+    model.eval()
+    deployed = pb.to_inference(model)
+    assert isinstance(deployed[0], nn.Sequential)
+    assert isinstance(deployed[0][1], nn.BatchNorm2d)
+    assert isinstance(deployed[6], nn.Linear)
+    assert torch.equal(deployed(x), model(x))
