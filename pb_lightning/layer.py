@@ -394,9 +394,14 @@ class PerforatedLayer(nn.Module):
         # tensors are copied in, so a state dict from any point of training loads into a freshly
         # perforated model.
         w = state_dict.get(prefix + "output_weight")
-        if w is not None:
+        if w is not None and (self.output_weight is None or self.output_weight.shape != w.shape):
             self._num_neurons = w.shape[1]
             self._ensure_accepted(w.shape[0], w.shape[1])
+        elif w is None and self.output_weight is not None and any(k.startswith(prefix + "module.") for k in state_dict):
+            # A state dict of this layer without dendrites (e.g. the model before a rejected cycle).
+            self.dendrites = None
+            self.cascade_weight = None
+            self.output_weight = None
         moments = state_dict.get(prefix + "candidates.statistics.moments")
         if moments is None:
             self.candidates = None

@@ -1,0 +1,439 @@
+r"""PerforatedCallback: runs the Perforated Backpropagation cycle inside ``trainer.fit``.
+
+After every end-of-epoch validation it feeds the monitored score to a
+:class:`~pb_lightning.schedule.PhaseMachine` and carries out its decision through the
+:class:`~pb_lightning.module.PerforatedModule`: snapshot or restore weights, start a dendrite
+phase, accept dendrites, retry, or stop. After every change of the trainable parameter set it
+re-wraps the model under DDP, re-runs the user's ``configure_optimizers`` (schedulers included)
+and checks that every trainable parameter is in the new optimizer.
+
+Timing follows ``../shared/LIGHTNING_NOTES.md``: decisions are taken in ``on_validation_end``
+(where ``callback_metrics`` hold the current epoch's values) and skipped during the sanity check,
+``trainer.validate`` and mid-epoch validations.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, EarlyStopping
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+
+from pb_lightning.errors import PerforationError, invalid
+from pb_lightning.module import PerforatedModule
+from pb_lightning.phases import candidate_scores, in_dendrite_phase
+from pb_lightning.report import parameter_counts
+from pb_lightning.schedule import (
+    ACCEPT,
+    RESTORE_GLOBAL_BEST,
+    RETRY,
+    START_DENDRITE_PHASE,
+    STOP,
+    Decision,
+    PhaseMachine,
+    PhaseSchedule,
+)
+
+log = logging.getLogger(__name__)
+
+#: Epochs the capacity test needs: neuron, dendrite, ×3, and the closing neuron epoch.
+CAPACITY_TEST_EPOCHS = 7
+CAPACITY_TEST_DENDRITES = 3
+
+
+class PerforatedCallback(Callback):
+    """Drive the neuron phase → dendrite phase → accept cycle from the validation score.
+
+    Args:
+        monitor: the logged validation metric that decides (log it with ``sync_dist=True`` under DDP).
+        mode: ``"min"`` if lower is better (a loss), ``"max"`` if higher is better (an accuracy).
+        neuron_patience: validations without improvement that end a neuron phase.
+        dendrite_patience: validations without improvement of the candidates' correlation that end
+            a dendrite phase.
+        improvement_threshold: relative margin an improvement must exceed.
+        improvement_threshold_abs: absolute margin an improvement must exceed as well.
+        candidate_improvement_threshold: relative margin for the candidates' correlation.
+        warmup_epochs: validations before the first dendrite phase may start.
+        neuron_epochs: fixed length of every neuron phase (instead of patience).
+        dendrite_epochs: fixed length of every dendrite phase (instead of patience).
+        max_dendrite_epochs: cap on a dendrite phase's length.
+        max_dendrites: dendrite sets per layer after which training is complete.
+        max_tries: failed cycles in a row after which training is complete.
+        capacity_test: the first experiment on a new model (ALGORITHM.md §5): switch every epoch,
+            add three dendrite sets, check the pipeline at every step, report, and stop.
+
+    Example::
+
+        >>> PerforatedCallback(monitor="val_loss", mode="min", neuron_patience=3).schedule.neuron_patience
+        3
+    """
+
+    def __init__(
+        self,
+        monitor: str = "val_loss",
+        mode: Literal["min", "max"] = "min",
+        *,
+        neuron_patience: int = 5,
+        dendrite_patience: int = 3,
+        improvement_threshold: float = 1e-4,
+        improvement_threshold_abs: float = 0.0,
+        candidate_improvement_threshold: float = 0.01,
+        warmup_epochs: int = 0,
+        neuron_epochs: int | None = None,
+        dendrite_epochs: int | None = None,
+        max_dendrite_epochs: int = 50,
+        max_dendrites: int = 8,
+        max_tries: int = 2,
+        capacity_test: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(monitor, str) or not monitor:
+            raise invalid("monitor", monitor, "the name of a logged validation metric")
+        if not isinstance(capacity_test, bool):
+            raise invalid("capacity_test", capacity_test, "a bool")
+        self.monitor = monitor
+        self.capacity_test = capacity_test
+        if capacity_test:
+            neuron_epochs, dendrite_epochs, max_dendrites = 1, 1, CAPACITY_TEST_DENDRITES
+        self.schedule = PhaseSchedule(
+            neuron_patience=neuron_patience,
+            dendrite_patience=dendrite_patience,
+            improvement_threshold=improvement_threshold,
+            improvement_threshold_abs=improvement_threshold_abs,
+            candidate_improvement_threshold=candidate_improvement_threshold,
+            warmup_epochs=warmup_epochs,
+            neuron_epochs=neuron_epochs,
+            dendrite_epochs=dendrite_epochs,
+            max_dendrite_epochs=max_dendrite_epochs,
+            max_dendrites=max_dendrites,
+            max_tries=max_tries,
+            require_improvement=not capacity_test,
+        )
+        self.machine = PhaseMachine(mode, self.schedule)
+        self.mode = mode
+        self._phase_best: dict[str, Tensor] | None = None
+        self._global_best: dict[str, Tensor] | None = None
+        self._initial_parameters: int | None = None
+        self._flat_score: float | None = None
+        #: Problems the capacity test found (empty: none).
+        self.capacity_problems: list[str] = []
+        self._probe: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+        self._probe_handles: list[Any] = []
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(monitor=self.monitor, mode=self.mode)
+
+    # ------------------------------------------------------------------ set-up checks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not isinstance(pl_module, PerforatedModule):
+            raise PerforationError(
+                f"PerforatedCallback needs a pb_lightning.PerforatedModule; got {type(pl_module).__name__}. "
+                "Subclass PerforatedModule instead of LightningModule."
+            )
+        if stage != "fit":
+            return
+        strategy = trainer.strategy
+        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+            raise PerforationError(
+                f"PerforatedCallback supports single-device and DDP strategies; got {type(strategy).__name__}. "
+                "Strategies that shard parameters (FSDP, DeepSpeed) cannot grow them mid-training."
+            )
+        if not pl_module.automatic_optimization:
+            raise PerforationError(
+                "PerforatedCallback needs automatic optimization (`automatic_optimization = True`): it "
+                "rebuilds the optimizer from `configure_optimizers` after every restructure."
+            )
+        if self.capacity_test and trainer.max_epochs is not None and 0 <= trainer.max_epochs < CAPACITY_TEST_EPOCHS:
+            raise invalid(
+                "Trainer.max_epochs", trainer.max_epochs, f">= {CAPACITY_TEST_EPOCHS} (or -1) for capacity_test=True"
+            )
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.limit_val_batches == 0 or not is_overridden("validation_step", pl_module):
+            raise PerforationError(
+                "PerforatedCallback decides from validation scores, but this fit has no validation loop: "
+                "define `validation_step` and a validation dataloader, and keep `limit_val_batches` > 0."
+            )
+        if self._initial_parameters is None:
+            self._initial_parameters = parameter_counts(pl_module)["total"]
+        self._check_optimizer_coverage(trainer, pl_module)
+        self._install_progress_bar_metrics(trainer)
+        if self.capacity_test:
+            self._start_probes(pl_module)
+
+    # ------------------------------------------------------------------ the decision
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or not trainer.is_last_batch:
+            return
+        score = self._read_score(trainer)
+        candidate = self._candidate_score(pl_module)
+        # Every rank steps its own machine with rank 0's inputs, so all take the same decision.
+        score, candidate = trainer.strategy.broadcast((score, candidate), src=0)
+        self._check_flat_score(score, pl_module)
+        decision = self.machine.step(score, candidate)
+        self._log_decision(trainer, decision, score)
+        self._apply(trainer, pl_module, decision, score)
+        if in_dendrite_phase(pl_module):
+            self._forgive_early_stopping(trainer)
+
+    def _read_score(self, trainer: pl.Trainer) -> float:
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            logged = sorted(trainer.callback_metrics)
+            raise PerforationError(
+                f"PerforatedCallback(monitor={self.monitor!r}) found no such metric after validation; logged "
+                f"metrics are {logged}. Log it in `validation_step` with `self.log({self.monitor!r}, ...)`."
+            )
+        score = float(value)
+        if not math.isfinite(score):
+            rank_zero_warn(f"pb_lightning: the monitored {self.monitor} is {score}; it counts as no improvement.")
+        if self.capacity_test and not math.isfinite(score):
+            self.capacity_problems.append(f"the monitored {self.monitor} was {score} at epoch {trainer.current_epoch}")
+        return score
+
+    def _candidate_score(self, pl_module: pl.LightningModule) -> float | None:
+        scores = candidate_scores(pl_module) if in_dendrite_phase(pl_module) else {}
+        if not scores:
+            return None
+        return float(torch.cat([s.flatten() for s in scores.values()]).mean())
+
+    def _check_flat_score(self, score: float, pl_module: pl.LightningModule) -> None:
+        """Correlation candidates do not touch the output: a moving score in a dendrite phase is a bug."""
+        if not in_dendrite_phase(pl_module) or pl_module.dendrite_config.learning != "correlation":
+            self._flat_score = None
+            return
+        if (
+            self._flat_score is not None
+            and math.isfinite(score)
+            and not math.isclose(score, self._flat_score, rel_tol=1e-4, abs_tol=1e-6)
+        ):
+            rank_zero_warn(
+                f"pb_lightning: {self.monitor} moved from {self._flat_score} to {score} during a dendrite phase, "
+                "in which the network is frozen. Something outside the perforated layers is still training "
+                "(a parameter the optimizer holds despite requires_grad=False, dropout in validation, or a "
+                "stateful layer)."
+            )
+        self._flat_score = score
+
+    def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, decision: Decision, score: float) -> None:
+        module: PerforatedModule = pl_module  # type: ignore[assignment]
+        if decision.new_phase_best:
+            self._phase_best = _snapshot(module)
+        restructured = False
+        if decision.restore is not None:
+            restructured = self._restore(module, decision.restore)
+        if decision.new_global_best and self._phase_best is not None:
+            self._global_best = self._phase_best
+        if decision.action in (START_DENDRITE_PHASE, RETRY):
+            module.start_dendrite_phase()
+            restructured = True
+        elif decision.action == ACCEPT:
+            self._accept(module)
+            restructured = True
+        elif decision.action == STOP:
+            trainer.should_stop = True
+            self._report(module)
+        if restructured:
+            self._restructure(trainer, module)
+
+    def _accept(self, module: PerforatedModule) -> None:
+        before = self._probe_outputs(module) if self.capacity_test else None
+        module.accept_dendrites()
+        if before is not None:
+            after = self._probe_outputs(module)
+            for name, out in before.items():
+                if not torch.allclose(out, after[name], rtol=1e-4, atol=1e-5):
+                    self.capacity_problems.append(f"accepting dendrites changed the output of layer `{name}`")
+
+    def _restore(self, module: PerforatedModule, which: str) -> bool:
+        snapshot = self._global_best if which == RESTORE_GLOBAL_BEST else self._phase_best
+        if in_dendrite_phase(module):
+            module.discard_candidates()
+        if snapshot is None:
+            return True
+        # The snapshot may hold fewer dendrite sets (a rejected cycle): loading rebuilds the layers.
+        module.load_state_dict(snapshot)
+        return True
+
+    # ------------------------------------------------------------------ restructuring
+    def _restructure(self, trainer: pl.Trainer, module: PerforatedModule) -> None:
+        strategy = trainer.strategy
+        # New parameters must take the precision plugin's dtype (bf16-true / 16-true); identity otherwise.
+        trainer.precision_plugin.convert_module(module)
+        if isinstance(strategy, DDPStrategy):
+            # DDP's reducer only knows the parameters that required grad when it was built: re-wrap.
+            strategy.model = strategy.lightning_module
+            strategy.configure_ddp()
+        strategy.setup_optimizers(trainer)
+        self._check_optimizer_coverage(trainer, module)
+        self._forgive_early_stopping(trainer)
+        if self.capacity_test:
+            self._check_checkpoint_round_trip(trainer, module)
+
+    def _check_optimizer_coverage(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        held = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
+        missing = [name for name, p in module.named_parameters() if p.requires_grad and id(p) not in held]
+        if missing:
+            shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+            raise PerforationError(
+                f"After restructuring, {len(missing)} trainable parameters are not in any optimizer: {shown}. "
+                "`configure_optimizers` must build a new optimizer from the module's current parameters "
+                "(e.g. `self.parameters()` or `self.dendrite_parameter_groups()`). With LightningCLI, do not "
+                "use `--optimizer`/`--lr_scheduler` (the CLI builds the optimizer once); take "
+                "`optimizer: OptimizerCallable` in your module's __init__ and call it in configure_optimizers."
+            )
+
+    @staticmethod
+    def _forgive_early_stopping(trainer: pl.Trainer) -> None:
+        """Keep EarlyStopping from counting validations that say nothing about the current network.
+
+        After a restructure its patience counted a network that no longer exists, and during a
+        dendrite phase the score cannot move. By default EarlyStopping checks at the end of the
+        training epoch, after this callback decided on the same validation, so its counter starts
+        one below zero to leave that validation uncounted.
+        """
+        for callback in trainer.callbacks:
+            if isinstance(callback, EarlyStopping):
+                callback.wait_count = -1 if getattr(callback, "_check_on_train_epoch_end", False) else 0
+
+    # ------------------------------------------------------------------ end of training
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop_probes()
+        if self.machine.state.done:
+            return
+        decision = self.machine.finish()
+        module: PerforatedModule = pl_module  # type: ignore[assignment]
+        if decision.restore is not None:
+            self._restore(module, decision.restore)
+        if decision.new_global_best and self._phase_best is not None:
+            self._global_best = self._phase_best
+        rank_zero_info(f"pb_lightning: {decision.reason}.")
+        self._report(module)
+
+    def _report(self, module: PerforatedModule) -> None:
+        s = self.machine.state
+        counts = parameter_counts(module)
+        layers = ", ".join(f"{layer.name}: {layer.num_dendrites}" for layer in module.perforated_layers())
+        lines = [
+            "pb_lightning summary",
+            f"  best {self.monitor} before dendrites: {_fmt(s.baseline)}",
+            f"  final best {self.monitor}: {_fmt(s.global_best)}",
+            f"  parameters: {self._initial_parameters} before, {counts['total']} after "
+            f"({counts['dendrites']} in dendrites)",
+            f"  dendrite sets per layer: {layers}",
+            f"  cycles accepted: {s.accepted_cycles}, rejected: {s.rejected_cycles}",
+        ]
+        if self.capacity_test:
+            if self.capacity_problems:
+                lines.append("  capacity test: problems found: " + "; ".join(self.capacity_problems))
+            else:
+                lines.append(f"  capacity test: {s.dendrites} dendrite sets added; no problems detected")
+        rank_zero_info("\n".join(lines))
+        if self.capacity_test and self.capacity_problems:
+            rank_zero_warn("pb_lightning capacity test found problems: " + "; ".join(self.capacity_problems))
+
+    # ------------------------------------------------------------------ progress bar and logs
+    def _install_progress_bar_metrics(self, trainer: pl.Trainer) -> None:
+        bar = trainer.progress_bar_callback
+        if bar is None or getattr(bar.get_metrics, "_pb_lightning", False):
+            return
+        original = bar.get_metrics
+        machine = self.machine
+
+        def get_metrics(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+            metrics = dict(original(trainer, pl_module))
+            metrics["phase"] = machine.state.phase
+            metrics["dendrites"] = machine.state.dendrites
+            return metrics
+
+        get_metrics._pb_lightning = True  # type: ignore[attr-defined]
+        bar.get_metrics = get_metrics  # type: ignore[method-assign]
+
+    def _log_decision(self, trainer: pl.Trainer, decision: Decision, score: float) -> None:
+        if decision.action != "continue":
+            rank_zero_info(
+                f"pb_lightning epoch {trainer.current_epoch}: {decision.action} — {decision.reason} "
+                f"({self.monitor}={score:.6g})"
+            )
+        log.debug("epoch %d: %s (%s)", trainer.current_epoch, decision.action, decision.reason)
+
+    # ------------------------------------------------------------------ capacity test checks
+    def _start_probes(self, module: PerforatedModule) -> None:
+        def record(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if layer.training:
+                detached = tuple(a.detach()[:64] if isinstance(a, Tensor) else a for a in args)
+                self._probe[layer.name] = (detached, kwargs)
+
+        for layer in module.perforated_layers():
+            self._probe_handles.append(layer.register_forward_pre_hook(record, with_kwargs=True))
+
+    def _stop_probes(self) -> None:
+        for handle in self._probe_handles:
+            handle.remove()
+        self._probe_handles.clear()
+        self._probe.clear()
+
+    @torch.no_grad()
+    def _probe_outputs(self, module: PerforatedModule) -> dict[str, Tensor]:
+        outputs = {}
+        was_training = module.training
+        module.eval()
+        for layer in module.perforated_layers():
+            if layer.name in self._probe:
+                args, kwargs = self._probe[layer.name]
+                outputs[layer.name] = layer(*args, **kwargs).clone()
+        module.train(was_training)
+        if not outputs:
+            self.capacity_problems.append("no perforated layer ran in training, so nothing could be checked")
+        return outputs
+
+    def _check_checkpoint_round_trip(self, trainer: pl.Trainer, module: PerforatedModule) -> None:
+        """Save a checkpoint as Lightning would and load it into a fresh instance of the module."""
+        try:
+            checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+            buffer = io.BytesIO()
+            torch.save(checkpoint, buffer)
+            buffer.seek(0)
+            fresh = type(module).load_from_checkpoint(buffer, map_location=module.device, weights_only=True)
+        except Exception as error:  # the capacity test reports what failed instead of stopping
+            self.capacity_problems.append(f"a checkpoint saved after restructuring did not load: {error!r}")
+            return
+        ours, theirs = module.state_dict(), fresh.state_dict()
+        if ours.keys() != theirs.keys() or any(not torch.equal(ours[k], theirs[k]) for k in ours):
+            self.capacity_problems.append("a checkpoint saved after restructuring loaded with different weights")
+        expected, got = self._probe_outputs(module), self._probe_outputs(fresh)
+        if any(not torch.equal(expected[k], got[k]) for k in expected):
+            self.capacity_problems.append("a model loaded from a checkpoint computes different outputs")
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "machine": self.machine.state_dict(),
+            "phase_best": self._phase_best,
+            "global_best": self._global_best,
+            "initial_parameters": self._initial_parameters,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.machine.load_state_dict(state_dict["machine"])
+        self._phase_best = state_dict.get("phase_best")
+        self._global_best = state_dict.get("global_best")
+        self._initial_parameters = state_dict.get("initial_parameters")
+
+
+def _snapshot(module: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.6g}"

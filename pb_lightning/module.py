@@ -1,0 +1,165 @@
+"""PerforatedModule: the LightningModule side of pb_lightning.
+
+Subclass it instead of ``LightningModule``. It perforates your network in ``configure_model``
+(after your ``__init__`` built it, before optimizers exist), exposes the phase controls that
+:class:`~pb_lightning.callback.PerforatedCallback` drives, and makes every checkpoint
+self-describing: a checkpoint taken at any point of the cycle — mid-dendrite-phase included —
+loads with ``Model.load_from_checkpoint(path)`` and resumes with ``trainer.fit(ckpt_path=...)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+from torch import Tensor, nn
+
+from pb_lightning import phases
+from pb_lightning.config import DendriteConfig
+from pb_lightning.convert import perforate, perforated_layers
+from pb_lightning.errors import PerforationError, invalid
+from pb_lightning.layer import PerforatedLayer
+
+_CHECKPOINT_KEY = "pb_lightning"
+
+
+class PerforatedModule(pl.LightningModule):
+    """A ``LightningModule`` whose network's neurons can grow dendrites.
+
+    Build your network in ``__init__`` as usual and call ``super().__init__(...)`` with the
+    perforation options. In ``configure_optimizers``, optimise ``self.parameters()`` (frozen
+    parameters get no gradient, so the optimizer skips them), the trainable ones, or
+    :meth:`dendrite_parameter_groups` — the callback re-runs it after every restructure and checks
+    that every trainable parameter is in the new optimizer.
+
+    Args:
+        dendrite_config: how dendrites are built and trained (default :class:`DendriteConfig()`).
+        perforate_include: which modules to perforate: qualified-name globs (``"net.*"``) or
+            module types; default every ``nn.Linear`` and ``nn.Conv1d/2d/3d``.
+        perforate_exclude: modules never to perforate, in the same forms.
+        with_norm: wrap a module together with the normalisation layer after it in an
+            ``nn.Sequential`` (dendrites are then added after the norm).
+
+    Example::
+
+        >>> import torch
+        >>> class Net(PerforatedModule):
+        ...     def __init__(self) -> None:
+        ...         super().__init__(perforate_exclude=["head"])
+        ...         self.body = torch.nn.Linear(4, 8)
+        ...         self.head = torch.nn.Linear(8, 2)
+        >>> net = Net()
+        >>> net.configure_model()
+        >>> [layer.name for layer in net.perforated_layers()]
+        ['body']
+    """
+
+    def __init__(
+        self,
+        *,
+        dendrite_config: DendriteConfig | None = None,
+        perforate_include: Sequence[str | type[nn.Module]] | None = None,
+        perforate_exclude: Sequence[str | type[nn.Module]] | None = None,
+        with_norm: bool = False,
+    ) -> None:
+        super().__init__()
+        config = DendriteConfig() if dendrite_config is None else dendrite_config
+        if not isinstance(config, DendriteConfig):
+            raise invalid("dendrite_config", dendrite_config, "a pb_lightning.DendriteConfig")
+        for name, value in (("perforate_include", perforate_include), ("perforate_exclude", perforate_exclude)):
+            if value is not None and (isinstance(value, str) or not isinstance(value, Sequence)):
+                raise invalid(name, value, "a list of qualified-name globs or module types")
+        if not isinstance(with_norm, bool):
+            raise invalid("with_norm", with_norm, "a bool")
+        self.dendrite_config = config
+        self._perforate_include = None if perforate_include is None else list(perforate_include)
+        self._perforate_exclude = None if perforate_exclude is None else list(perforate_exclude)
+        self._with_norm = with_norm
+        self._pending_perforation_state: dict[str, Any] | None = None
+        self.register_load_state_dict_post_hook(_apply_pending_perforation_state)
+
+    # ------------------------------------------------------------------ conversion
+    def perforation_target(self) -> nn.Module:
+        """The module to perforate. Override to restrict it to a submodule (e.g. ``self.net``)."""
+        return self
+
+    def configure_model(self) -> None:
+        """Perforate the network (once). Call ``super().configure_model()`` if you override it."""
+        if not perforated_layers(self):
+            perforate(
+                self.perforation_target(),
+                include=self._perforate_include,
+                exclude=self._perforate_exclude,
+                config=self.dendrite_config,
+                with_norm=self._with_norm,
+            )
+
+    def perforated_layers(self) -> list[PerforatedLayer]:
+        """The perforated layers of this module, in a stable order."""
+        return perforated_layers(self)
+
+    # ------------------------------------------------------------------ phase controls
+    def start_dendrite_phase(self) -> None:
+        """Add candidates to every perforated layer and freeze the network."""
+        phases.start_dendrite_phase(self)
+
+    def accept_dendrites(self) -> dict[str, Tensor]:
+        """Install every neuron's best candidate and return to the neuron phase."""
+        return phases.accept_dendrites(self)
+
+    def discard_candidates(self) -> None:
+        """Drop the candidates and return to the neuron phase."""
+        phases.discard_candidates(self)
+
+    @property
+    def in_dendrite_phase(self) -> bool:
+        """Whether the perforated layers currently hold candidates."""
+        return phases.in_dendrite_phase(self)
+
+    def dendrite_parameter_groups(self, *, weight_decay: float = 0.0, candidate_lr: float | None = None) -> list[dict]:
+        """Optimizer parameter groups for the current phase (see :func:`pb_lightning.parameter_groups`)."""
+        return phases.parameter_groups(self, weight_decay=weight_decay, candidate_lr=candidate_lr)
+
+    # ------------------------------------------------------------------ checkpoints
+    def perforation_record(self) -> dict[str, Any]:
+        """What a checkpoint records about the dendritic structure, as plain data."""
+        return {
+            "layers": [
+                {"name": layer.name, "dendrites": layer.num_dendrites, "candidates": layer.num_candidates}
+                for layer in self.perforated_layers()
+            ],
+            **phases.perforation_state(self),
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[_CHECKPOINT_KEY] = self.perforation_record()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Runs before the weights load, in fit(ckpt_path=...) and load_from_checkpoint alike.
+        self.configure_model()
+        record = checkpoint.get(_CHECKPOINT_KEY)
+        if record is None:
+            raise PerforationError(
+                "This checkpoint was not written by a PerforatedModule (it has no 'pb_lightning' record); "
+                "load its weights into the network before perforating it."
+            )
+        ours = [layer.name for layer in self.perforated_layers()]
+        theirs = [layer["name"] for layer in record["layers"]]
+        if ours != theirs:
+            raise PerforationError(
+                f"The checkpoint's perforated layers {theirs} do not match this model's {ours}; was it "
+                "written by a different architecture or with different perforate_include/exclude?"
+            )
+        # Layers rebuild their dendrites and candidates from the state dict's shapes as it loads;
+        # which parameters the dendrite phase froze is re-applied right after (post hook).
+        self._pending_perforation_state = {"dendrite_phase": record["dendrite_phase"], "frozen": record["frozen"]}
+
+
+def _apply_pending_perforation_state(module: nn.Module, incompatible_keys: Any) -> None:
+    if not isinstance(module, PerforatedModule):
+        return
+    pending = module._pending_perforation_state
+    if pending is not None:
+        module._pending_perforation_state = None
+        phases.load_perforation_state(module, pending)

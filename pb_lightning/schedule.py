@@ -1,0 +1,358 @@
+"""The phase state machine: validation scores in, decisions out (ALGORITHM.md §4).
+
+Pure Python, no torch and no Lightning, so the rules can be tested over synthetic score sequences
+and the same machine drives the Lightning callback and plain PyTorch loops. It holds no weights:
+each :class:`Decision` says which weights the caller must snapshot or restore.
+
+The cycle::
+
+    neuron phase ──(plateau)──► dendrite phase ──(candidate plateau)──► accept ──► neuron phase
+         ▲                                                                            │
+         └──────── verdict at the end of that neuron phase: did it beat the global best? ─┘
+                   yes → next cycle     no → restore the pre-acceptance model and retry
+                                             with fresh candidates, up to ``max_tries``
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from pb_lightning.errors import invalid
+
+Mode = Literal["min", "max"]
+
+#: Every action a decision can carry.
+CONTINUE = "continue"
+START_DENDRITE_PHASE = "start_dendrite_phase"
+ACCEPT = "accept"
+RETRY = "retry"
+STOP = "stop"
+ACTIONS = (CONTINUE, START_DENDRITE_PHASE, ACCEPT, RETRY, STOP)
+
+#: What a decision asks the caller to restore before acting.
+RESTORE_PHASE_BEST = "phase_best"
+RESTORE_GLOBAL_BEST = "global_best"
+
+
+@dataclass(frozen=True)
+class PhaseSchedule:
+    """When to switch phases, accept, retry and stop.
+
+    Args:
+        neuron_patience: validations without improvement that end a neuron phase.
+        dendrite_patience: validations without improvement of the candidates' score that end a
+            dendrite phase.
+        improvement_threshold: relative margin a score must beat the best by to count as an
+            improvement (``|best| · threshold``).
+        improvement_threshold_abs: absolute margin, required as well.
+        candidate_improvement_threshold: relative margin for the candidates' score.
+        warmup_epochs: validations before the first dendrite phase may start.
+        neuron_epochs: if set, every neuron phase lasts exactly this many validations (no patience).
+        dendrite_epochs: if set, every dendrite phase lasts exactly this many validations.
+        max_dendrite_epochs: cap on a dendrite phase's length.
+        max_dendrites: dendrite sets per layer after which training is complete.
+        max_tries: failed cycles in a row (each retried with fresh candidates) after which training
+            is complete.
+        require_improvement: keep a cycle's dendrites only if its neuron phase beat the global
+            best (the method's rule). ``False`` keeps every cycle (the capacity test).
+
+    Example::
+
+        >>> PhaseSchedule(neuron_patience=3).neuron_patience
+        3
+    """
+
+    neuron_patience: int = 5
+    dendrite_patience: int = 3
+    improvement_threshold: float = 1e-4
+    improvement_threshold_abs: float = 0.0
+    candidate_improvement_threshold: float = 0.01
+    warmup_epochs: int = 0
+    neuron_epochs: int | None = None
+    dendrite_epochs: int | None = None
+    max_dendrite_epochs: int = 50
+    max_dendrites: int = 8
+    max_tries: int = 2
+    require_improvement: bool = True
+
+    def __post_init__(self) -> None:
+        for name, minimum in (
+            ("neuron_patience", 1),
+            ("dendrite_patience", 1),
+            ("warmup_epochs", 0),
+            ("max_dendrite_epochs", 1),
+            ("max_dendrites", 0),
+            ("max_tries", 1),
+        ):
+            _check_int(name, getattr(self, name), minimum)
+        if not isinstance(self.require_improvement, bool):
+            raise invalid("PhaseSchedule.require_improvement", self.require_improvement, "a bool")
+        for name in ("neuron_epochs", "dendrite_epochs"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), 1)
+        for name in ("improvement_threshold", "improvement_threshold_abs", "candidate_improvement_threshold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise invalid(f"PhaseSchedule.{name}", value, "a finite float >= 0")
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise invalid(f"PhaseSchedule.{name}", value, f"an int >= {minimum}")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do after one validation.
+
+    Attributes:
+        action: one of ``continue``, ``start_dendrite_phase``, ``accept``, ``retry``, ``stop``.
+        reason: a human-readable explanation, for logs.
+        restore: weights to restore *before* acting: ``"phase_best"`` (the best validation point
+            of the neuron phase that just ended), ``"global_best"`` (the best model so far), or None.
+        new_phase_best: this validation is the best of the current neuron phase: snapshot the
+            weights as the phase best.
+        new_global_best: the phase best just became the global best: keep its snapshot as the
+            global best.
+    """
+
+    action: str
+    reason: str
+    restore: str | None = None
+    new_phase_best: bool = False
+    new_global_best: bool = False
+
+
+@dataclass
+class PhaseState:
+    """The machine's whole state, plain data (it round-trips through ``weights_only`` checkpoints)."""
+
+    phase: str = "neuron"
+    validations: int = 0
+    epochs_in_phase: int = 0
+    phase_best: float | None = None
+    wait: int = 0
+    global_best: float | None = None
+    baseline: float | None = None
+    dendrites: int = 0
+    tries: int = 0
+    awaiting_verdict: bool = False
+    candidate_best: float | None = None
+    candidate_wait: int = 0
+    done: bool = False
+    accepted_cycles: int = 0
+    rejected_cycles: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class PhaseMachine:
+    """Feeds on one validation score at a time and returns a :class:`Decision`.
+
+    Args:
+        mode: ``"max"`` if a higher monitored score is better (accuracy), ``"min"`` otherwise (loss).
+        schedule: the switching rules.
+
+    Example::
+
+        >>> machine = PhaseMachine("min", PhaseSchedule(neuron_patience=1, dendrite_epochs=1))
+        >>> [machine.step(s).action for s in (1.0, 0.5, 0.6)]
+        ['continue', 'continue', 'start_dendrite_phase']
+        >>> machine.step(0.5, candidate_score=0.2).action
+        'accept'
+    """
+
+    def __init__(self, mode: Mode, schedule: PhaseSchedule | None = None) -> None:
+        if mode not in ("min", "max"):
+            raise invalid("mode", mode, "'min' or 'max'")
+        self.mode: Mode = mode
+        self.schedule = PhaseSchedule() if schedule is None else schedule
+        if not isinstance(self.schedule, PhaseSchedule):
+            raise invalid("schedule", schedule, "a pb_lightning.PhaseSchedule")
+        self.state = PhaseState()
+
+    # ------------------------------------------------------------------ comparisons
+    def is_improvement(self, score: float, best: float | None) -> bool:
+        """Whether ``score`` beats ``best`` by more than both thresholds (NaN never does)."""
+        if not math.isfinite(score):
+            return False
+        if best is None:
+            return True
+        margin = max(abs(best) * self.schedule.improvement_threshold, self.schedule.improvement_threshold_abs)
+        return score < best - margin if self.mode == "min" else score > best + margin
+
+    def _candidate_improved(self, score: float | None) -> bool:
+        if score is None or not math.isfinite(score):
+            return False
+        best = self.state.candidate_best
+        return best is None or score > best * (1 + self.schedule.candidate_improvement_threshold)
+
+    # ------------------------------------------------------------------ the machine
+    def step(self, score: float, candidate_score: float | None = None) -> Decision:
+        """Take one validation's monitored ``score`` and return the decision.
+
+        Args:
+            score: the monitored validation score.
+            candidate_score: during a dendrite phase, the candidates' correlation score (higher is
+                better; e.g. the mean of each neuron's best candidate score). Ignored otherwise.
+        """
+        s = self.state
+        s.validations += 1
+        s.epochs_in_phase += 1
+        phase = s.phase
+        if s.done:
+            decision = Decision(STOP, "training is already complete")
+        elif s.phase == "dendrite":
+            decision = self._dendrite_step(candidate_score)
+        else:
+            decision = self._neuron_step(float(score))
+        s.history.append(
+            {
+                "validation": s.validations,
+                "phase": phase,
+                "score": float(score),
+                "candidate_score": candidate_score,
+                "dendrites": s.dendrites,
+                "action": decision.action,
+                "reason": decision.reason,
+            }
+        )
+        return decision
+
+    def _neuron_step(self, score: float) -> Decision:
+        s, sched = self.state, self.schedule
+        new_best = self.is_improvement(score, s.phase_best)
+        if new_best:
+            s.phase_best, s.wait = score, 0
+        else:
+            s.wait += 1
+        if sched.neuron_epochs is not None:
+            over = s.epochs_in_phase >= sched.neuron_epochs
+            why = f"the neuron phase reached its {sched.neuron_epochs} epochs"
+        else:
+            over = s.wait >= sched.neuron_patience
+            why = f"no improvement for {s.wait} validations (neuron_patience={sched.neuron_patience})"
+        if over and s.dendrites == 0 and not s.awaiting_verdict and s.validations < sched.warmup_epochs:
+            over = False
+        if not over:
+            return Decision(CONTINUE, "neuron phase", new_phase_best=new_best)
+        return self._end_neuron_phase(why, new_best)
+
+    def _end_neuron_phase(self, why: str, new_best: bool) -> Decision:
+        s, sched = self.state, self.schedule
+        if s.awaiting_verdict:
+            s.awaiting_verdict = False
+            improved = s.phase_best is not None and self.is_improvement(s.phase_best, s.global_best)
+            if improved or not sched.require_improvement:
+                s.accepted_cycles += 1
+                s.tries = 0
+                verdict = f"{why}; the cycle improved the global best {s.global_best} -> {s.phase_best}"
+                if improved:
+                    s.global_best = s.phase_best
+                return self._next_cycle(verdict, new_best)
+            s.rejected_cycles += 1
+            s.tries += 1
+            s.dendrites -= 1
+            verdict = f"{why}; the cycle did not beat the global best {s.global_best} (phase best {s.phase_best})"
+            if s.tries >= sched.max_tries:
+                s.done = True
+                return Decision(
+                    STOP,
+                    f"{verdict}; {s.tries} failed tries (max_tries={sched.max_tries}): training is complete",
+                    restore=RESTORE_GLOBAL_BEST,
+                    new_phase_best=new_best,
+                )
+            self._enter_dendrite_phase()
+            return Decision(
+                RETRY,
+                f"{verdict}; retrying with fresh candidates (try {s.tries + 1} of {sched.max_tries})",
+                restore=RESTORE_GLOBAL_BEST,
+                new_phase_best=new_best,
+            )
+        # The first neuron phase: its best is the baseline every later cycle must beat.
+        s.global_best = s.baseline = s.phase_best
+        return self._next_cycle(f"{why}; baseline best {s.phase_best}", new_best)
+
+    def _next_cycle(self, reason: str, new_best: bool) -> Decision:
+        s, sched = self.state, self.schedule
+        if s.dendrites >= sched.max_dendrites:
+            s.done = True
+            return Decision(
+                STOP,
+                f"{reason}; {s.dendrites} dendrite sets reached max_dendrites: training is complete",
+                restore=RESTORE_PHASE_BEST,
+                new_phase_best=new_best,
+                new_global_best=True,
+            )
+        self._enter_dendrite_phase()
+        return Decision(
+            START_DENDRITE_PHASE, reason, restore=RESTORE_PHASE_BEST, new_phase_best=new_best, new_global_best=True
+        )
+
+    def _enter_dendrite_phase(self) -> None:
+        s = self.state
+        s.phase, s.epochs_in_phase = "dendrite", 0
+        s.candidate_best, s.candidate_wait = None, 0
+
+    def _dendrite_step(self, candidate_score: float | None) -> Decision:
+        s, sched = self.state, self.schedule
+        if self._candidate_improved(candidate_score):
+            s.candidate_best, s.candidate_wait = candidate_score, 0
+        else:
+            s.candidate_wait += 1
+        if sched.dendrite_epochs is not None and s.epochs_in_phase >= sched.dendrite_epochs:
+            why = f"the dendrite phase reached its {sched.dendrite_epochs} epochs"
+        elif sched.dendrite_epochs is None and s.candidate_wait >= sched.dendrite_patience:
+            why = f"candidate scores stopped improving for {s.candidate_wait} validations"
+        elif s.epochs_in_phase >= sched.max_dendrite_epochs:
+            why = f"the dendrite phase hit max_dendrite_epochs={sched.max_dendrite_epochs}"
+        else:
+            return Decision(CONTINUE, "dendrite phase")
+        s.phase, s.epochs_in_phase = "neuron", 0
+        s.phase_best, s.wait = None, 0
+        s.dendrites += 1
+        s.awaiting_verdict = True
+        return Decision(
+            ACCEPT, f"{why}; accepting dendrite set {s.dendrites} (best candidate score {s.candidate_best})"
+        )
+
+    def finish(self) -> Decision:
+        """The decision when training ends for another reason (the trainer's own limits).
+
+        Leaves the global-best model: in a dendrite phase the candidates are dropped; a neuron
+        phase after an acceptance is judged as if it had ended.
+        """
+        s = self.state
+        if s.done:
+            return Decision(CONTINUE, "training already complete")
+        s.done = True
+        if s.phase == "dendrite":
+            return Decision(STOP, "training ended during a dendrite phase", restore=RESTORE_GLOBAL_BEST)
+        if s.awaiting_verdict and s.phase_best is not None and self.is_improvement(s.phase_best, s.global_best):
+            s.global_best = s.phase_best
+            s.accepted_cycles += 1
+            return Decision(
+                STOP,
+                "training ended; the last cycle improved the global best",
+                restore=RESTORE_PHASE_BEST,
+                new_global_best=True,
+            )
+        if s.awaiting_verdict:
+            s.dendrites -= 1
+            s.rejected_cycles += 1
+            return Decision(STOP, "training ended; the last cycle did not improve", restore=RESTORE_GLOBAL_BEST)
+        s.global_best = s.phase_best
+        return Decision(
+            STOP, "training ended in the first neuron phase", restore=RESTORE_PHASE_BEST, new_global_best=True
+        )
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict[str, Any]:
+        """Plain-data state (``torch.load(weights_only=True)`` accepts it)."""
+        return {"mode": self.mode, "schedule": asdict(self.schedule), "state": asdict(self.state)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output (the schedule of this machine is kept)."""
+        self.mode = state.get("mode", self.mode)
+        self.state = PhaseState(**state["state"])

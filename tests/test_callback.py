@@ -1,0 +1,235 @@
+"""The whole cycle inside trainer.fit: decisions, restructuring, checkpoints, the capacity test."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.demos.boring_classes import BoringModel
+
+import pb_lightning as pb
+from pb_lightning.demo import DigitsDataModule, DigitsMLP
+from pb_lightning.schedule import ACCEPT, START_DENDRITE_PHASE, STOP
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+
+
+def _trainer(tmp_path: Path, callbacks: list[pl.Callback], max_epochs: int, **kwargs: Any) -> pl.Trainer:
+    options: dict[str, Any] = {
+        "default_root_dir": tmp_path,
+        "max_epochs": max_epochs,
+        "callbacks": callbacks,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "logger": False,
+        "enable_checkpointing": False,
+        "num_sanity_val_steps": 0,
+    }
+    options.update(kwargs)
+    return pl.Trainer(**options)
+
+
+def _fixed(**kwargs: Any) -> pb.PerforatedCallback:
+    """A fixed-length schedule, so the decisions do not depend on the exact scores."""
+    options = {"neuron_epochs": 2, "dendrite_epochs": 2, "max_dendrites": 2, "monitor": "val_loss", "mode": "min"}
+    options.update(kwargs)
+    return pb.PerforatedCallback(**options)
+
+
+def test_a_full_cycle_accepts_dendrites_and_trains_them(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    model = DigitsMLP(hidden=8, lr=1e-2)
+    seen: dict[str, torch.Tensor] = {}
+
+    class Spy(pl.Callback):
+        def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            layer = pl_module.perforated_layers()[0]
+            if layer.candidates is not None and "candidates" not in seen:
+                seen["candidates"] = layer.candidates.bank.weight.detach().clone()
+                seen["candidate_param"] = layer.candidates.bank.weight
+            if layer.output_weight is not None and "w" not in seen:
+                seen["w"] = layer.output_weight.detach().clone()
+                seen["w_param"] = layer.output_weight
+
+    callback = pb.PerforatedCallback("val_loss", "min", neuron_epochs=8, dendrite_epochs=3, max_dendrites=1)
+    trainer = _trainer(tmp_path, [callback, Spy()], max_epochs=40)
+    trainer.fit(model, DigitsDataModule())
+    actions = [h["action"] for h in callback.machine.state.history if h["action"] != "continue"]
+    assert actions == [START_DENDRITE_PHASE, ACCEPT, STOP]
+    assert [layer.num_dendrites for layer in model.perforated_layers()] == [1, 1, 1]
+    assert callback.machine.state.accepted_cycles == 1
+    assert trainer.current_epoch == 8 + 3 + 8  # stopped by the machine, not max_epochs
+    # New parameters reached the optimizer and trained: candidates in the dendrite phase ...
+    assert not torch.equal(seen["candidate_param"], seen["candidates"])
+    # ... and the dendrite output weights, which start at exactly 0, after acceptance.
+    assert torch.equal(seen["w"], torch.zeros_like(seen["w"]))
+    assert seen["w_param"] is model.perforated_layers()[0].output_weight
+    assert model.perforated_layers()[0].output_weight.abs().sum() > 0
+    # The final model is the global best.
+    result = trainer.validate(model, DigitsDataModule(), verbose=False)[0]
+    assert result["val_loss"] == pytest.approx(callback.machine.state.global_best, rel=1e-5)
+
+
+def test_the_score_is_flat_during_the_dendrite_phase(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    callback = _fixed(dendrite_epochs=3, max_dendrites=1)
+    _trainer(tmp_path, [callback], max_epochs=6).fit(DigitsMLP(hidden=8, lr=1e-2), DigitsDataModule())
+    history = callback.machine.state.history
+    start = next(i for i, h in enumerate(history) if h["action"] == START_DENDRITE_PHASE)
+    dendrite_scores = [h["score"] for h in history[start + 1 : start + 4]]
+    # Restored to the phase best, then frozen: every dendrite-phase validation gives that score.
+    assert len(set(dendrite_scores)) == 1
+    assert dendrite_scores[0] == pytest.approx(min(h["score"] for h in history[: start + 1]), rel=1e-6)
+
+
+def test_a_failed_cycle_is_rolled_back_and_retried(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    # An absolute threshold no cycle can beat: every cycle fails.
+    callback = _fixed(max_tries=2, improvement_threshold_abs=10.0, max_dendrites=5)
+    model = DigitsMLP(hidden=8, lr=1e-2)
+    trainer = _trainer(tmp_path, [callback], max_epochs=30)
+    trainer.fit(model, DigitsDataModule())
+    actions = [h["action"] for h in callback.machine.state.history if h["action"] != "continue"]
+    assert actions == [START_DENDRITE_PHASE, ACCEPT, "retry", ACCEPT, STOP]
+    assert [layer.num_dendrites for layer in model.perforated_layers()] == [0, 0, 0]
+    assert callback.machine.state.rejected_cycles == 2
+    assert not model.in_dendrite_phase
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def _checkpointed_run(tmp_path: Path, max_epochs: int) -> tuple[pb.PerforatedCallback, DigitsMLP, ModelCheckpoint]:
+    pl.seed_everything(0)
+    callback = _fixed()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    model = DigitsMLP(hidden=8, lr=1e-2)
+    trainer = _trainer(tmp_path, [callback, checkpoint], max_epochs=max_epochs, enable_checkpointing=True)
+    trainer.fit(model, DigitsDataModule())
+    return callback, model, checkpoint
+
+
+def test_resume_from_a_mid_dendrite_phase_checkpoint(tmp_path: Path) -> None:
+    full, full_model, _ = _checkpointed_run(tmp_path / "full", max_epochs=12)
+    # Epochs 0-1 neuron, 2-3 dendrite: the checkpoint of epoch 2 is one epoch into the dendrite phase.
+    _, _, checkpoint = _checkpointed_run(tmp_path / "part", max_epochs=3)
+    path = tmp_path / "part" / "ckpt" / "epoch=2-step=51.ckpt"
+    assert path.exists(), sorted(p.name for p in path.parent.iterdir())
+    resumed = _fixed()
+    model = DigitsMLP(hidden=8, lr=1e-2)
+    trainer = _trainer(tmp_path / "resumed", [resumed], max_epochs=12)
+    trainer.fit(model, DigitsDataModule(), ckpt_path=path)
+    assert [h["action"] for h in resumed.machine.state.history] == [h["action"] for h in full.machine.state.history]
+    assert [layer.num_dendrites for layer in model.perforated_layers()] == [
+        layer.num_dendrites for layer in full_model.perforated_layers()
+    ]
+
+
+def test_load_from_checkpoint_rebuilds_the_structure_at_any_point(tmp_path: Path) -> None:
+    callback, model, _ = _checkpointed_run(tmp_path, max_epochs=7)
+    x = torch.randn(5, 64)
+    for epoch, phase in ((2, True), (4, False), (6, True)):
+        path = next((tmp_path / "ckpt").glob(f"epoch={epoch}-*.ckpt"))
+        loaded = DigitsMLP.load_from_checkpoint(path)
+        assert loaded.in_dendrite_phase is phase
+        frozen = {n for n, p in loaded.named_parameters() if not p.requires_grad}
+        assert ("net.0.module.weight" in frozen) is phase
+    loaded = DigitsMLP.load_from_checkpoint(next((tmp_path / "ckpt").glob("epoch=6-*.ckpt")))
+    model.eval()
+    loaded.eval()
+    assert [layer.num_dendrites for layer in loaded.perforated_layers()] == [1, 1, 1]
+    assert torch.equal(loaded(x), model(x))
+    del callback
+
+
+def test_the_capacity_test_adds_three_sets_and_reports_no_problems(tmp_path: Path, caplog: Any) -> None:
+    pl.seed_everything(0)
+    callback = pb.PerforatedCallback("val_loss", "min", capacity_test=True)
+    model = DigitsMLP(hidden=8, lr=1e-2)
+    with caplog.at_level("INFO"):
+        _trainer(tmp_path, [callback], max_epochs=10).fit(model, DigitsDataModule())
+    assert callback.capacity_problems == []
+    assert [layer.num_dendrites for layer in model.perforated_layers()] == [3, 3, 3]
+    assert "3 dendrite sets added; no problems detected" in caplog.text
+
+
+class _Unloadable(DigitsMLP):
+    """Does not save its hyperparameters' class correctly: a fresh instance cannot be rebuilt."""
+
+    def __init__(self, required: int) -> None:
+        super().__init__(hidden=8, lr=1e-2)
+        self.save_hyperparameters(ignore=["required"])
+
+
+def test_the_capacity_test_names_the_problem_it_finds(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    callback = pb.PerforatedCallback("val_loss", "min", capacity_test=True)
+    _trainer(tmp_path, [callback], max_epochs=7).fit(_Unloadable(1), DigitsDataModule())
+    assert callback.capacity_problems
+    assert all("checkpoint saved after restructuring did not load" in p for p in callback.capacity_problems)
+
+
+def test_the_capacity_test_needs_enough_epochs(tmp_path: Path) -> None:
+    callback = pb.PerforatedCallback(capacity_test=True)
+    with pytest.raises(pb.PerforationError, match=r"Trainer.max_epochs` must be >= 7.*got 3"):
+        _trainer(tmp_path, [callback], max_epochs=3).fit(DigitsMLP(), DigitsDataModule())
+
+
+class _StaleOptimizer(DigitsMLP):
+    """Builds its optimizer once, like LightningCLI's --optimizer flag does."""
+
+    def configure_optimizers(self) -> Any:
+        if not hasattr(self, "_optimizer"):
+            self._optimizer = torch.optim.Adam(self.parameters(), lr=1e-2)
+        return self._optimizer
+
+
+def test_an_optimizer_that_misses_new_parameters_is_named(tmp_path: Path) -> None:
+    callback = _fixed()
+    with pytest.raises(pb.PerforationError, match=r"trainable parameters are not in any optimizer: net\.0\.candidates"):
+        _trainer(tmp_path, [callback], max_epochs=4).fit(_StaleOptimizer(), DigitsDataModule())
+
+
+def test_the_callback_needs_a_perforated_module(tmp_path: Path) -> None:
+    with pytest.raises(pb.PerforationError, match=r"needs a pb_lightning.PerforatedModule; got BoringModel"):
+        _trainer(tmp_path, [_fixed()], max_epochs=1).fit(BoringModel())
+
+
+def test_a_missing_monitor_is_named_with_what_was_logged(tmp_path: Path) -> None:
+    with pytest.raises(pb.PerforationError, match=r"monitor='val_accuracy'.*\['train_loss', 'val_acc', 'val_loss'\]"):
+        _trainer(tmp_path, [_fixed(monitor="val_accuracy")], max_epochs=1).fit(DigitsMLP(), DigitsDataModule())
+
+
+def test_no_validation_loop_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(pb.PerforationError, match=r"no validation loop"):
+        _trainer(tmp_path, [_fixed()], max_epochs=1, limit_val_batches=0).fit(DigitsMLP(), DigitsDataModule())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [
+        ({"monitor": ""}, r"`monitor` must be the name of a logged validation metric"),
+        ({"mode": "up"}, r"`mode` must be 'min' or 'max'; got 'up'"),
+        ({"neuron_patience": 0}, r"neuron_patience` must be an int >= 1; got 0"),
+        ({"capacity_test": "yes"}, r"`capacity_test` must be a bool"),
+    ],
+)
+def test_callback_misconfiguration(kwargs: dict, pattern: str) -> None:
+    with pytest.raises(pb.PerforationError, match=pattern):
+        pb.PerforatedCallback(**kwargs)
+
+
+def test_progress_bar_shows_phase_and_dendrites_and_early_stopping_is_reset(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    callback = _fixed(max_dendrites=1)
+    stopper = EarlyStopping("val_loss", patience=1)
+    trainer = _trainer(tmp_path, [callback, stopper], max_epochs=6, enable_progress_bar=True)
+    model = DigitsMLP(hidden=8, lr=1e-2)
+    trainer.fit(model, DigitsDataModule())
+    # With patience 1 EarlyStopping would have stopped in the flat dendrite phase without the reset.
+    assert callback.machine.state.dendrites == 1
+    metrics = trainer.progress_bar_callback.get_metrics(trainer, model)
+    assert metrics["phase"] == "neuron"
+    assert metrics["dendrites"] == 1

@@ -1,0 +1,76 @@
+"""The shipped configs and example scripts run (shortened) and do what they say."""
+
+from __future__ import annotations
+
+import runpy
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from pb_lightning.cli import main
+
+_REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+
+
+def test_the_capacity_test_config_runs_through_the_cli(tmp_path: Path, caplog: Any) -> None:
+    config = _REPO / "configs" / "digits_capacity_test.yaml"
+    with caplog.at_level("INFO"):
+        cli = main(
+            [
+                "fit",
+                "--config",
+                str(config),
+                "--trainer.default_root_dir",
+                str(tmp_path),
+                "--trainer.enable_progress_bar",
+                "false",
+            ]
+        )
+    assert [layer.num_dendrites for layer in cli.model.perforated_layers()] == [3, 3, 3]
+    assert "3 dendrite sets added; no problems detected" in caplog.text
+
+
+def test_the_main_job_config_parses_into_the_documented_objects(tmp_path: Path) -> None:
+    config = _REPO / "configs" / "digits.yaml"
+    data = yaml.safe_load(config.read_text())
+    callback = data["trainer"]["callbacks"][0]
+    assert callback["class_path"] == "pb_lightning.PerforatedCallback"
+    # A short run of the real config (4 epochs): model, data, callback, TensorBoard logger.
+    cli = main(
+        [
+            "fit",
+            "--config",
+            str(config),
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.max_epochs",
+            "4",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
+        ]
+    )
+    assert cli.trainer.current_epoch == 4
+    assert cli.model.dendrite_config.num_candidates == 4
+    assert any((tmp_path / "digits").rglob("events.out.tfevents.*"))
+
+
+def test_python_dash_m_runs_the_same_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(
+        sys, "argv", ["pb_lightning", "fit", "--print_config", "--config", str(_REPO / "configs" / "digits.yaml")]
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module("pb_lightning", run_name="__main__")
+    assert exit_info.value.code == 0
+
+
+@pytest.mark.parametrize("script", ["digits_mlp.py", "digits_conv.py"])
+def test_example_scripts_run(script: str, tmp_path: Path) -> None:
+    namespace = runpy.run_path(str(_REPO / "examples" / script))
+    result = namespace["main"](["--max-epochs", "3", "--root", str(tmp_path)])
+    assert 0.0 <= result["test_acc"] <= 1.0
