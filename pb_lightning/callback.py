@@ -7,9 +7,11 @@ phase, accept dendrites, retry, or stop. After every change of the trainable par
 re-wraps the model under DDP, re-runs the user's ``configure_optimizers`` (schedulers included)
 and checks that every trainable parameter is in the new optimizer.
 
-Timing follows ``../shared/LIGHTNING_NOTES.md``: decisions are taken in ``on_validation_end``
-(where ``callback_metrics`` hold the current epoch's values) and skipped during the sanity check,
-``trainer.validate`` and mid-epoch validations.
+Timing follows ``../shared/LIGHTNING_NOTES.md``: the score is read in ``on_validation_end``
+(where ``callback_metrics`` hold the current values; the sanity check and ``trainer.validate``
+are skipped) and the decision is taken in ``on_train_epoch_end``, from the epoch's last
+validation. That hook runs before the monitoring callbacks (EarlyStopping, ModelCheckpoint), so
+an end-of-epoch checkpoint already holds the restructured model and its callback state.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ CAPACITY_TEST_DENDRITES = 3
 
 class PerforatedCallback(Callback):
     """Drive the neuron phase → dendrite phase → accept cycle from the validation score.
+
+    One decision per training epoch that ran a validation, from that epoch's last validation.
 
     Args:
         monitor: the logged validation metric that decides (log it with ``sync_dist=True`` under DDP).
@@ -124,6 +128,7 @@ class PerforatedCallback(Callback):
         self._global_best: dict[str, Tensor] | None = None
         self._initial_parameters: int | None = None
         self._flat_score: float | None = None
+        self._pending_score: float | None = None
         #: Problems the capacity test found (empty: none).
         self.capacity_problems: list[str] = []
         self._probe: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
@@ -173,9 +178,16 @@ class PerforatedCallback(Callback):
 
     # ------------------------------------------------------------------ the decision
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or not trainer.is_last_batch:
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
             return
-        score = self._read_score(trainer)
+        # Remember the score; the decision waits for the end of the training epoch, so that with
+        # several validations per epoch (val_check_interval < 1) only the last one counts.
+        self._pending_score = self._read_score(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        score, self._pending_score = self._pending_score, None
+        if score is None:
+            return  # no validation this epoch (check_val_every_n_epoch > 1)
         candidate = self._candidate_score(pl_module)
         # Every rank steps its own machine with rank 0's inputs, so all take the same decision.
         score, candidate = trainer.strategy.broadcast((score, candidate), src=0)
@@ -422,6 +434,7 @@ class PerforatedCallback(Callback):
             "phase_best": self._phase_best,
             "global_best": self._global_best,
             "initial_parameters": self._initial_parameters,
+            "pending_score": self._pending_score,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -429,6 +442,7 @@ class PerforatedCallback(Callback):
         self._phase_best = state_dict.get("phase_best")
         self._global_best = state_dict.get("global_best")
         self._initial_parameters = state_dict.get("initial_parameters")
+        self._pending_score = state_dict.get("pending_score")
 
 
 def _snapshot(module: nn.Module) -> dict[str, Tensor]:

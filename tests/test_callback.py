@@ -233,3 +233,71 @@ def test_progress_bar_shows_phase_and_dendrites_and_early_stopping_is_reset(tmp_
     metrics = trainer.progress_bar_callback.get_metrics(trainer, model)
     assert metrics["phase"] == "neuron"
     assert metrics["dendrites"] == 1
+
+
+class _Scheduled(DigitsMLP):
+    """Uses an LR scheduler, which must be rebuilt with (and bound to) every new optimizer."""
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.Adam(self.dendrite_parameter_groups(), lr=self.lr)
+        return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 1, 0.5)}
+
+
+def test_schedulers_are_rebuilt_with_the_optimizer(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    checks: list[bool] = []
+
+    class Check(pl.Callback):
+        def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            scheduler = trainer.lr_scheduler_configs[0].scheduler
+            checks.append(scheduler.optimizer is trainer.optimizers[0])
+
+    callback = _fixed(max_dendrites=1)
+    _trainer(tmp_path, [callback, Check()], max_epochs=6).fit(_Scheduled(hidden=8, lr=1e-2), DigitsDataModule())
+    assert checks == [True] * 6
+    assert callback.machine.state.dendrites == 1
+
+
+def test_only_end_of_epoch_validations_during_fit_decide(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    callback = _fixed(max_dendrites=1)
+    model = DigitsMLP(hidden=8, lr=1e-2)
+    trainer = _trainer(tmp_path, [callback], max_epochs=3, val_check_interval=0.5, num_sanity_val_steps=2)
+    trainer.fit(model, DigitsDataModule())
+    assert len(callback.machine.state.history) == 3  # one per epoch: not the sanity check, not mid-epoch
+    trainer.validate(model, DigitsDataModule(), verbose=False)
+    assert len(callback.machine.state.history) == 3
+
+
+class _Drifting(DigitsMLP):
+    """Something outside the perforated layers keeps changing the output: a training-step counter."""
+
+    def __init__(self) -> None:
+        super().__init__(hidden=8, lr=1e-2)
+        self.register_buffer("drift", torch.zeros(()))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.drift += 0.01
+        return super().training_step(batch, batch_idx)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + self.drift * torch.arange(10.0)
+
+
+def test_a_score_that_moves_in_a_dendrite_phase_is_reported(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    with pytest.warns(UserWarning, match=r"val_loss moved from .* during a dendrite phase"):
+        _trainer(tmp_path, [_fixed(dendrite_epochs=3, max_dendrites=1)], max_epochs=5).fit(
+            _Drifting(), DigitsDataModule()
+        )
+
+
+def test_checkpoints_with_a_dendrite_config_load_with_weights_only(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    model = DigitsMLP(hidden=8, lr=1e-2, dendrites=pb.DendriteConfig(num_candidates=2, activation="tanh"))
+    trainer = _trainer(tmp_path, [_fixed(max_dendrites=1)], max_epochs=5)
+    trainer.fit(model, DigitsDataModule())
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    loaded = DigitsMLP.load_from_checkpoint(tmp_path / "model.ckpt", weights_only=True)
+    assert loaded.dendrite_config == model.dendrite_config
+    assert [layer.num_dendrites for layer in loaded.perforated_layers()] == [1, 1, 1]
