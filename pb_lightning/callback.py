@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from pb_lightning.errors import PerforationError, invalid
 from pb_lightning.module import PerforatedModule
-from pb_lightning.phases import candidate_scores, in_dendrite_phase
+from pb_lightning.phases import candidate_scores, in_dendrite_phase, set_loss_scale
 from pb_lightning.report import parameter_counts
 from pb_lightning.schedule import (
     ACCEPT,
@@ -276,6 +276,12 @@ class PerforatedCallback(Callback):
         # The snapshot may hold fewer dendrite sets (a rejected cycle): loading rebuilds the layers.
         module.load_state_dict(snapshot)
         return True
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None and in_dendrite_phase(pl_module):
+            # 16-mixed: the errors reaching the candidates carry the GradScaler's scale.
+            set_loss_scale(pl_module, scaler.get_scale())
 
     # ------------------------------------------------------------------ restructuring
     def _restructure(self, trainer: pl.Trainer, module: PerforatedModule) -> None:

@@ -115,6 +115,8 @@ class CandidatePool(nn.Module):
         #: The loss scale the errors arriving in backward carry (a GradScaler's scale). Statistics
         #: are kept in unscaled units and the gradient handed back is scaled by it.
         self.loss_scale: float = 1.0
+        #: Whether a loss scaler is in use (set by ``set_loss_scale``); see :meth:`observe`.
+        self.scaled: bool = False
         self.neuron_axis: int = -1
 
     def _learned(self) -> dict[str, Tensor]:
@@ -144,8 +146,14 @@ class CandidatePool(nn.Module):
         scale = self.loss_scale
         vf, ef = flatten_positions(v, e / scale if scale != 1.0 else e, self.neuron_axis)
         stats = self.statistics
-        if not stats.update(vf, ef) or not stats.warmed_up:
-            return None
+        finite = stats.update(vf, ef)
+        if not finite or not stats.warmed_up:
+            if not self.scaled:
+                return None
+            # A GradScaler learns about the step only through these gradients (the candidates are
+            # all that trains): it refuses a step with no gradient at all, and must see an overflow
+            # as a non-finite gradient to skip the step and lower its scale.
+            return torch.zeros_like(v) if finite else torch.full_like(v, float("nan"))
         self._record_best(stats.score())
         if self.config.learning != "correlation":
             return None
@@ -342,6 +350,7 @@ class PerforatedLayer(nn.Module):
         """Tell the candidate pool by how much the incoming errors are scaled (mixed precision)."""
         if self.candidates is not None:
             self.candidates.loss_scale = float(scale)
+            self.candidates.scaled = True
 
     # ------------------------------------------------------------------ forward
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:

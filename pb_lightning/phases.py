@@ -76,10 +76,14 @@ def start_dendrite_phase(model: nn.Module, *, num_candidates: int | None = None)
             frozen.append(name)
     setattr(model, _FROZEN, frozen)
     _hold_norms_in_eval(model)
+    config = layers[0].config
     log.info(
-        "Dendrite phase started: %d candidate sets in each of %d layers; %d parameter tensors frozen.",
+        "Dendrite phase started: %d candidate sets in each of %d layers, trained by %s (%s normalisation); "
+        "%d parameter tensors frozen.",
         layers[0].num_candidates,
         len(layers),
+        "correlation learning" if config.learning == "correlation" else "gradient descent on the task loss",
+        config.normalization,
         len(frozen),
     )
 
@@ -152,7 +156,10 @@ def set_loss_scale(model: nn.Module, scale: float) -> None:
     """Tell the candidates the current loss scale (e.g. ``GradScaler.get_scale()``) before backward.
 
     Correlation statistics are kept in unscaled units and the candidate gradient is scaled back,
-    so that the scaler's unscale step leaves it correct.
+    so that the scaler's unscale step leaves it correct. Once told, candidates also hand the
+    scaler a zero gradient during warm-up (it refuses a step without any gradient) and a NaN
+    gradient for a batch whose errors overflowed (so it skips the step and lowers its scale).
+    Call it before every backward pass of the dendrite phase (``PerforatedCallback`` does).
     """
     for layer in _layers(model):
         layer.set_loss_scale(scale)
