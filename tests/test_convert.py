@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from pb_lightning import PerforatedLayer, PerforationError, perforate, perforated_layers
+from tests.helpers import Mixer
 
 
 class Block(nn.Module):
@@ -20,17 +21,6 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
-
-
-class Mixer(nn.Module):
-    """A custom module: pb_lightning must be told its neuron axis."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.proj = nn.Linear(5, 6)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.proj(x))
 
 
 def _mlp() -> nn.Sequential:

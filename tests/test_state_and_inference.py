@@ -11,17 +11,7 @@ from torch.nn import functional as F
 
 import pb_lightning as pb
 from pb_lightning import DendriteInferenceLayer, PerforatedLayer
-
-
-class Mixer(nn.Module):
-    """A custom module with a named neuron axis (its dendrites are vmapped copies)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.proj = nn.Linear(5, 6)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.proj(x))
+from tests.helpers import Mixer
 
 
 def _conv_net() -> nn.Module:
