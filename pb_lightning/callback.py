@@ -194,7 +194,7 @@ class PerforatedCallback(Callback):
         self._check_flat_score(score, pl_module)
         decision = self.machine.step(score, candidate)
         self._log_decision(trainer, decision, score)
-        self._apply(trainer, pl_module, decision, score)
+        self._apply(trainer, pl_module, decision)
         if in_dendrite_phase(pl_module):
             self._forgive_early_stopping(trainer)
 
@@ -237,13 +237,13 @@ class PerforatedCallback(Callback):
             )
         self._flat_score = score
 
-    def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, decision: Decision, score: float) -> None:
+    def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, decision: Decision) -> None:
         module: PerforatedModule = pl_module  # type: ignore[assignment]
         if decision.new_phase_best:
             self._phase_best = _snapshot(module)
-        restructured = False
+        restructured = decision.restore is not None
         if decision.restore is not None:
-            restructured = self._restore(module, decision.restore)
+            self._restore(module, decision.restore)
         if decision.new_global_best and self._phase_best is not None:
             self._global_best = self._phase_best
         if decision.action in (START_DENDRITE_PHASE, RETRY):
@@ -267,15 +267,13 @@ class PerforatedCallback(Callback):
                 if not torch.allclose(out, after[name], rtol=1e-4, atol=1e-5):
                     self.capacity_problems.append(f"accepting dendrites changed the output of layer `{name}`")
 
-    def _restore(self, module: PerforatedModule, which: str) -> bool:
+    def _restore(self, module: PerforatedModule, which: str) -> None:
         snapshot = self._global_best if which == RESTORE_GLOBAL_BEST else self._phase_best
         if in_dendrite_phase(module):
             module.discard_candidates()
-        if snapshot is None:
-            return True
-        # The snapshot may hold fewer dendrite sets (a rejected cycle): loading rebuilds the layers.
-        module.load_state_dict(snapshot)
-        return True
+        if snapshot is not None:
+            # The snapshot may hold fewer dendrite sets (a rejected cycle): loading rebuilds the layers.
+            module.load_state_dict(snapshot)
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         scaler = getattr(trainer.precision_plugin, "scaler", None)
