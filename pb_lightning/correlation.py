@@ -45,25 +45,26 @@ log = logging.getLogger(__name__)
 _V, _E, _VV, _EE, _VE = range(5)
 
 
-def flatten_positions(v: Tensor, e: Tensor, axis: int) -> tuple[Tensor, Tensor]:
-    """``V (..., K, out, ...)`` → ``[P, K, out]`` and ``E (..., out, ...)`` → ``[P, out]``, float32.
+def _position_dims(ndim: int, skip: tuple[int, ...]) -> list[int]:
+    return [d for d in range(ndim) if d not in skip]
 
-    ``axis`` is the neuron axis of ``E`` (``V`` has its set axis there and the neuron axis after).
-    Statistics are always accumulated in float32 whatever the autocast or parameter dtype.
+
+def batch_moments(v: Tensor, e: Tensor, axis: int) -> Tensor:
+    """The batch means of ``V, E, V², E², V·E`` per candidate and neuron: ``[5, K, out]``.
+
+    ``V`` is ``(..., K, out, ...)`` with its set axis at ``axis``; ``E`` is ``(..., out, ...)`` with
+    its neuron axis at ``axis``. Means run over every other axis (batch and positions) in the
+    tensors' own layout — no flattening copies — and always in float32, whatever the autocast or
+    parameter dtype.
     """
-    vf = v.detach().movedim((axis, axis + 1), (-2, -1)).reshape(-1, v.shape[axis], v.shape[axis + 1])
-    ef = e.detach().movedim(axis, -1).reshape(-1, e.shape[axis])
-    return vf.float(), ef.float()
-
-
-def batch_moments(vf: Tensor, ef: Tensor) -> Tensor:
-    """The batch means of ``V, E, V², E², V·E`` per candidate and neuron: ``[5, K, out]``."""
-    p = vf.shape[0]
-    mean_v = vf.mean(0)
-    mean_e = ef.mean(0).expand_as(mean_v)
-    mean_vv = (vf * vf).mean(0)
-    mean_ee = (ef * ef).mean(0).expand_as(mean_v)
-    mean_ve = torch.einsum("pko,po->ko", vf, ef) / p
+    v, e = v.detach().float(), e.detach().float()
+    dims_v = _position_dims(v.dim(), (axis, axis + 1))
+    dims_e = _position_dims(e.dim(), (axis,))
+    mean_v = v.mean(dims_v)  # (K, out)
+    mean_vv = (v * v).mean(dims_v)
+    mean_ve = (v * e.unsqueeze(axis)).mean(dims_v)
+    mean_e = e.mean(dims_e).expand_as(mean_v)
+    mean_ee = (e * e).mean(dims_e).expand_as(mean_v)
     return torch.stack([mean_v, mean_e, mean_vv, mean_ee, mean_ve])
 
 
@@ -71,8 +72,8 @@ class CorrelationStatistics(nn.Module):
     """Running moments of candidate outputs and neuron errors for one layer's candidate pool.
 
     The moments are buffers, so a checkpoint taken mid-dendrite-phase resumes with the same
-    estimates. Moments of ``E`` are kept in *unscaled* units: the caller divides ``E`` by the loss
-    scale before :meth:`update` and multiplies the gradient back (see :attr:`loss_scale`).
+    estimates. Moments of ``E`` are kept in *unscaled* units: :meth:`update` and
+    :meth:`objective_gradient` take the loss scale the incoming errors carry.
 
     Args:
         num_candidates: K.
@@ -113,13 +114,18 @@ class CorrelationStatistics(nn.Module):
         """Whether enough batches have been seen to start updating candidates."""
         return int(self.steps) > self.config.warmup_steps
 
-    def update(self, vf: Tensor, ef: Tensor) -> bool:
+    def update(self, v: Tensor, e: Tensor, axis: int, scale: float = 1.0) -> bool:
         """Fold one batch into the running moments; returns False (and skips) if it is not finite.
 
-        Non-finite batches happen under a GradScaler whenever the loss scale overflows (the
-        optimizer step is then skipped too); folding them in would poison every later estimate.
+        ``e`` carries the loss scale ``scale``; its moments are stored unscaled. Non-finite batches
+        happen under a GradScaler whenever the loss scale overflows (the optimizer step is then
+        skipped too); folding them in would poison every later estimate.
         """
-        moments = batch_moments(vf, ef)
+        moments = batch_moments(v, e, axis)
+        if scale != 1.0:
+            moments[_E] /= scale
+            moments[_VE] /= scale
+            moments[_EE] /= scale * scale
         if not bool(torch.isfinite(moments).all()):
             self.skipped_steps += 1
             log.debug("Skipped a non-finite batch in the correlation statistics.")
@@ -132,19 +138,30 @@ class CorrelationStatistics(nn.Module):
         self.steps += 1
         return True
 
-    def objective_gradient(self, ef: Tensor, v_shape: torch.Size, axis: int) -> Tensor:
-        """``∂J/∂V`` for the batch whose errors are ``ef`` (``[P, out]``), shaped like ``V``.
+    def objective_gradient(
+        self,
+        e: Tensor,
+        axis: int,
+        scale: float = 1.0,
+        *,
+        covariance: Tensor | None = None,
+        normalizer: Tensor | None = None,
+    ) -> Tensor:
+        """``−∂J/∂V`` for the batch whose errors are ``e``, broadcast to ``V``'s shape, float32.
 
-        Uses the current running estimates of ``Ē``, ``σ`` and ``N`` (held constant).
+        Uses the current running estimates of ``Ē``, ``σ`` and ``N`` (held constant; pass
+        ``covariance``/``normalizer`` if already computed for this step). The minus sign makes it
+        a gradient to *descend*; ``e`` carries the loss scale ``scale`` and so does the result,
+        which a GradScaler's unscale step then brings back to ``−∂J/∂V``.
         """
-        p = ef.shape[0]
-        coef = torch.sign(self.covariance()) / (p * self.normalizer())  # (K, out)
-        centred = ef - self.moments[_E, 0]  # (P, out)
-        # Back to V's layout: positions are every axis but the set and neuron axes.
-        trailing = len(v_shape) - axis - 2
-        centred = centred.reshape(*v_shape[:axis], *v_shape[axis + 2 :], v_shape[axis + 1])
-        centred = centred.movedim(-1, axis).unsqueeze(axis)  # (..., 1, out, ...)
-        return centred * coef.view(*coef.shape, *([1] * trailing))
+        cov = self.covariance() if covariance is None else covariance
+        norm = self.normalizer() if normalizer is None else normalizer
+        p = e.numel() // e.shape[axis]
+        coef = torch.sign(cov) / (-p * norm)  # (K, out)
+        trailing = e.dim() - axis - 1
+        mean_e = self.moments[_E, 0].view(-1, *([1] * trailing))
+        centred = e.detach().float() - scale * mean_e  # scale · (E/scale − Ē), (..., out, ...)
+        return centred.unsqueeze(axis) * coef.view(*coef.shape, *([1] * trailing))
 
 
 class CandidateObserver(Protocol):

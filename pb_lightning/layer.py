@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from pb_lightning.banks import DendriteBank, iter_stacked, make_bank, take_sets
 from pb_lightning.config import DendriteConfig
-from pb_lightning.correlation import CorrelationStatistics, CorrelationTap, flatten_positions
+from pb_lightning.correlation import CorrelationStatistics, CorrelationTap
 
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "sigmoid": torch.sigmoid,
@@ -58,19 +58,48 @@ def accepted_activations(
     Shared by the training layer and the deployment layer of :mod:`pb_lightning.inference`, so
     the two compute the very same function.
     """
-    f = _ACTIVATIONS[activation]
     z = bank(*inputs, neuron_axis=axis, **kwargs)
     num = z.shape[axis]
     if cascade_weight is None or num == 1:
-        return f(z)
+        return _ACTIVATIONS[activation](z)
+    trailing = z.dim() - axis - 2
+    if not torch.is_grad_enabled():
+        return _cascade_in_place(z, cascade_weight, axis, activation, trailing)
     # The cascade is a recurrence through f: dendrite d needs a_e for all e < d. The expensive
     # part (L_d(x̂) for every d) is already one fused op above; this loop is elementwise.
-    trailing = z.dim() - axis - 2
+    f = _ACTIVATIONS[activation]
     acts = [f(z.select(axis, 0))]
     for d in range(1, num):
         c = _per_neuron(cascade_weight[_triangle(d) : _triangle(d) + d], trailing)  # (d, out, 1...)
         acts.append(f(z.select(axis, d) + (torch.stack(acts, axis) * c).sum(axis)))
     return torch.stack(acts, axis)
+
+
+_IN_PLACE: dict[str, Callable[[Tensor], Tensor]] = {
+    "sigmoid": torch.sigmoid_,
+    "tanh": torch.tanh_,
+    "relu": torch.relu_,
+}
+
+
+def _cascade_in_place(z: Tensor, cascade_weight: Tensor, axis: int, activation: str, trailing: int) -> Tensor:
+    """The cascade without autograd (frozen dendrites behind a perforation: the common case).
+
+    ``z`` becomes ``a`` in place: once ``a_e`` is final it is added, with each later dendrite's
+    weight on it, to all later ``z_d`` in one ``addcmul_``. Memory traffic stays linear in the
+    dendrites per step instead of re-stacking every earlier activation for every dendrite.
+    """
+    num = z.shape[axis]
+    f_ = _IN_PLACE[activation]
+    for e in range(num):
+        a_e = z.select(axis, e)
+        f_(a_e)
+        if e + 1 < num:
+            # c_{d,e} for d = e+1 … D-1 lives in row triangle(d) + e of the flat cascade weights.
+            rows = [_triangle(d) + e for d in range(e + 1, num)]
+            c = _per_neuron(cascade_weight[rows], trailing)  # (D-e-1, out, 1...)
+            z.narrow(axis, e + 1, num - e - 1).addcmul_(a_e.unsqueeze(axis), c)
+    return z
 
 
 def add_weighted(y: Tensor, acts: Tensor, weight: Tensor, axis: int) -> Tensor:
@@ -134,19 +163,21 @@ class CandidatePool(nn.Module):
     def forward(self, inputs: tuple[Any, ...], accepted: Tensor | None, axis: int, **kwargs: Any) -> Tensor:
         """Candidate outputs ``V`` shaped ``(..., K, out, ...)``."""
         self.neuron_axis = axis
-        z = self.bank(*inputs, neuron_axis=axis, **kwargs)
+        z = self.bank(*inputs, neuron_axis=axis, **kwargs)  # (..., K, out, ...)
         if self.cascade_weight is not None and accepted is not None:
             trailing = z.dim() - axis - 2
-            c = self.cascade_weight.view(*self.cascade_weight.shape, *([1] * trailing))  # (K, D, out, 1...)
-            z = z + (accepted.detach().unsqueeze(axis) * c).sum(axis + 1)
+            accepted = accepted.detach()
+            # One multiply-add per accepted dendrite; a single broadcast would materialise a
+            # (..., K, D, out, ...) temporary in forward and again in backward.
+            for e in range(accepted.shape[axis]):
+                c = _per_neuron(self.cascade_weight[:, e], trailing)  # (K, out, 1...)
+                z = z + accepted.select(axis, e).unsqueeze(axis) * c
         return _ACTIVATIONS[self.config.activation](z)
 
     def observe(self, v: Tensor, e: Tensor) -> Tensor | None:
         """Fold a batch into the statistics, snapshot improved candidates, return ``∂(−J)/∂V``."""
-        scale = self.loss_scale
-        vf, ef = flatten_positions(v, e / scale if scale != 1.0 else e, self.neuron_axis)
-        stats = self.statistics
-        finite = stats.update(vf, ef)
+        scale, axis, stats = self.loss_scale, self.neuron_axis, self.statistics
+        finite = stats.update(v, e, axis, scale)
         if not finite or not stats.warmed_up:
             if not self.scaled:
                 return None
@@ -154,12 +185,11 @@ class CandidatePool(nn.Module):
             # all that trains): it refuses a step with no gradient at all, and must see an overflow
             # as a non-finite gradient to skip the step and lower its scale.
             return torch.zeros_like(v) if finite else torch.full_like(v, float("nan"))
-        self._record_best(stats.score())
+        cov, norm = stats.covariance(), stats.normalizer()
+        self._record_best(cov.abs() / norm)  # = stats.score(), computed once for both uses
         if self.config.learning != "correlation":
             return None
-        grad = stats.objective_gradient(ef, v.shape, self.neuron_axis)
-        # Descending −J ascends the correlation; the scale makes it unscale correctly in a GradScaler.
-        return (grad * -scale).to(v.dtype)
+        return stats.objective_gradient(e, axis, scale, covariance=cov, normalizer=norm).to(v.dtype)
 
     @torch.no_grad()
     def _record_best(self, score: Tensor) -> None:
