@@ -103,8 +103,16 @@ def _cascade_in_place(z: Tensor, cascade_weight: Tensor, axis: int, activation: 
 
 
 def add_weighted(y: Tensor, acts: Tensor, weight: Tensor, axis: int) -> Tensor:
-    """``y + Σ_d w_d ⊙ a_d`` with ``acts (..., D, out, ...)`` and ``weight [D, out]``."""
-    return y + (acts * _per_neuron(weight, acts.dim() - axis - 2)).sum(axis)
+    """``y + Σ_d w_d ⊙ a_d`` with ``acts (..., D, out, ...)`` and ``weight [D, out]``.
+
+    One multiply-add per set: a broadcast product summed over the set axis would allocate a
+    ``(..., D, out, ...)`` temporary in forward and another in backward, and for conv layers that
+    allocation, not the arithmetic, dominated the step.
+    """
+    trailing = acts.dim() - axis - 2
+    for d in range(acts.shape[axis]):
+        y = torch.addcmul(y, acts.select(axis, d), _per_neuron(weight[d], trailing))
+    return y
 
 
 class CandidatePool(nn.Module):
