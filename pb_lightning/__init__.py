@@ -24,6 +24,7 @@ from pb_lightning.phases import (
     parameter_groups,
     perforation_state,
     set_loss_scale,
+    set_statistics_group,
     start_dendrite_phase,
     trainable_parameters,
 )
@@ -59,6 +60,7 @@ __all__ = [
     "perforated_layers",
     "perforation_state",
     "set_loss_scale",
+    "set_statistics_group",
     "start_dendrite_phase",
     "to_inference",
     "trainable_parameters",

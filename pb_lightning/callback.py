@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from pb_lightning.errors import PerforationError, invalid
 from pb_lightning.module import PerforatedModule
-from pb_lightning.phases import candidate_scores, in_dendrite_phase, set_loss_scale
+from pb_lightning.phases import candidate_scores, in_dendrite_phase, set_loss_scale, set_statistics_group
 from pb_lightning.report import parameter_counts
 from pb_lightning.schedule import (
     ACCEPT,
@@ -129,6 +129,7 @@ class PerforatedCallback(Callback):
         self._initial_parameters: int | None = None
         self._flat_score: float | None = None
         self._pending_score: float | None = None
+        self._statistics_group: Any = None
         #: Problems the capacity test found (empty: none).
         self.capacity_problems: list[str] = []
         self._probe: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
@@ -158,6 +159,17 @@ class PerforatedCallback(Callback):
                 "PerforatedCallback needs automatic optimization (`automatic_optimization = True`): it "
                 "rebuilds the optimizer from `configure_optimizers` after every restructure."
             )
+        if getattr(strategy, "_start_method", "popen") != "popen":
+            raise PerforationError(
+                f"PerforatedCallback does not support strategy='ddp_{strategy._start_method}': after fit, "
+                "Lightning copies the workers' weights back into the main process with "
+                "load_state_dict(strict=False) and drops state it does not expect. Use strategy='ddp', "
+                "which launches one process per device by re-running your script."
+            )
+        if isinstance(strategy, DDPStrategy) and trainer.world_size > 1 and self._statistics_group is None:
+            # A group of its own for the candidates' statistics: its all-reduce runs inside the
+            # backward pass, and must not queue up behind DDP's gradient buckets on the default group.
+            self._statistics_group = torch.distributed.new_group()
         if self.capacity_test and trainer.max_epochs is not None and 0 <= trainer.max_epochs < CAPACITY_TEST_EPOCHS:
             raise invalid(
                 "Trainer.max_epochs", trainer.max_epochs, f">= {CAPACITY_TEST_EPOCHS} (or -1) for capacity_test=True"
@@ -173,6 +185,8 @@ class PerforatedCallback(Callback):
             self._initial_parameters = parameter_counts(pl_module)["total"]
         self._check_optimizer_coverage(trainer, pl_module)
         self._install_progress_bar_metrics(trainer)
+        if self._statistics_group is not None:
+            set_statistics_group(pl_module, self._statistics_group)
         if self.capacity_test:
             self._start_probes(pl_module)
 

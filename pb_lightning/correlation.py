@@ -35,6 +35,7 @@ import logging
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from pb_lightning.config import DendriteConfig
@@ -87,6 +88,9 @@ class CorrelationStatistics(nn.Module):
         self.register_buffer("moments", torch.zeros(5, num_candidates, num_neurons))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
+        #: Under data parallelism, the process group whose ranks pool their batch moments, so that
+        #: every replica holds the same statistics of all the data (ALGORITHM.md §8).
+        self.process_group: Any = None
 
     def covariance(self) -> Tensor:
         """Running covariance of each candidate with its neuron's error, ``[K, out]``."""
@@ -126,6 +130,11 @@ class CorrelationStatistics(nn.Module):
             moments[_E] /= scale
             moments[_VE] /= scale
             moments[_EE] /= scale * scale
+        if self.process_group is not None:
+            # Every rank's batch has the same size under a DistributedSampler, so the mean of the
+            # ranks' means is the mean over all of them. A non-finite rank makes every rank skip.
+            dist.all_reduce(moments, group=self.process_group)
+            moments /= dist.get_world_size(self.process_group)
         if not bool(torch.isfinite(moments).all()):
             self.skipped_steps += 1
             log.debug("Skipped a non-finite batch in the correlation statistics.")

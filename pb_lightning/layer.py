@@ -285,6 +285,8 @@ class PerforatedLayer(nn.Module):
         self.cascade_weight: nn.Parameter | None = None  # [D(D-1)/2, out]: c_{d,e} for e < d
         self.output_weight: nn.Parameter | None = None  # [D, out]: w_d
         self.candidates: CandidatePool | None = None
+        #: Process group over which candidate statistics are pooled (data parallelism), or None.
+        self.statistics_group: Any = None
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -351,8 +353,13 @@ class PerforatedLayer(nn.Module):
         if self.candidates is not None:
             raise RuntimeError(f"Layer `{self.name}` already has candidates; accept or discard them first.")
         k = self.config.num_candidates if num_candidates is None else num_candidates
-        self.candidates = CandidatePool(self.module, k, self._num_neurons, self.num_dendrites, self.config)
+        self.candidates = self._new_pool(k, self._num_neurons)
         return self.candidates
+
+    def _new_pool(self, num_candidates: int, num_neurons: int) -> CandidatePool:
+        pool = CandidatePool(self.module, num_candidates, num_neurons, self.num_dendrites, self.config)
+        pool.statistics.process_group = self.statistics_group
+        return pool
 
     def drop_candidates(self) -> None:
         """End the dendrite phase without accepting anything."""
@@ -454,9 +461,7 @@ class PerforatedLayer(nn.Module):
             self.candidates = None
         elif self.candidates is None or self.candidates.statistics.moments.shape != moments.shape:
             self._num_neurons = moments.shape[2]
-            self.candidates = CandidatePool(
-                self.module, moments.shape[1], moments.shape[2], self.num_dendrites, self.config
-            )
+            self.candidates = self._new_pool(moments.shape[1], moments.shape[2])
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

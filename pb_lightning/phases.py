@@ -165,6 +165,20 @@ def set_loss_scale(model: nn.Module, scale: float) -> None:
         layer.set_loss_scale(scale)
 
 
+def set_statistics_group(model: nn.Module, group: Any) -> None:
+    """Pool the candidates' correlation statistics over the ranks of ``group`` (data parallelism).
+
+    Each rank sees its own batches; with the moments averaged across ranks before they enter the
+    running estimates, every replica keeps the same statistics, signs, best scores and snapshots,
+    and so accepts the same dendrites (ALGORITHM.md §8). ``None`` switches pooling off. Every
+    rank must call it, and the group must exist on every rank (``torch.distributed.new_group``).
+    """
+    for layer in _layers(model):
+        layer.statistics_group = group
+        if layer.candidates is not None:
+            layer.candidates.statistics.process_group = group
+
+
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters the current phase trains (``requires_grad``), without duplicates."""
     return [p for p in model.parameters() if p.requires_grad]
