@@ -115,6 +115,16 @@ def add_weighted(y: Tensor, acts: Tensor, weight: Tensor, axis: int) -> Tensor:
     return y
 
 
+@torch._dynamo.disable
+def _tap(y: Tensor, v: Tensor, pool: CandidatePool) -> Tensor:
+    """Apply the correlation tap outside torch.compile's graphs.
+
+    Its backward updates running statistics and snapshots with data-dependent Python control
+    flow; compiled code calls it as an opaque eager function instead of failing to trace it.
+    """
+    return CorrelationTap.apply(y, v, pool)
+
+
 class CandidatePool(nn.Module):
     """K candidate dendrite sets of one layer, with their correlation statistics and snapshots.
 
@@ -431,7 +441,7 @@ class PerforatedLayer(nn.Module):
         v = pool(detached, acts, axis, **kwargs)
         if gradient_learning:
             y = add_weighted(y, v, pool.output_weight, axis)
-        return CorrelationTap.apply(y, v, pool) if observe else y
+        return _tap(y, v, pool) if observe else y
 
     # ------------------------------------------------------------------ checkpoints
     def _load_from_state_dict(
