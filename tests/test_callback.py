@@ -301,3 +301,24 @@ def test_checkpoints_with_a_dendrite_config_load_with_weights_only(tmp_path: Pat
     loaded = DigitsMLP.load_from_checkpoint(tmp_path / "model.ckpt", weights_only=True)
     assert loaded.dendrite_config == model.dendrite_config
     assert [layer.num_dendrites for layer in loaded.perforated_layers()] == [1, 1, 1]
+
+
+def test_sharded_strategies_are_refused_at_setup() -> None:
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    trainer = SimpleNamespace(strategy=FSDPStrategy(), max_epochs=1, world_size=1)
+    with pytest.raises(pb.PerforationError, match=r"single-device and DDP strategies; got FSDPStrategy"):
+        _fixed().setup(trainer, DigitsMLP(), "fit")  # type: ignore[arg-type]
+
+
+class _Manual(DigitsMLP):
+    def __init__(self) -> None:
+        super().__init__(hidden=8)
+        self.automatic_optimization = False
+
+
+def test_manual_optimization_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(pb.PerforationError, match=r"needs automatic optimization"):
+        _trainer(tmp_path, [_fixed()], max_epochs=1).fit(_Manual(), DigitsDataModule())
