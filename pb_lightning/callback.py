@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+from dataclasses import asdict
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -31,9 +32,10 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from pb_lightning.errors import PerforationError, invalid
+from pb_lightning.history import MetricKind, resolve_metric_kind
 from pb_lightning.module import PerforatedModule
 from pb_lightning.phases import candidate_scores, in_dendrite_phase, set_loss_scale, set_statistics_group
-from pb_lightning.report import parameter_counts
+from pb_lightning.recorder import RunRecorder
 from pb_lightning.schedule import (
     ACCEPT,
     RESTORE_GLOBAL_BEST,
@@ -74,6 +76,10 @@ class PerforatedCallback(Callback):
         max_tries: failed cycles in a row after which training is complete.
         capacity_test: the first experiment on a new model (ALGORITHM.md §5): switch every epoch,
             add three dendrite sets, check the pipeline at every step, report, and stop.
+        metric_kind: ``"accuracy"`` or ``"error"`` makes the final report give the reduction of
+            the remaining error; ``"auto"`` guesses from the monitor's name (``*acc*``, ``*err*``).
+        output_dir: where to write ``pb_history.json``, ``pb_report.json`` and
+            ``pb_history.png``; default: the logger's directory (no logger: no files).
 
     Example::
 
@@ -98,12 +104,18 @@ class PerforatedCallback(Callback):
         max_dendrites: int = 8,
         max_tries: int = 2,
         capacity_test: bool = False,
+        metric_kind: MetricKind = "auto",
+        output_dir: str | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(monitor, str) or not monitor:
             raise invalid("monitor", monitor, "the name of a logged validation metric")
         if not isinstance(capacity_test, bool):
             raise invalid("capacity_test", capacity_test, "a bool")
+        if metric_kind not in ("auto", "accuracy", "error", "other"):
+            raise invalid("metric_kind", metric_kind, "one of 'auto', 'accuracy', 'error', 'other'")
+        if output_dir is not None and not isinstance(output_dir, str):
+            raise invalid("output_dir", output_dir, "a directory path (str) or None")
         self.monitor = monitor
         self.capacity_test = capacity_test
         if capacity_test:
@@ -126,12 +138,14 @@ class PerforatedCallback(Callback):
         self.mode = mode
         self._phase_best: dict[str, Tensor] | None = None
         self._global_best: dict[str, Tensor] | None = None
-        self._initial_parameters: int | None = None
+        self.recorder = RunRecorder(monitor, resolve_metric_kind(metric_kind, monitor), output_dir)
         self._flat_score: float | None = None
         self._pending_score: float | None = None
         self._statistics_group: Any = None
         #: Problems the capacity test found (empty: none).
         self.capacity_problems: list[str] = []
+        #: The final report (see :func:`pb_lightning.history.final_report`), set when fit ends.
+        self.report: dict[str, Any] | None = None
         self._probe: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
         self._probe_handles: list[Any] = []
 
@@ -181,8 +195,7 @@ class PerforatedCallback(Callback):
                 "PerforatedCallback decides from validation scores, but this fit has no validation loop: "
                 "define `validation_step` and a validation dataloader, and keep `limit_val_batches` > 0."
             )
-        if self._initial_parameters is None:
-            self._initial_parameters = parameter_counts(pl_module)["total"]
+        self.recorder.start(trainer, pl_module, self._hyperparameters(pl_module))
         self._check_optimizer_coverage(trainer, pl_module)
         self._install_progress_bar_metrics(trainer)
         if self._statistics_group is not None:
@@ -202,13 +215,15 @@ class PerforatedCallback(Callback):
         score, self._pending_score = self._pending_score, None
         if score is None:
             return  # no validation this epoch (check_val_every_n_epoch > 1)
-        candidate = self._candidate_score(pl_module)
+        layers = self._candidate_scores_by_layer(pl_module)
+        candidate = sum(m * n for m, _, n in layers.values()) / sum(n for *_, n in layers.values()) if layers else None
         # Every rank steps its own machine with rank 0's inputs, so all take the same decision.
         score, candidate = trainer.strategy.broadcast((score, candidate), src=0)
         self._check_flat_score(score, pl_module)
         decision = self.machine.step(score, candidate)
         self._log_decision(trainer, decision, score)
         self._apply(trainer, pl_module, decision)
+        self.recorder.record(trainer, pl_module, self.machine, decision, {k: (m, b) for k, (m, b, _) in layers.items()})
         if in_dendrite_phase(pl_module):
             self._forgive_early_stopping(trainer)
 
@@ -227,11 +242,12 @@ class PerforatedCallback(Callback):
             self.capacity_problems.append(f"the monitored {self.monitor} was {score} at epoch {trainer.current_epoch}")
         return score
 
-    def _candidate_score(self, pl_module: pl.LightningModule) -> float | None:
-        scores = candidate_scores(pl_module) if in_dendrite_phase(pl_module) else {}
-        if not scores:
-            return None
-        return float(torch.cat([s.flatten() for s in scores.values()]).mean())
+    @staticmethod
+    def _candidate_scores_by_layer(pl_module: pl.LightningModule) -> dict[str, tuple[float, float, int]]:
+        """Per layer: mean and max over neurons of each neuron's best candidate score, and the neuron count."""
+        if not in_dendrite_phase(pl_module):
+            return {}
+        return {name: (float(s.mean()), float(s.max()), s.numel()) for name, s in candidate_scores(pl_module).items()}
 
     def _check_flat_score(self, score: float, pl_module: pl.LightningModule) -> None:
         """Correlation candidates do not touch the output: a moving score in a dendrite phase is a bug."""
@@ -268,7 +284,6 @@ class PerforatedCallback(Callback):
             restructured = True
         elif decision.action == STOP:
             trainer.should_stop = True
-            self._report(module)
         if restructured:
             self._restructure(trainer, module)
 
@@ -339,38 +354,37 @@ class PerforatedCallback(Callback):
     # ------------------------------------------------------------------ end of training
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._stop_probes()
-        if self.machine.state.done:
-            return
-        decision = self.machine.finish()
         module: PerforatedModule = pl_module  # type: ignore[assignment]
-        if decision.restore is not None:
-            self._restore(module, decision.restore)
-        if decision.new_global_best and self._phase_best is not None:
-            self._global_best = self._phase_best
-        rank_zero_info(f"pb_lightning: {decision.reason}.")
-        self._report(module)
-
-    def _report(self, module: PerforatedModule) -> None:
-        s = self.machine.state
-        counts = parameter_counts(module)
-        layers = ", ".join(f"{layer.name}: {layer.num_dendrites}" for layer in module.perforated_layers())
-        lines = [
-            "pb_lightning summary",
-            f"  best {self.monitor} before dendrites: {_fmt(s.baseline)}",
-            f"  final best {self.monitor}: {_fmt(s.global_best)}",
-            f"  parameters: {self._initial_parameters} before, {counts['total']} after "
-            f"({counts['dendrites']} in dendrites)",
-            f"  dendrite sets per layer: {layers}",
-            f"  cycles accepted: {s.accepted_cycles}, rejected: {s.rejected_cycles}",
-        ]
+        if not self.machine.state.done:
+            decision = self.machine.finish()
+            if decision.restore is not None:
+                self._restore(module, decision.restore)
+            if decision.new_global_best and self._phase_best is not None:
+                self._global_best = self._phase_best
+            rank_zero_info(f"pb_lightning: {decision.reason}.")
+        extra = []
         if self.capacity_test:
             if self.capacity_problems:
-                lines.append("  capacity test: problems found: " + "; ".join(self.capacity_problems))
+                extra.append("  capacity test: problems found: " + "; ".join(self.capacity_problems))
+                rank_zero_warn("pb_lightning capacity test found problems: " + "; ".join(self.capacity_problems))
             else:
-                lines.append(f"  capacity test: {s.dendrites} dendrite sets added; no problems detected")
-        rank_zero_info("\n".join(lines))
-        if self.capacity_test and self.capacity_problems:
-            rank_zero_warn("pb_lightning capacity test found problems: " + "; ".join(self.capacity_problems))
+                extra.append(
+                    f"  capacity test: {self.machine.state.dendrites} dendrite sets added; no problems detected"
+                )
+        self.report = self.recorder.finish(trainer, module, self.machine, extra)
+
+    def _hyperparameters(self, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """The callback's settings (and the dendrite configuration) for the loggers' hparams."""
+        hparams: dict[str, Any] = {
+            "pb_lightning/monitor": self.monitor,
+            "pb_lightning/mode": self.mode,
+            "pb_lightning/capacity_test": self.capacity_test,
+        }
+        hparams.update({f"pb_lightning/schedule/{k}": v for k, v in asdict(self.schedule).items()})
+        config = getattr(pl_module, "dendrite_config", None)
+        if config is not None:
+            hparams.update({f"pb_lightning/dendrites/{k}": v for k, v in config.to_dict().items()})
+        return hparams
 
     # ------------------------------------------------------------------ progress bar and logs
     def _install_progress_bar_metrics(self, trainer: pl.Trainer) -> None:
@@ -451,21 +465,17 @@ class PerforatedCallback(Callback):
             "machine": self.machine.state_dict(),
             "phase_best": self._phase_best,
             "global_best": self._global_best,
-            "initial_parameters": self._initial_parameters,
             "pending_score": self._pending_score,
+            "recorder": self.recorder.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.machine.load_state_dict(state_dict["machine"])
         self._phase_best = state_dict.get("phase_best")
         self._global_best = state_dict.get("global_best")
-        self._initial_parameters = state_dict.get("initial_parameters")
+        self.recorder.load_state_dict(state_dict.get("recorder", {}))
         self._pending_score = state_dict.get("pending_score")
 
 
 def _snapshot(module: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.6g}"

@@ -1,21 +1,42 @@
 """``pb-lightning`` (and ``python -m pb_lightning``): a LightningCLI for perforated training runs.
 
-Run ``pb-lightning fit --config configs/digits.yaml``. Models and data modules are chosen by
-``class_path`` in the YAML; any :class:`~pb_lightning.module.PerforatedModule` works.
+``pb-lightning fit --config configs/digits.yaml`` trains (models and data modules are chosen by
+``class_path`` in the YAML; any :class:`~pb_lightning.module.PerforatedModule` works), and
+``pb-lightning plot RUN_DIR`` redraws a run's history plot from its ``pb_history.json``.
 """
 
 from __future__ import annotations
+
+import argparse
+import sys
 
 from lightning.pytorch.cli import LightningCLI
 
 
 def main(args: list[str] | None = None) -> LightningCLI:
-    """Run the CLI (``args`` defaults to ``sys.argv[1:]``)."""
+    """Run the LightningCLI (``args`` defaults to ``sys.argv[1:]``)."""
     # overwrite=True: re-running a config into the same log directory must not fail on the saved
     # config.yaml (LIGHTNING_NOTES.md §5).
     return LightningCLI(save_config_kwargs={"overwrite": True}, args=args)
 
 
-def console() -> None:
+def plot_command(args: list[str]) -> None:
+    """``pb-lightning plot RUN_DIR [--output PNG] [--monitor NAME]``."""
+    from pb_lightning.plot import plot_run
+
+    parser = argparse.ArgumentParser(prog="pb-lightning plot", description="Redraw a run's history plot.")
+    parser.add_argument("run_dir", help="a run's log directory (holding pb_history.json) or the file itself")
+    parser.add_argument("--output", default=None, help="the PNG to write (default: RUN_DIR/pb_history.png)")
+    parser.add_argument("--monitor", default=None, help="the y-axis label (default: from pb_report.json)")
+    options = parser.parse_args(args)
+    path = plot_run(options.run_dir, options.output, monitor=options.monitor)
+    sys.stdout.write(f"{path}\n")
+
+
+def console(argv: list[str] | None = None) -> None:
     """Entry point of the ``pb-lightning`` command (returns nothing, so the exit status is 0)."""
-    main()
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["plot"]:
+        plot_command(argv[1:])
+    else:
+        main(argv)
