@@ -138,7 +138,7 @@ class PerforatedCallback(Callback):
         self.mode = mode
         self._phase_best: dict[str, Tensor] | None = None
         self._global_best: dict[str, Tensor] | None = None
-        self.recorder = RunRecorder(monitor, resolve_metric_kind(metric_kind, monitor), output_dir)
+        self.recorder = RunRecorder(monitor, mode, resolve_metric_kind(metric_kind, monitor), output_dir)
         self._flat_score: float | None = None
         self._pending_score: float | None = None
         self._statistics_group: Any = None

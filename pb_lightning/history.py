@@ -40,7 +40,9 @@ def _error(score: float, kind: str) -> float | None:
     return None
 
 
-def final_report(rows: list[dict[str, Any]], *, monitor: str, metric_kind: str) -> dict[str, Any]:
+def final_report(
+    rows: list[dict[str, Any]], *, monitor: str, metric_kind: str, mode: str | None = None
+) -> dict[str, Any]:
     """The numbers of the end-of-training report, recomputed from the history rows alone.
 
     * ``best_before_dendrites``: the global best when the first dendrite phase started (the best
@@ -52,7 +54,7 @@ def final_report(rows: list[dict[str, Any]], *, monitor: str, metric_kind: str) 
     * ``cycles_accepted`` / ``cycles_rejected``.
     """
     if not rows:
-        return {"monitor": monitor, "validations": 0}
+        return {"monitor": monitor, "mode": mode, "validations": 0}
     first_cycle = next((r for r in rows if r["action"] in ("start_dendrite_phase", "stop", END)), rows[-1])
     before = first_cycle["global_best"]
     end = rows[-1]
@@ -64,6 +66,7 @@ def final_report(rows: list[dict[str, Any]], *, monitor: str, metric_kind: str) 
         reduction = (err_before - err_after) / err_before
     return {
         "monitor": monitor,
+        "mode": mode,
         "metric_kind": metric_kind,
         "validations": sum(1 for r in rows if r["action"] != END),
         "best_before_dendrites": before,

@@ -6,11 +6,12 @@ when a plot is drawn, with the headless Agg backend so that training servers nee
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
 
-from pb_lightning.history import END, load_history
+from pb_lightning.history import END, REPORT_FILE, load_history
 
 PLOT_FILE = "pb_history.png"
 
@@ -24,11 +25,15 @@ def matplotlib_available() -> bool:
     return True
 
 
-def plot_history(rows: list[dict[str, Any]], path: str | Path, *, monitor: str = "score") -> Path:
+def plot_history(
+    rows: list[dict[str, Any]], path: str | Path, *, monitor: str = "score", mode: str | None = None
+) -> Path:
     """Draw ``rows`` (from :mod:`pb_lightning.history`) into the PNG file ``path``.
 
     The monitored score against epoch, dendrite phases shaded, accepted cycles (▲) and rejected
     ones (✕) marked, the global best as a step line, and the parameter count on a second axis.
+    A positive score that is minimised (a loss) is drawn on a log scale, so that the late epochs,
+    where dendrites act, are not squashed by the first ones.
     """
     import matplotlib
 
@@ -38,7 +43,7 @@ def plot_history(rows: list[dict[str, Any]], path: str | Path, *, monitor: str =
     rows = [r for r in rows if r["action"] != END] or rows
     epochs = [r["epoch"] for r in rows]
     scores = [math.nan if r["score"] is None else r["score"] for r in rows]
-    fig, ax = plt.subplots(figsize=(9, 5), dpi=110)
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=110)
     try:
         shaded = False
         for r in rows:
@@ -64,6 +69,9 @@ def plot_history(rows: list[dict[str, Any]], path: str | Path, *, monitor: str =
             if points:
                 xs, ys = zip(*points, strict=True)
                 ax.scatter(xs, ys, marker=marker, s=70, color=color, zorder=5, label=label)
+        finite = [v for v in scores if not math.isnan(v)]
+        if mode == "min" and finite and min(finite) > 0:
+            ax.set_yscale("log")
         ax.set_xlabel("epoch")
         ax.set_ylabel(monitor)
         ax.set_title(f"pb_lightning: {monitor} by epoch, neuron and dendrite phases")
@@ -81,7 +89,15 @@ def plot_history(rows: list[dict[str, Any]], path: str | Path, *, monitor: str =
         params.set_ylabel("parameters")
         handles, labels = ax.get_legend_handles_labels()
         more_handles, more_labels = params.get_legend_handles_labels()
-        ax.legend(handles + more_handles, labels + more_labels, loc="best", fontsize=8)
+        ax.legend(
+            handles + more_handles,
+            labels + more_labels,
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.12),
+            ncol=4,
+            fontsize=8,
+            frameon=False,
+        )
         fig.tight_layout()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -95,12 +111,7 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None, *, monitor: 
     """Redraw the plot of a finished (or running) run from its ``pb_history.json``."""
     run_dir = Path(run_dir)
     rows = load_history(run_dir)
-    if monitor is None:
-        report = run_dir / "pb_report.json" if run_dir.is_dir() else run_dir.parent / "pb_report.json"
-        monitor = "score"
-        if report.exists():
-            import json
-
-            monitor = json.loads(report.read_text()).get("monitor", monitor)
-    target = Path(output) if output is not None else (run_dir if run_dir.is_dir() else run_dir.parent) / PLOT_FILE
-    return plot_history(rows, target, monitor=monitor)
+    folder = run_dir if run_dir.is_dir() else run_dir.parent
+    report = json.loads((folder / REPORT_FILE).read_text()) if (folder / REPORT_FILE).exists() else {}
+    target = Path(output) if output is not None else folder / PLOT_FILE
+    return plot_history(rows, target, monitor=monitor or report.get("monitor", "score"), mode=report.get("mode"))

@@ -28,13 +28,15 @@ class RunRecorder:
 
     Args:
         monitor: the monitored metric's name (for labels and the report).
+        mode: ``"min"`` or ``"max"`` (a minimised positive score is plotted on a log scale).
         metric_kind: ``"accuracy"``, ``"error"`` or ``"other"`` (for the remaining-error reduction).
         output_dir: where to write ``pb_history.json``, ``pb_report.json`` and ``pb_history.png``;
             default: the trainer's logger directory.
     """
 
-    def __init__(self, monitor: str, metric_kind: str, output_dir: str | None) -> None:
+    def __init__(self, monitor: str, mode: str, metric_kind: str, output_dir: str | None) -> None:
         self.monitor = monitor
+        self.mode = mode
         self.metric_kind = metric_kind
         self.output_dir = output_dir
         self.rows: list[dict[str, Any]] = []
@@ -86,7 +88,7 @@ class RunRecorder:
         """At fit end (after the final restore): the closing row, the report, the files."""
         end = {"validation": machine.state.validations, "phase": "neuron", "score": machine.state.global_best}
         self.rows.append(self._row(trainer, module, machine, end, END, "training ended"))
-        report = final_report(self.rows, monitor=self.monitor, metric_kind=self.metric_kind)
+        report = final_report(self.rows, monitor=self.monitor, metric_kind=self.metric_kind, mode=self.mode)
         rank_zero_info("\n".join([format_report(report), *extra]))
         numbers = {
             f"pb/report/{key}": float(value)
@@ -166,7 +168,7 @@ class RunRecorder:
                 )
                 self._said_no_plot = True
             return
-        plot_history(self.rows, directory / PLOT_FILE, monitor=self.monitor)
+        plot_history(self.rows, directory / PLOT_FILE, monitor=self.monitor, mode=self.mode)
         log.debug("Wrote the history and plot to %s", directory)
 
     # ------------------------------------------------------------------ persistence
