@@ -142,6 +142,7 @@ class PerforatedCallback(Callback):
         self._flat_score: float | None = None
         self._pending_score: float | None = None
         self._statistics_group: Any = None
+        self._before_validation: Any = None
         #: Problems the capacity test found (empty: none).
         self.capacity_problems: list[str] = []
         #: The final report (see :func:`pb_lightning.history.final_report`), set when fit ends.
@@ -195,6 +196,14 @@ class PerforatedCallback(Callback):
                 "PerforatedCallback decides from validation scores, but this fit has no validation loop: "
                 "define `validation_step` and a validation dataloader, and keep `limit_val_batches` > 0."
             )
+        if "configure_optimizers" in vars(pl_module):
+            raise PerforationError(
+                "configure_optimizers of this module was replaced on the instance (LightningCLI's "
+                "`--optimizer`/`--lr_scheduler` do this): that optimizer is built once, before any dendrite "
+                "exists, and never sees them. Remove those options; take `optimizer: OptimizerCallable` in your "
+                "module's __init__ and call it in `configure_optimizers` (or build the optimizer there)."
+            )
+        self._probe_shapes(pl_module)
         self.recorder.start(trainer, pl_module, self._hyperparameters(pl_module))
         self._check_optimizer_coverage(trainer, pl_module)
         self._install_progress_bar_metrics(trainer)
@@ -203,7 +212,28 @@ class PerforatedCallback(Callback):
         if self.capacity_test:
             self._start_probes(pl_module)
 
+    @staticmethod
+    def _probe_shapes(pl_module: pl.LightningModule) -> None:
+        """Run ``example_input_array`` once, so a wrong neuron axis fails here, before training."""
+        example = pl_module.example_input_array
+        if example is None:
+            return
+        was_training = pl_module.training
+        pl_module.eval()
+        with torch.no_grad():
+            if isinstance(example, (tuple, list)):
+                pl_module(*example)
+            elif isinstance(example, dict):
+                pl_module(**example)
+            else:
+                pl_module(example)
+        pl_module.train(was_training)
+
     # ------------------------------------------------------------------ the decision
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lets _read_score tell a metric this validation logged from one left over from training.
+        self._before_validation = trainer.callback_metrics.get(self.monitor)
+
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
             return
@@ -229,11 +259,21 @@ class PerforatedCallback(Callback):
 
     def _read_score(self, trainer: pl.Trainer) -> float:
         value = trainer.callback_metrics.get(self.monitor)
-        if value is None:
+        strategy = trainer.strategy
+        if not strategy.reduce_boolean_decision(value is not None, all=True):
             logged = sorted(trainer.callback_metrics)
+            if strategy.reduce_boolean_decision(value is not None, all=False):
+                where = "was logged on some ranks but not on others; log it on every rank (with sync_dist=True)"
+            else:
+                where = f"was not logged; logged metrics are {logged}"
             raise PerforationError(
-                f"PerforatedCallback(monitor={self.monitor!r}) found no such metric after validation; logged "
-                f"metrics are {logged}. Log it in `validation_step` with `self.log({self.monitor!r}, ...)`."
+                f"PerforatedCallback(monitor={self.monitor!r}): the metric {where}. Log it in "
+                f"`validation_step` with `self.log({self.monitor!r}, ..., sync_dist=True)`."
+            )
+        if value is self._before_validation:
+            raise PerforationError(
+                f"PerforatedCallback(monitor={self.monitor!r}): the metric was not logged during validation (is it "
+                "logged only in training?). Phases switch on a validation score: log it in `validation_step`."
             )
         score = float(value)
         if not math.isfinite(score):
@@ -280,6 +320,15 @@ class PerforatedCallback(Callback):
             module.start_dendrite_phase()
             restructured = True
         elif decision.action == ACCEPT:
+            best = self.machine.state.candidate_best
+            if module.dendrite_config.learning == "correlation" and (
+                decision.nothing_learned or best is None or best < 1e-3
+            ):
+                rank_zero_warn(
+                    f"pb_lightning: no candidate learned anything in this dendrite phase (mean correlation stayed "
+                    f"at {best}); the phase ended by its patience. Check that the loss reaches the perforated "
+                    "layers and that the candidates are in the optimizer with a usable learning rate."
+                )
             self._accept(module)
             restructured = True
         elif decision.action == STOP:

@@ -88,6 +88,8 @@ class CorrelationStatistics(nn.Module):
         self.register_buffer("moments", torch.zeros(5, num_candidates, num_neurons))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
+        #: After :meth:`update`: which candidate sets produced non-finite outputs in that batch (or None).
+        self.diverged: Tensor | None = None
         #: Under data parallelism, the process group whose ranks pool their batch moments, so that
         #: every replica holds the same statistics of all the data (ALGORITHM.md §8).
         self.process_group: Any = None
@@ -125,6 +127,7 @@ class CorrelationStatistics(nn.Module):
         happen under a GradScaler whenever the loss scale overflows (the optimizer step is then
         skipped too); folding them in would poison every later estimate.
         """
+        self.diverged = None
         moments = batch_moments(v, e, axis)
         if scale != 1.0:
             moments[_E] /= scale
@@ -135,10 +138,18 @@ class CorrelationStatistics(nn.Module):
             # ranks' means is the mean over all of them. A non-finite rank makes every rank skip.
             dist.all_reduce(moments, group=self.process_group)
             moments /= dist.get_world_size(self.process_group)
-        if not bool(torch.isfinite(moments).all()):
-            self.skipped_steps += 1
-            log.debug("Skipped a non-finite batch in the correlation statistics.")
-            return False
+        finite = torch.isfinite(moments)
+        if not bool(finite.all()):
+            if not bool(finite[[_E, _EE]].all()):
+                self.skipped_steps += 1
+                log.debug("Skipped a batch with non-finite neuron errors in the correlation statistics.")
+                return False
+            # Only some candidates produced non-finite outputs: they restart from fresh weights
+            # (CandidatePool.observe); their moments restart from zero, the others go on.
+            self.diverged = ~finite[[_V, _VV, _VE]].all(0).all(1)  # (K,)
+            for row in (_V, _VV, _VE):
+                moments[row, self.diverged] = 0.0
+                self.moments[row, self.diverged] = 0.0
         steps = int(self.steps)
         # Averaging with weight 1/(t+1) until the EMA's horizon is reached removes the bias of
         # zero-initialised moments, so the estimates are usable from the first batch.

@@ -18,6 +18,7 @@ error from the ordinary backward pass.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +28,9 @@ from torch import Tensor, nn
 from pb_lightning.banks import DendriteBank, iter_stacked, make_bank, take_sets
 from pb_lightning.config import DendriteConfig
 from pb_lightning.correlation import CorrelationStatistics, CorrelationTap
+from pb_lightning.errors import PerforationError
+
+log = logging.getLogger(__name__)
 
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "sigmoid": torch.sigmoid,
@@ -164,6 +168,13 @@ class CandidatePool(nn.Module):
         self.loss_scale: float = 1.0
         #: Whether a loss scaler is in use (set by ``set_loss_scale``); see :meth:`observe`.
         self.scaled: bool = False
+        #: Candidate sets whose outputs went non-finite in the last backward: their gradients are
+        #: zeroed (so the optimizer's state stays finite) and they restart from fresh weights at
+        #: the next forward.
+        self._diverged: Tensor | None = None
+        self.__dict__["_template"] = module  # not a submodule: the layer owns it
+        for p in self.parameters():
+            p.register_hook(self._zero_diverged)
         self.neuron_axis: int = -1
 
     def _learned(self) -> dict[str, Tensor]:
@@ -180,6 +191,9 @@ class CandidatePool(nn.Module):
 
     def forward(self, inputs: tuple[Any, ...], accepted: Tensor | None, axis: int, **kwargs: Any) -> Tensor:
         """Candidate outputs ``V`` shaped ``(..., K, out, ...)``."""
+        if self._diverged is not None:
+            self._restart(self._diverged)
+            self._diverged = None
         self.neuron_axis = axis
         z = self.bank(*inputs, neuron_axis=axis, **kwargs)  # (..., K, out, ...)
         if self.cascade_weight is not None and accepted is not None:
@@ -196,6 +210,12 @@ class CandidatePool(nn.Module):
         """Fold a batch into the statistics, snapshot improved candidates, return ``∂(−J)/∂V``."""
         scale, axis, stats = self.loss_scale, self.neuron_axis, self.statistics
         finite = stats.update(v, e, axis, scale)
+        if stats.diverged is not None:
+            self._diverged = stats.diverged
+            log.warning(
+                "pb_lightning: %d candidate set(s) produced non-finite outputs and restart from fresh weights.",
+                int(stats.diverged.sum()),
+            )
         if not finite or not stats.warmed_up:
             if not self.scaled:
                 return None
@@ -208,6 +228,29 @@ class CandidatePool(nn.Module):
         if self.config.learning != "correlation":
             return None
         return stats.objective_gradient(e, axis, scale, covariance=cov, normalizer=norm).to(v.dtype)
+
+    def _zero_diverged(self, grad: Tensor) -> Tensor:
+        # Every candidate tensor has the set axis first. Only diverged sets are touched: a
+        # GradScaler must still see the overflow of a whole batch as non-finite gradients.
+        if self._diverged is None:
+            return grad
+        grad = grad.clone()
+        grad[self._diverged] = 0.0
+        return grad
+
+    @torch.no_grad()
+    def _restart(self, sets: Tensor) -> None:
+        """Give candidate ``sets`` fresh weights and forget their best scores and snapshots."""
+        fresh = make_bank(self._template, self.num_candidates, self.config.init_scale).stacked()
+        for name, p in self.bank.stacked().items():
+            p[sets] = fresh[name][sets].to(p)
+        if self.cascade_weight is not None:
+            self.cascade_weight[sets] = 0.0
+        if self.output_weight is not None:
+            self.output_weight[sets] = 0.0
+        self.best_score[sets] = -1.0
+        for name, current in self._learned().items():
+            getattr(self, "best_" + name)[sets] = current[sets]
 
     @torch.no_grad()
     def _record_best(self, score: Tensor) -> None:
@@ -413,11 +456,22 @@ class PerforatedLayer(nn.Module):
         if self.norm is not None:
             y = self.norm(y)
         if self._num_neurons is None:  # a custom module: its output tells the neuron count
+            if not -y.dim() <= self.neuron_axis < y.dim():
+                raise PerforationError(
+                    f"Layer `{self.name}` ({type(self.module).__name__}): neuron_axis={self.neuron_axis} does not "
+                    f"exist in its output of shape {tuple(y.shape)}; valid axes are {-y.dim()} to {y.dim() - 1}."
+                )
             self._num_neurons = y.shape[self.neuron_axis]
         pool = self.candidates
         if self.output_weight is None and pool is None:
             return y  # no dendrites yet: the wrapped module alone, no extra work
         axis = self.neuron_axis % y.dim()
+        if y.shape[axis] != self._num_neurons:
+            raise PerforationError(
+                f"Layer `{self.name}` ({type(self.module).__name__}): its output has {y.shape[axis]} entries on "
+                f"neuron_axis={self.neuron_axis} (shape {tuple(y.shape)}), but its dendrites were built for "
+                f"{self._num_neurons} neurons; the declared neuron axis does not match the output."
+            )
         perforated = self.config.perforation or pool is not None
         detached = tuple(a.detach() if isinstance(a, Tensor) else a for a in args) if perforated else args
         acts = None

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 
 _REPO = Path(__file__).resolve().parents[1]
 
@@ -28,7 +29,7 @@ def _leave_no_artifacts_behind() -> Iterator[None]:
         found = set()
         for top in ("tests", "pb_lightning", "examples", "configs", "benchmarks"):
             for root, dirs, files in os.walk(_REPO / top):
-                dirs[:] = [d for d in dirs if d != "__pycache__"]
+                dirs[:] = [d for d in dirs if d != "__pycache__" and not d.startswith(".")]
                 found.update(str(Path(root) / f) for f in files)
         return found
 
@@ -36,3 +37,8 @@ def _leave_no_artifacts_behind() -> Iterator[None]:
     yield
     new = snapshot() - before
     assert not new, f"test left files behind: {sorted(new)}"
+
+
+# Hypothesis keeps no example database: tests must not write into the repository.
+settings.register_profile("pb_lightning", database=None)
+settings.load_profile("pb_lightning")
