@@ -109,3 +109,16 @@ def test_ddp_spawn_is_refused_with_the_reason(tmp_path: Path) -> None:
     )
     with pytest.raises(Exception, match=r"does not support strategy='ddp_spawn'.*strict=False"):
         trainer.fit(DigitsMLP(hidden=8), DigitsDataModule())
+
+
+def test_a_monitor_logged_on_some_ranks_only_is_named(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(_SCRIPT), str(tmp_path), "--monitor-rank0-only", "--max-epochs", "2"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "was logged on some ranks but not on others" in result.stderr

@@ -35,6 +35,7 @@ _REPO = Path(__file__).resolve().parents[1]
 #   configure_optimizers ignores new params test_callback.py::test_an_optimizer_that_misses_new_parameters_is_named
 #   manual optimization, FSDP ............. test_callback.py::test_manual_optimization_is_refused, ..._sharded_...
 #   ddp_spawn ............................. test_distributed.py::test_ddp_spawn_is_refused_with_the_reason
+#   monitor logged on some ranks only ..... test_distributed.py::test_a_monitor_logged_on_some_ranks_only_is_named
 #   not a PerforatedModule ................ test_callback.py::test_the_callback_needs_a_perforated_module
 
 

@@ -1,0 +1,34 @@
+"""``benchmarks/accuracy.py --quick`` runs end to end, so the accuracy benchmark cannot rot."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+_REPO = Path(__file__).resolve().parents[1]
+
+pytest.importorskip("sklearn")
+
+
+@pytest.mark.slow
+def test_accuracy_quick_run_writes_every_variant(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(_REPO / "benchmarks" / "accuracy.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = json.loads((tmp_path / "results.json").read_text())
+    variants = {(r["benchmark"], r["variant"]) for r in data["runs"]}
+    for bench in ("digits MLP-8", "spirals MLP 2-8-8-2"):
+        assert {(bench, v) for v in ("base", "pb", "grad", "wide")} <= variants
+    assert any(r["variant"] == "full" for r in data["runs"])
+    pb = [r for r in data["runs"] if r["variant"] == "pb"]
+    assert all(r["dendrites_per_layer"] == 1 for r in pb)  # --quick adds exactly one set
+    assert "| benchmark | variant |" in (tmp_path / "results.md").read_text()
