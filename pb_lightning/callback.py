@@ -29,18 +29,23 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from torch import Tensor, nn
+from torch import Tensor
 
+from pb_lightning.capacity import CAPACITY_TEST_DENDRITES, CapacityProbe
+from pb_lightning.controller import CycleController
 from pb_lightning.errors import PerforationError, invalid
 from pb_lightning.history import MetricKind, resolve_metric_kind
 from pb_lightning.module import PerforatedModule
-from pb_lightning.phases import candidate_scores, in_dendrite_phase, set_loss_scale, set_statistics_group
+from pb_lightning.phases import (
+    accept_dendrites,
+    candidate_scores,
+    in_dendrite_phase,
+    set_loss_scale,
+    set_statistics_group,
+)
 from pb_lightning.recorder import RunRecorder
 from pb_lightning.schedule import (
     ACCEPT,
-    RESTORE_GLOBAL_BEST,
-    RETRY,
-    START_DENDRITE_PHASE,
     STOP,
     Decision,
     PhaseMachine,
@@ -51,7 +56,6 @@ log = logging.getLogger(__name__)
 
 #: Epochs the capacity test needs: neuron, dendrite, ×3, and the closing neuron epoch.
 CAPACITY_TEST_EPOCHS = 7
-CAPACITY_TEST_DENDRITES = 3
 
 
 class PerforatedCallback(Callback):
@@ -136,19 +140,20 @@ class PerforatedCallback(Callback):
         )
         self.machine = PhaseMachine(mode, self.schedule)
         self.mode = mode
-        self._phase_best: dict[str, Tensor] | None = None
-        self._global_best: dict[str, Tensor] | None = None
+        self.controller = CycleController(self.machine)
+        self.probe = CapacityProbe()
         self.recorder = RunRecorder(monitor, mode, resolve_metric_kind(metric_kind, monitor), output_dir)
         self._flat_score: float | None = None
         self._pending_score: float | None = None
         self._statistics_group: Any = None
         self._before_validation: Any = None
-        #: Problems the capacity test found (empty: none).
-        self.capacity_problems: list[str] = []
         #: The final report (see :func:`pb_lightning.history.final_report`), set when fit ends.
         self.report: dict[str, Any] | None = None
-        self._probe: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
-        self._probe_handles: list[Any] = []
+
+    @property
+    def capacity_problems(self) -> list[str]:
+        """Problems the capacity test found (empty: none)."""
+        return self.probe.problems
 
     @property
     def state_key(self) -> str:
@@ -210,7 +215,7 @@ class PerforatedCallback(Callback):
         if self._statistics_group is not None:
             set_statistics_group(pl_module, self._statistics_group)
         if self.capacity_test:
-            self._start_probes(pl_module)
+            self.probe.start(pl_module)
 
     @staticmethod
     def _probe_shapes(pl_module: pl.LightningModule) -> None:
@@ -278,8 +283,8 @@ class PerforatedCallback(Callback):
         score = float(value)
         if not math.isfinite(score):
             rank_zero_warn(f"pb_lightning: the monitored {self.monitor} is {score}; it counts as no improvement.")
-        if self.capacity_test and not math.isfinite(score):
-            self.capacity_problems.append(f"the monitored {self.monitor} was {score} at epoch {trainer.current_epoch}")
+        if self.capacity_test:
+            self.probe.check_finite(self.monitor, score, trainer.current_epoch)
         return score
 
     @staticmethod
@@ -309,17 +314,7 @@ class PerforatedCallback(Callback):
 
     def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, decision: Decision) -> None:
         module: PerforatedModule = pl_module  # type: ignore[assignment]
-        if decision.new_phase_best:
-            self._phase_best = _snapshot(module)
-        restructured = decision.restore is not None
-        if decision.restore is not None:
-            self._restore(module, decision.restore)
-        if decision.new_global_best and self._phase_best is not None:
-            self._global_best = self._phase_best
-        if decision.action in (START_DENDRITE_PHASE, RETRY):
-            module.start_dendrite_phase()
-            restructured = True
-        elif decision.action == ACCEPT:
+        if decision.action == ACCEPT:
             best = self.machine.state.candidate_best
             if module.dendrite_config.learning == "correlation" and (
                 decision.nothing_learned or best is None or best < 1e-3
@@ -329,29 +324,11 @@ class PerforatedCallback(Callback):
                     f"at {best}); the phase ended by its patience. Check that the loss reaches the perforated "
                     "layers and that the candidates are in the optimizer with a usable learning rate."
                 )
-            self._accept(module)
-            restructured = True
-        elif decision.action == STOP:
-            trainer.should_stop = True
-        if restructured:
+        accept = self.probe.checked_accept(accept_dendrites) if self.capacity_test else accept_dendrites
+        if self.controller.apply(module, decision, accept=accept):
             self._restructure(trainer, module)
-
-    def _accept(self, module: PerforatedModule) -> None:
-        before = self._probe_outputs(module) if self.capacity_test else None
-        module.accept_dendrites()
-        if before is not None:
-            after = self._probe_outputs(module)
-            for name, out in before.items():
-                if not torch.allclose(out, after[name], rtol=1e-4, atol=1e-5):
-                    self.capacity_problems.append(f"accepting dendrites changed the output of layer `{name}`")
-
-    def _restore(self, module: PerforatedModule, which: str) -> None:
-        snapshot = self._global_best if which == RESTORE_GLOBAL_BEST else self._phase_best
-        if in_dendrite_phase(module):
-            module.discard_candidates()
-        if snapshot is not None:
-            # The snapshot may hold fewer dendrite sets (a rejected cycle): loading rebuilds the layers.
-            module.load_state_dict(snapshot)
+        if decision.action == STOP:
+            trainer.should_stop = True
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         scaler = getattr(trainer.precision_plugin, "scaler", None)
@@ -402,24 +379,16 @@ class PerforatedCallback(Callback):
 
     # ------------------------------------------------------------------ end of training
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._stop_probes()
+        self.probe.stop()
         module: PerforatedModule = pl_module  # type: ignore[assignment]
-        if not self.machine.state.done:
-            decision = self.machine.finish()
-            if decision.restore is not None:
-                self._restore(module, decision.restore)
-            if decision.new_global_best and self._phase_best is not None:
-                self._global_best = self._phase_best
+        decision = self.controller.finish(module)
+        if decision is not None:
             rank_zero_info(f"pb_lightning: {decision.reason}.")
         extra = []
         if self.capacity_test:
+            extra.append("  " + self.probe.summary(self.machine.state.dendrites))
             if self.capacity_problems:
-                extra.append("  capacity test: problems found: " + "; ".join(self.capacity_problems))
                 rank_zero_warn("pb_lightning capacity test found problems: " + "; ".join(self.capacity_problems))
-            else:
-                extra.append(
-                    f"  capacity test: {self.machine.state.dendrites} dendrite sets added; no problems detected"
-                )
         self.report = self.recorder.finish(trainer, module, self.machine, extra)
 
     def _hyperparameters(self, pl_module: pl.LightningModule) -> dict[str, Any]:
@@ -461,35 +430,6 @@ class PerforatedCallback(Callback):
         log.debug("epoch %d: %s (%s)", trainer.current_epoch, decision.action, decision.reason)
 
     # ------------------------------------------------------------------ capacity test checks
-    def _start_probes(self, module: PerforatedModule) -> None:
-        def record(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            if layer.training:
-                detached = tuple(a.detach()[:64] if isinstance(a, Tensor) else a for a in args)
-                self._probe[layer.name] = (detached, kwargs)
-
-        for layer in module.perforated_layers():
-            self._probe_handles.append(layer.register_forward_pre_hook(record, with_kwargs=True))
-
-    def _stop_probes(self) -> None:
-        for handle in self._probe_handles:
-            handle.remove()
-        self._probe_handles.clear()
-        self._probe.clear()
-
-    @torch.no_grad()
-    def _probe_outputs(self, module: PerforatedModule) -> dict[str, Tensor]:
-        outputs = {}
-        was_training = module.training
-        module.eval()
-        for layer in module.perforated_layers():
-            if layer.name in self._probe:
-                args, kwargs = self._probe[layer.name]
-                outputs[layer.name] = layer(*args, **kwargs).clone()
-        module.train(was_training)
-        if not outputs:
-            self.capacity_problems.append("no perforated layer ran in training, so nothing could be checked")
-        return outputs
-
     def _check_checkpoint_round_trip(self, trainer: pl.Trainer, module: PerforatedModule) -> None:
         """Save a checkpoint as Lightning would and load it into a fresh instance of the module."""
         try:
@@ -499,32 +439,19 @@ class PerforatedCallback(Callback):
             buffer.seek(0)
             fresh = type(module).load_from_checkpoint(buffer, map_location=module.device, weights_only=True)
         except Exception as error:  # the capacity test reports what failed instead of stopping
-            self.capacity_problems.append(f"a checkpoint saved after restructuring did not load: {error!r}")
+            self.probe.problems.append(f"a checkpoint saved after restructuring did not load: {error!r}")
             return
-        ours, theirs = module.state_dict(), fresh.state_dict()
-        if ours.keys() != theirs.keys() or any(not torch.equal(ours[k], theirs[k]) for k in ours):
-            self.capacity_problems.append("a checkpoint saved after restructuring loaded with different weights")
-        expected, got = self._probe_outputs(module), self._probe_outputs(fresh)
-        if any(not torch.equal(expected[k], got[k]) for k in expected):
-            self.capacity_problems.append("a model loaded from a checkpoint computes different outputs")
+        self.probe.compare(module, fresh)
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
         return {
-            "machine": self.machine.state_dict(),
-            "phase_best": self._phase_best,
-            "global_best": self._global_best,
+            **self.controller.state_dict(),
             "pending_score": self._pending_score,
             "recorder": self.recorder.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.machine.load_state_dict(state_dict["machine"])
-        self._phase_best = state_dict.get("phase_best")
-        self._global_best = state_dict.get("global_best")
-        self.recorder.load_state_dict(state_dict.get("recorder", {}))
+        self.controller.load_state_dict(state_dict)
         self._pending_score = state_dict.get("pending_score")
-
-
-def _snapshot(module: nn.Module) -> dict[str, Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+        self.recorder.load_state_dict(state_dict.get("recorder", {}))
