@@ -30,6 +30,7 @@ from pb_lightning.phases import (
 )
 from pb_lightning.report import parameter_counts
 from pb_lightning.schedule import Decision, PhaseMachine, PhaseSchedule
+from pb_lightning.tracker import PerforatedTracker
 
 # Checkpoints store these configurations in their hyperparameters; allow them under
 # torch.load(weights_only=True), which Lightning uses by default.
@@ -45,6 +46,7 @@ __all__ = [
     "PerforatedCallback",
     "PerforatedLayer",
     "PerforatedModule",
+    "PerforatedTracker",
     "PhaseMachine",
     "PhaseSchedule",
     "PerforationError",

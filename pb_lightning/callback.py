@@ -316,13 +316,11 @@ class PerforatedCallback(Callback):
         module: PerforatedModule = pl_module  # type: ignore[assignment]
         if decision.action == ACCEPT:
             best = self.machine.state.candidate_best
-            if module.dendrite_config.learning == "correlation" and (
-                decision.nothing_learned or best is None or best < 1e-3
-            ):
+            if module.dendrite_config.learning == "correlation" and (best is None or best < 1e-3):
                 rank_zero_warn(
-                    f"pb_lightning: no candidate learned anything in this dendrite phase (mean correlation stayed "
-                    f"at {best}); the phase ended by its patience. Check that the loss reaches the perforated "
-                    "layers and that the candidates are in the optimizer with a usable learning rate."
+                    f"pb_lightning: the candidates found no correlation with their neurons' errors in this dendrite "
+                    f"phase (best mean correlation {best}); the phase ended by its patience. Check that the loss "
+                    "reaches the perforated layers."
                 )
         accept = self.probe.checked_accept(accept_dendrites) if self.capacity_test else accept_dendrites
         if self.controller.apply(module, decision, accept=accept):

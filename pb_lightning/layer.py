@@ -173,6 +173,7 @@ class CandidatePool(nn.Module):
         #: the next forward.
         self._diverged: Tensor | None = None
         self.__dict__["_template"] = module  # not a submodule: the layer owns it
+        self._initial_checksum = self._checksum()
         for p in self.parameters():
             p.register_hook(self._zero_diverged)
         self.neuron_axis: int = -1
@@ -228,6 +229,14 @@ class CandidatePool(nn.Module):
         if self.config.learning != "correlation":
             return None
         return stats.objective_gradient(e, axis, scale, covariance=cov, normalizer=norm).to(v.dtype)
+
+    @torch.no_grad()
+    def _checksum(self) -> float:
+        return float(sum(float(p.double().abs().sum()) for p in self.parameters()))
+
+    def moved(self) -> bool:
+        """Whether training changed the candidates' weights at all since they were created."""
+        return self._checksum() != self._initial_checksum
 
     def _zero_diverged(self, grad: Tensor) -> Tensor:
         # Every candidate tensor has the set axis first. Only diverged sets are touched: a

@@ -13,6 +13,7 @@ to the neuron phase unfreezes exactly that — parameters the user froze stay fr
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 from torch import Tensor, nn
@@ -124,6 +125,12 @@ def accept_dendrites(model: nn.Module) -> dict[str, Tensor]:
     layers = _layers(model)
     if not in_dendrite_phase(model):
         raise RuntimeError("The model is not in a dendrite phase; call start_dendrite_phase(model) first.")
+    if not any(layer.candidates.moved() for layer in layers):  # type: ignore[union-attr]
+        warnings.warn(
+            "pb_lightning: no candidate learned anything in this dendrite phase: their weights never changed. "
+            "Are the candidates in the optimizer (rebuild it after start_dendrite_phase) with a learning rate > 0?",
+            stacklevel=2,
+        )
     scores = {layer.name: layer.accept_candidates() for layer in layers}
     _return_to_neuron_phase(model)
     log.info(

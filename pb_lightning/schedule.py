@@ -116,8 +116,6 @@ class Decision:
             weights as the phase best.
         new_global_best: the phase best just became the global best: keep its snapshot as the
             global best.
-        nothing_learned: on ``accept``, the candidates' score never improved after the phase's
-            first validation (the phase ended by its patience without learning).
     """
 
     action: str
@@ -125,7 +123,6 @@ class Decision:
     restore: str | None = None
     new_phase_best: bool = False
     new_global_best: bool = False
-    nothing_learned: bool = False
 
 
 @dataclass
@@ -312,15 +309,12 @@ class PhaseMachine:
             why = f"the dendrite phase hit max_dendrite_epochs={sched.max_dendrite_epochs}"
         else:
             return Decision(CONTINUE, "dendrite phase")
-        nothing_learned = s.epochs_in_phase >= 2 and s.candidate_wait >= s.epochs_in_phase - 1
         s.phase, s.epochs_in_phase = "neuron", 0
         s.phase_best, s.wait = None, 0
         s.dendrites += 1
         s.awaiting_verdict = True
         return Decision(
-            ACCEPT,
-            f"{why}; accepting dendrite set {s.dendrites} (best candidate score {s.candidate_best})",
-            nothing_learned=nothing_learned,
+            ACCEPT, f"{why}; accepting dendrite set {s.dendrites} (best candidate score {s.candidate_best})"
         )
 
     def finish(self) -> Decision:

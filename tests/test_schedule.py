@@ -234,16 +234,3 @@ def test_machine_misconfiguration() -> None:
         PhaseMachine("maximum")  # type: ignore[arg-type]
     with pytest.raises(PerforationError, match=r"`schedule` must be a pb_lightning.PhaseSchedule"):
         PhaseMachine("max", {"neuron_patience": 2})  # type: ignore[arg-type]
-
-
-def test_an_accept_says_whether_the_candidates_learned_anything() -> None:
-    flat = PhaseMachine("max", PhaseSchedule(neuron_patience=1, dendrite_patience=2))
-    run(flat, [0.5, 0.5])
-    decisions = [flat.step(0.5, 0.2) for _ in range(3)]
-    assert decisions[-1].action == ACCEPT
-    assert decisions[-1].nothing_learned
-    learning = PhaseMachine("max", PhaseSchedule(neuron_patience=1, dendrite_patience=2))
-    run(learning, [0.5, 0.5])
-    decisions = [learning.step(0.5, c) for c in (0.1, 0.2, 0.2, 0.2)]
-    assert decisions[-1].action == ACCEPT
-    assert not decisions[-1].nothing_learned

@@ -1,0 +1,190 @@
+"""PerforatedTracker: the same engine and phase machine in a plain PyTorch training loop.
+
+The five steps of the user's source document, with Pythonic names:
+
+1. ``import pb_lightning as pb``
+2. ``model = tracker.initialize(model)`` — perforate the model;
+3. ``tracker.set_optimizer(torch.optim.Adam, lr=1e-3)`` and ``tracker.set_scheduler(StepLR, step_size=1)``;
+4. ``optimizer, scheduler = tracker.setup_optimizer(model)`` — built for the current phase;
+5. after each validation: ``model, restructured, complete = tracker.add_validation_score(score, model)``;
+   rebuild the optimizer with ``setup_optimizer`` when ``restructured``, stop when ``complete``.
+
+It drives the same :class:`~pb_lightning.controller.CycleController` as the Lightning callback,
+so given the same scores both take the same decisions.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from pb_lightning.capacity import CAPACITY_TEST_DENDRITES, CapacityProbe
+from pb_lightning.config import DendriteConfig
+from pb_lightning.controller import CycleController, mean_candidate_score
+from pb_lightning.convert import perforate, perforated_layers
+from pb_lightning.errors import PerforationError, invalid
+from pb_lightning.phases import accept_dendrites, parameter_groups
+from pb_lightning.schedule import Decision, PhaseMachine, PhaseSchedule
+
+log = logging.getLogger(__name__)
+
+
+class PerforatedTracker:
+    """Decides phase switches from validation scores in a plain PyTorch loop.
+
+    Args:
+        mode: ``"max"`` if a higher score is better (accuracy), ``"min"`` if lower is (loss).
+        schedule: the switching rules (default :class:`~pb_lightning.schedule.PhaseSchedule()`).
+        capacity_test: the first experiment (ALGORITHM.md §5): switch every validation, add three
+            dendrite sets, check function preservation, optimizer coverage, a state round trip and
+            finite scores, then report (:attr:`capacity_report`).
+        weight_decay: weight decay of the optimizer's parameter groups (never on dendrite output weights).
+        candidate_lr: learning rate of the candidates (default: the optimizer's).
+
+    Example::
+
+        >>> import torch
+        >>> tracker = PerforatedTracker("max", PhaseSchedule(neuron_patience=2))
+        >>> model = tracker.initialize(torch.nn.Sequential(torch.nn.Linear(4, 2)))
+        >>> tracker.set_optimizer(torch.optim.SGD, lr=0.1)
+        >>> optimizer, scheduler = tracker.setup_optimizer(model)
+        >>> model, restructured, complete = tracker.add_validation_score(0.5, model)
+        >>> restructured, complete
+        (False, False)
+    """
+
+    def __init__(
+        self,
+        mode: Literal["min", "max"] = "max",
+        schedule: PhaseSchedule | None = None,
+        *,
+        capacity_test: bool = False,
+        weight_decay: float = 0.0,
+        candidate_lr: float | None = None,
+    ) -> None:
+        if not isinstance(capacity_test, bool):
+            raise invalid("capacity_test", capacity_test, "a bool")
+        schedule = PhaseSchedule() if schedule is None else schedule
+        if not isinstance(schedule, PhaseSchedule):
+            raise invalid("schedule", schedule, "a pb_lightning.PhaseSchedule")
+        if capacity_test:
+            schedule = PhaseSchedule(
+                neuron_epochs=1, dendrite_epochs=1, max_dendrites=CAPACITY_TEST_DENDRITES, require_improvement=False
+            )
+        self.machine = PhaseMachine(mode, schedule)
+        self.controller = CycleController(self.machine)
+        self.capacity_test = capacity_test
+        self.weight_decay = weight_decay
+        self.candidate_lr = candidate_lr
+        self.probe = CapacityProbe()
+        self._optimizer: tuple[type[torch.optim.Optimizer], dict[str, Any]] | None = None
+        self._scheduler: tuple[Any, dict[str, Any]] | None = None
+        self._current: torch.optim.Optimizer | None = None
+        #: The capacity test's verdict, once it has finished.
+        self.capacity_report: str | None = None
+
+    # ------------------------------------------------------------------ steps 2-4
+    def initialize(self, model: nn.Module, **perforate_options: Any) -> nn.Module:
+        """Perforate ``model`` (options as for :func:`pb_lightning.perforate`) and return it."""
+        perforate_options.setdefault("config", DendriteConfig())
+        model = perforate(model, **perforate_options)
+        if self.capacity_test:
+            self.probe.start(model)
+        return model
+
+    def set_optimizer(self, optimizer: type[torch.optim.Optimizer], **kwargs: Any) -> None:
+        """The optimizer class and its arguments (not ``params``: the tracker supplies the groups)."""
+        if not (isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer)):
+            raise invalid("optimizer", optimizer, "a torch.optim.Optimizer subclass (the class, not an instance)")
+        if "params" in kwargs:
+            raise invalid("params", "given", "left out: the tracker builds the parameter groups of each phase")
+        self._optimizer = (optimizer, kwargs)
+
+    def set_scheduler(self, scheduler: Any, **kwargs: Any) -> None:
+        """The LR scheduler class and its arguments (built with each new optimizer)."""
+        if not callable(scheduler):
+            raise invalid("scheduler", scheduler, "an LR scheduler class")
+        self._scheduler = (scheduler, kwargs)
+
+    def setup_optimizer(self, model: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
+        """A new optimizer (and scheduler, or None) over what the current phase trains."""
+        if self._optimizer is None:
+            raise PerforationError("Call tracker.set_optimizer(OptimizerClass, **kwargs) before setup_optimizer.")
+        cls, kwargs = self._optimizer
+        groups = parameter_groups(model, weight_decay=self.weight_decay, candidate_lr=self.candidate_lr)
+        if not groups:
+            raise PerforationError("The model has no trainable parameters in this phase.")
+        optimizer = cls(groups, **kwargs)
+        scheduler = None
+        if self._scheduler is not None:
+            scheduler = self._scheduler[0](optimizer, **self._scheduler[1])
+        self._current = optimizer
+        return optimizer, scheduler
+
+    # ------------------------------------------------------------------ step 5
+    def add_validation_score(self, score: float, model: nn.Module) -> tuple[nn.Module, bool, bool]:
+        """Report one validation score; returns ``(model, restructured, training_complete)``.
+
+        When ``restructured`` the trainable parameters changed: call :meth:`setup_optimizer`
+        again. When ``training_complete`` the model holds the best weights found; stop training.
+        """
+        score = float(score)
+        if self.capacity_test:
+            self.probe.check_finite("score", score, self.machine.state.validations)
+        accept = self.probe.checked_accept(accept_dendrites) if self.capacity_test else accept_dendrites
+        decision, restructured = self.controller.step(model, score, mean_candidate_score(model), accept=accept)
+        self._announce(decision, model)
+        if restructured and self.capacity_test:
+            self._check_capacity(model)
+        complete = self.machine.state.done
+        if complete:
+            self._finish()
+        return model, restructured, complete
+
+    def finish(self, model: nn.Module) -> nn.Module:
+        """Call when training ends for another reason (an epoch budget): leaves the best model."""
+        decision = self.controller.finish(model)
+        if decision is not None:
+            log.info("pb_lightning: %s.", decision.reason)
+        self._finish()
+        return model
+
+    def _finish(self) -> None:
+        if self.capacity_test and self.capacity_report is None:
+            self.capacity_report = self.probe.summary(self.machine.state.dendrites)
+            self.probe.stop()
+            log.info("pb_lightning %s", self.capacity_report)
+            if self.probe.problems:
+                warnings.warn(f"pb_lightning {self.capacity_report}", stacklevel=3)
+
+    def _announce(self, decision: Decision, model: nn.Module) -> None:
+        if decision.action != "continue":
+            log.info("pb_lightning: %s — %s", decision.action, decision.reason)
+        del model
+
+    def _check_capacity(self, model: nn.Module) -> None:
+        optimizer = self._current
+        if optimizer is not None:
+            # The loop has not rebuilt its optimizer yet; check what setup_optimizer will build.
+            groups = parameter_groups(model, weight_decay=self.weight_decay, candidate_lr=self.candidate_lr)
+            held = {id(p) for g in groups for p in g["params"]}
+            missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in held]
+            if missing:
+                self.probe.problems.append(f"trainable parameters missing from the optimizer: {missing}")
+        fresh = copy.deepcopy(model)
+        for layer in perforated_layers(fresh):  # a newly perforated twin: no dendrites, no candidates
+            layer.dendrites = layer.cascade_weight = layer.output_weight = layer.candidates = None
+        self.probe.check_state_round_trip(model, fresh)
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict[str, Any]:
+        """The phase machine's state and the best-weight snapshots (save it with the model's)."""
+        return self.controller.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.controller.load_state_dict(state)

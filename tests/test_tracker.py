@@ -1,0 +1,156 @@
+"""PerforatedTracker: the engine and phase machine in a plain PyTorch loop."""
+
+from __future__ import annotations
+
+import io
+import runpy
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import pb_lightning as pb
+from pb_lightning.demo import DigitsDataModule, DigitsMLP
+
+_REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+
+# A score sequence that exercises every decision: baseline, an accepted cycle that improves,
+# a cycle that fails and is retried, and a final failure. Dendrite phases have a fixed length,
+# so the decisions depend on the validation scores alone (candidates see different data here).
+# Values exact in float32, which Lightning logs.
+SCORES = [0.5] + [0.625] * 4 + [0.75] * 4 + [0.6875] * 4 + [0.71875] * 3
+SCHEDULE = {"neuron_patience": 1, "dendrite_epochs": 1, "max_tries": 2, "max_dendrites": 4}
+
+
+def _loop(
+    scores: list[float],
+    tracker: pb.PerforatedTracker,
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+) -> tuple[nn.Module, torch.optim.Optimizer]:
+    for score in scores:
+        for _ in range(2):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        model, restructured, complete = tracker.add_validation_score(score, model)
+        if complete:
+            break
+        if restructured:
+            optimizer, _ = tracker.setup_optimizer(model)
+    return model, optimizer
+
+
+def _plain_run(scores: list[float]) -> tuple[pb.PerforatedTracker, nn.Module]:
+    torch.manual_seed(0)
+    tracker = pb.PerforatedTracker("max", pb.PhaseSchedule(**SCHEDULE))
+    model = tracker.initialize(nn.Sequential(nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 10)))
+    tracker.set_optimizer(torch.optim.Adam, lr=1e-2)
+    optimizer, _ = tracker.setup_optimizer(model)
+    x, y = torch.randn(32, 64), torch.randint(0, 10, (32,))
+    model(x)
+    _loop(scores, tracker, model, x, y, optimizer)
+    return tracker, model
+
+
+class _Scripted(DigitsMLP):
+    """Logs a scripted validation score per epoch, so both paths see the same sequence."""
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("score", SCORES[self.current_epoch])
+
+
+def test_the_plain_loop_and_the_lightning_path_take_the_same_decisions(tmp_path: Path) -> None:
+    tracker, model = _plain_run(SCORES)
+    pl.seed_everything(0)
+    callback = pb.PerforatedCallback("score", "max", **SCHEDULE)
+    lightning_model = _Scripted(hidden=8)
+    pl.Trainer(
+        max_epochs=len(SCORES),
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+    ).fit(lightning_model, DigitsDataModule())
+    # Reasons name the candidates' scores, which differ (different data); decisions may not.
+    plain = [(h["action"], h["phase"], h["score"], h["dendrites"]) for h in tracker.machine.state.history]
+    lightning = [(h["action"], h["phase"], h["score"], h["dendrites"]) for h in callback.machine.state.history]
+    assert plain == lightning
+    assert tracker.machine.state.global_best == callback.machine.state.global_best
+    actions = [a for a, *_ in plain]
+    assert {"start_dendrite_phase", "accept", "retry", "stop"} <= set(actions)
+    assert [layer.num_dendrites for layer in pb.perforated_layers(model)] == [
+        layer.num_dendrites for layer in lightning_model.perforated_layers()[:2]
+    ]
+
+
+def test_state_round_trip_resumes_with_the_same_decisions() -> None:
+    full, _ = _plain_run(SCORES)
+    # Run half, save tracker and model state (weights_only), rebuild both, and run the rest.
+    torch.manual_seed(0)
+    tracker = pb.PerforatedTracker("max", pb.PhaseSchedule(**SCHEDULE))
+    model = tracker.initialize(nn.Sequential(nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 10)))
+    tracker.set_optimizer(torch.optim.Adam, lr=1e-2)
+    optimizer, _ = tracker.setup_optimizer(model)
+    x, y = torch.randn(32, 64), torch.randint(0, 10, (32,))
+    model(x)
+    model, _ = _loop(SCORES[:7], tracker, model, x, y, optimizer)
+    buffer = io.BytesIO()
+    torch.save(
+        {"tracker": tracker.state_dict(), "model": model.state_dict(), "perforation": pb.perforation_state(model)},
+        buffer,
+    )
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed = pb.PerforatedTracker("max", pb.PhaseSchedule(**SCHEDULE))
+    fresh = resumed.initialize(nn.Sequential(nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 10)))
+    fresh.load_state_dict(saved["model"])
+    pb.load_perforation_state(fresh, saved["perforation"])
+    resumed.load_state_dict(saved["tracker"])
+    resumed.set_optimizer(torch.optim.Adam, lr=1e-2)
+    optimizer, _ = resumed.setup_optimizer(fresh)
+    _loop(SCORES[7:], resumed, fresh, x, y, optimizer)
+    assert [h["action"] for h in resumed.machine.state.history] == [h["action"] for h in full.machine.state.history]
+
+
+def test_the_capacity_test_runs_in_a_plain_loop() -> None:
+    torch.manual_seed(0)
+    tracker = pb.PerforatedTracker("max", capacity_test=True)
+    model = tracker.initialize(nn.Sequential(nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 10)))
+    tracker.set_optimizer(torch.optim.Adam, lr=1e-2)
+    optimizer, _ = tracker.setup_optimizer(model)
+    x, y = torch.randn(32, 64), torch.randint(0, 10, (32,))
+    _loop([0.1 * i for i in range(10)], tracker, model, x, y, optimizer)
+    assert tracker.capacity_report == "capacity test: 3 dendrite sets added; no problems detected"
+    assert [layer.num_dendrites for layer in pb.perforated_layers(model)] == [3, 3]
+
+
+def test_the_example_runs_to_completion_with_accepted_dendrites() -> None:
+    namespace = runpy.run_path(str(_REPO / "examples" / "plain_pytorch_digits.py"))
+    result = namespace["main"](["--max-epochs", "120", "--neuron-patience", "3", "--dendrite-patience", "1"])
+    assert result["dendrites"] >= 1
+    assert result["cycles_accepted"] >= 1
+    assert result["val_accuracy"] > result["best_before_dendrites"]
+
+
+def test_tracker_misuse_is_named() -> None:
+    tracker = pb.PerforatedTracker()
+    model = tracker.initialize(nn.Sequential(nn.Linear(3, 2)))
+    with pytest.raises(pb.PerforationError, match=r"set_optimizer\(OptimizerClass"):
+        tracker.setup_optimizer(model)
+    with pytest.raises(pb.PerforationError, match=r"`optimizer` must be a torch.optim.Optimizer subclass"):
+        tracker.set_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))  # type: ignore[arg-type]
+    with pytest.raises(pb.PerforationError, match=r"`params` must be left out"):
+        tracker.set_optimizer(torch.optim.SGD, params=model.parameters(), lr=0.1)
+    with pytest.raises(pb.PerforationError, match=r"`schedule` must be a pb_lightning.PhaseSchedule"):
+        pb.PerforatedTracker("max", {"neuron_patience": 2})  # type: ignore[arg-type]
