@@ -151,6 +151,11 @@ class PerforatedCallback(Callback):
         self.report: dict[str, Any] | None = None
 
     @property
+    def best_score(self) -> float | None:
+        """The best monitored score so far (the global best; the model left after fit has it)."""
+        return self.machine.state.global_best
+
+    @property
     def capacity_problems(self) -> list[str]:
         """Problems the capacity test found (empty: none)."""
         return self.probe.problems
