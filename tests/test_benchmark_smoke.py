@@ -27,3 +27,19 @@ def test_engine_speed_quick_run_reports_every_configuration(tmp_path: Path) -> N
     for network in data["networks"]:
         assert network["neuron_phase"]
         assert network["dendrite_phase"]
+
+
+def test_callback_overhead_quick_run_measures_bookkeeping(tmp_path: Path) -> None:
+    out = tmp_path / "overhead.json"
+    result = subprocess.run(
+        [sys.executable, str(_REPO / "benchmarks" / "callback_overhead.py"), "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["epochs"] == 6
+    assert 0 < data["bookkeeping_share_median"] < 1
+    assert "start_dendrite_phase" in data["decisions"]

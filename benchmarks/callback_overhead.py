@@ -1,0 +1,154 @@
+#!/usr/bin/env python
+"""The callback's own cost: bookkeeping time per epoch, and the wall time of whole cycles.
+
+    python benchmarks/callback_overhead.py            # the digits main job, 80 epochs
+    python benchmarks/callback_overhead.py --quick    # smoke test: a few epochs
+    python benchmarks/callback_overhead.py --json out.json
+
+The digits job of ``configs/digits.yaml`` (64-8-8-10 MLP, batch 64) is trained with
+``PerforatedCallback``, every hook of which is wrapped in a timer. *Bookkeeping* is the time
+spent inside the callback's hooks (deciding, snapshotting weights, restructuring, rebuilding the
+optimizer, recording the history), measured per epoch against the epoch's wall time; the
+target is at most 3% of an epoch. Work the callback causes elsewhere — candidates training in
+a dendrite phase — is the method itself, not bookkeeping, and is not counted. Cycle wall time
+is measured from each ``start_dendrite_phase`` (or ``retry``) decision to the decision that ends
+the neuron phase after the acceptance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import lightning.pytorch as pl
+import torch
+
+import pb_lightning as pb
+from pb_lightning.demo import DigitsDataModule, DigitsMLP
+
+_HOOKS = (
+    "on_fit_start",
+    "on_train_epoch_start",
+    "on_validation_epoch_start",
+    "on_validation_end",
+    "on_train_epoch_end",
+    "on_before_backward",
+    "on_fit_end",
+)
+
+
+class _TimedCallback(pb.PerforatedCallback):
+    """PerforatedCallback whose hooks add their duration to a per-epoch account."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.spent: dict[int, float] = defaultdict(float)
+        for name in _HOOKS:
+            setattr(self, name, self._timed(getattr(self, name)))
+
+    def _timed(self, hook: Callable[..., Any]) -> Callable[..., Any]:
+        def run(trainer: pl.Trainer, *args: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return hook(trainer, *args)
+            finally:
+                self.spent[trainer.current_epoch] += time.perf_counter() - start
+
+        return run
+
+
+class _EpochClock(pl.Callback):
+    def __init__(self) -> None:
+        self.start: dict[int, float] = {}
+        self.seconds: dict[int, float] = {}
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.start[trainer.current_epoch] = time.perf_counter()
+
+    def close(self, epoch: int) -> None:
+        self.seconds[epoch] = time.perf_counter() - self.start[epoch]
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--epochs", type=int, default=80)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    logging.getLogger("pb_lightning").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore")
+    epochs = 6 if args.quick else args.epochs
+    pl.seed_everything(0, verbose=False)
+    schedule = (
+        {"neuron_epochs": 2, "dendrite_epochs": 1, "max_dendrites": 2}
+        if args.quick
+        else {"neuron_patience": 4, "dendrite_patience": 2, "max_dendrites": 4}
+    )
+    callback = _TimedCallback("val_loss", "min", **schedule)
+    clock = _EpochClock()
+
+    class _Close(pl.Callback):
+        def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            clock.close(trainer.current_epoch)
+
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        callbacks=[clock, callback, _Close()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    started = time.perf_counter()
+    trainer.fit(DigitsMLP(hidden=8, lr=0.01), DigitsDataModule())
+    total = time.perf_counter() - started
+    shares = [callback.spent[e] / clock.seconds[e] for e in clock.seconds if clock.seconds[e] > 0]
+    history = callback.machine.state.history
+    cycles, begin = [], None
+    for entry in history:
+        if entry["action"] in ("start_dendrite_phase", "retry"):
+            if begin is not None:
+                cycles.append(entry["validation"] - begin)
+            begin = entry["validation"]
+    epoch_seconds = statistics.median(clock.seconds.values())
+    result = {
+        "epochs": len(clock.seconds),
+        "fit_seconds": total,
+        "median_epoch_seconds": epoch_seconds,
+        "bookkeeping_share_median": statistics.median(shares),
+        "bookkeeping_share_max": max(shares),
+        "bookkeeping_seconds_total": sum(callback.spent.values()),
+        "cycle_epochs": cycles,
+        "cycle_seconds_estimate": [c * epoch_seconds for c in cycles],
+        "decisions": [h["action"] for h in history if h["action"] != "continue"],
+    }
+    print(f"## PerforatedCallback overhead on the digits job ({result['epochs']} epochs, {total:.1f} s)\n")
+    print("| measure | value |\n|---|---:|")
+    print(f"| median epoch | {epoch_seconds * 1000:.1f} ms |")
+    print(f"| bookkeeping, median share of an epoch | {100 * result['bookkeeping_share_median']:.2f}% (target <= 3%) |")
+    print(
+        f"| bookkeeping, largest share (an epoch with a restructure) | {100 * result['bookkeeping_share_max']:.2f}% |"
+    )
+    print(f"| bookkeeping, whole fit | {result['bookkeeping_seconds_total']:.3f} s |")
+    for i, (n, seconds) in enumerate(zip(cycles, result["cycle_seconds_estimate"], strict=True)):
+        print(f"| cycle {i + 1}: epochs from dendrite-phase start to the next | {n} (~{seconds:.1f} s) |")
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
