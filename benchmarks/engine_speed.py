@@ -185,7 +185,14 @@ def perforated_model(network: Network, num_dendrites: int, *, seed: int = 0) -> 
     differ from the baseline.
     """
     torch.manual_seed(seed)
-    model = pb.perforate(network.build())
+    return grow(pb.perforate(network.build()), num_dendrites)
+
+
+def grow(model: nn.Module, num_dendrites: int) -> nn.Module:
+    """Give a perforated model ``num_dendrites`` accepted sets without training, output weights ~ N(0, 1).
+
+    Nonzero output weights make the dendrites really change the output, as trained ones would.
+    """
     for _ in range(num_dendrites):
         # One candidate suffices: nothing is trained, we only need the structure.
         pb.start_dendrite_phase(model, num_candidates=1)

@@ -83,6 +83,7 @@ for _path in (_ROOT, _HERE):  # runnable as `python benchmarks/reference_package
         sys.path.insert(0, str(_path))
 
 import _reference_worker as shared  # noqa: E402
+from engine_speed import grow  # noqa: E402
 
 import pb_lightning as pb  # noqa: E402
 
@@ -247,21 +248,9 @@ def train_pb_lightning(args: argparse.Namespace, seed: int) -> dict[str, Any]:
 
 
 def pb_model(sizes: Sequence[int], dendrites: int, config: pb.DendriteConfig) -> torch.nn.Module:
-    """A pb_lightning MLP with ``dendrites`` accepted sets, made without training.
-
-    The same construction as ``engine_speed.perforated_model``: output weights drawn from N(0, 1)
-    so that the dendrites really change the output.
-    """
+    """A pb_lightning MLP with ``dendrites`` accepted sets, made without training (as in engine_speed)."""
     torch.manual_seed(0)
-    model = pb.perforate(shared.mlp(sizes), config=config)
-    for _ in range(dendrites):
-        pb.start_dendrite_phase(model, num_candidates=1)
-        pb.accept_dendrites(model)
-    with torch.no_grad():
-        for layer in pb.perforated_layers(model):
-            if layer.output_weight is not None:
-                layer.output_weight.normal_()
-    return model
+    return grow(pb.perforate(shared.mlp(sizes), config=config), dendrites)
 
 
 #: pb_lightning's configurations in the per-step comparison (see the module docstring).
