@@ -104,8 +104,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 _ROOT = Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:  # runnable as `python benchmarks/engine_speed.py` without an install
-    sys.path.insert(0, str(_ROOT))
+for _path in (_ROOT, _ROOT / "benchmarks"):  # runnable as `python benchmarks/engine_speed.py`, no install
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+# The timing primitives live in the reference-package worker, which must stay torch-only (it
+# runs in perforatedai's own environment); both benchmarks time steps with the same code.
+from _reference_worker import gc_paused as _gc_paused  # noqa: E402
+from _reference_worker import median_step as _time_block  # noqa: E402
 
 import pb_lightning as pb  # noqa: E402
 from pb_lightning.layer import CandidatePool  # noqa: E402
@@ -286,33 +292,6 @@ class FlopModel:
 
 
 # ---------------------------------------------------------------------------- timing
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Keep the cyclic garbage collector from firing inside a timed block."""
-    gc.collect()
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
-def _time_block(step: Callable[[], None], steps: int) -> float:
-    """Median seconds per step over ``steps`` consecutive steps.
-
-    The median, not the mean: on a shared machine a burst of another process's work lands on a
-    few steps, and should not move the block's value.
-    """
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def warm_up(step: Callable[[], None], steps: int) -> float:
     """Run ``steps`` steps (allocator, kernels, correlation warm-up); return a per-step time estimate."""
     _time_block(step, steps - steps // 2)
