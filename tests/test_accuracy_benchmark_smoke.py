@@ -3,27 +3,18 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-_REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import run_benchmark
 
 pytest.importorskip("sklearn")
 
 
 @pytest.mark.slow
 def test_accuracy_quick_run_writes_every_variant(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, str(_REPO / "benchmarks" / "accuracy.py"), "--quick", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    run_benchmark("accuracy.py", "--quick", "--out", str(tmp_path))
     data = json.loads((tmp_path / "results.json").read_text())
     variants = {(r["benchmark"], r["variant"]) for r in data["runs"]}
     for bench in ("digits MLP-8", "spirals MLP 2-8-8-2"):

@@ -3,35 +3,26 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-_REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import run_benchmark
 
 
 @pytest.mark.slow
 def test_reference_benchmark_quick_run(tmp_path: Path) -> None:
     # Its own environment for perforatedai (torch from the local CPU wheel, perforatedai from
     # PyPI): about a minute the first time. Without a registry it prints "skipped: ..." and exits 0.
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(_REPO / "benchmarks" / "reference_package.py"),
-            "--quick",
-            "--venv",
-            str(tmp_path / "venv"),
-            "--output",
-            str(tmp_path / "out"),
-        ],
-        capture_output=True,
-        text=True,
+    result = run_benchmark(
+        "reference_package.py",
+        "--quick",
+        "--venv",
+        str(tmp_path / "venv"),
+        "--output",
+        str(tmp_path / "out"),
         timeout=900,
-        check=False,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     if "skipped:" in result.stdout:
         pytest.skip(result.stdout.strip().splitlines()[-1])
     data = json.loads((tmp_path / "out" / "results.json").read_text())
