@@ -32,7 +32,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from pb_lightning.capacity import CAPACITY_TEST_DENDRITES, CapacityProbe
-from pb_lightning.controller import CycleController
+from pb_lightning.controller import CycleController, mean_candidate_score
 from pb_lightning.errors import PerforationError, invalid
 from pb_lightning.history import MetricKind, resolve_metric_kind
 from pb_lightning.module import PerforatedModule
@@ -256,14 +256,14 @@ class PerforatedCallback(Callback):
         if score is None:
             return  # no validation this epoch (check_val_every_n_epoch > 1)
         layers = self._candidate_scores_by_layer(pl_module)
-        candidate = sum(m * n for m, _, n in layers.values()) / sum(n for *_, n in layers.values()) if layers else None
+        candidate = mean_candidate_score(pl_module)  # the same input the plain-PyTorch tracker gives
         # Every rank steps its own machine with rank 0's inputs, so all take the same decision.
         score, candidate = trainer.strategy.broadcast((score, candidate), src=0)
         self._check_flat_score(score, pl_module)
         decision = self.machine.step(score, candidate)
         self._log_decision(trainer, decision, score)
         self._apply(trainer, pl_module, decision)
-        self.recorder.record(trainer, pl_module, self.machine, decision, {k: (m, b) for k, (m, b, _) in layers.items()})
+        self.recorder.record(trainer, pl_module, self.machine, decision, layers)
         if in_dendrite_phase(pl_module):
             self._forgive_early_stopping(trainer)
 
@@ -293,11 +293,11 @@ class PerforatedCallback(Callback):
         return score
 
     @staticmethod
-    def _candidate_scores_by_layer(pl_module: pl.LightningModule) -> dict[str, tuple[float, float, int]]:
-        """Per layer: mean and max over neurons of each neuron's best candidate score, and the neuron count."""
+    def _candidate_scores_by_layer(pl_module: pl.LightningModule) -> dict[str, tuple[float, float]]:
+        """Per layer: mean and max over neurons of each neuron's best candidate score."""
         if not in_dendrite_phase(pl_module):
             return {}
-        return {name: (float(s.mean()), float(s.max()), s.numel()) for name, s in candidate_scores(pl_module).items()}
+        return {name: (float(s.mean()), float(s.max())) for name, s in candidate_scores(pl_module).items()}
 
     def _check_flat_score(self, score: float, pl_module: pl.LightningModule) -> None:
         """Correlation candidates do not touch the output: a moving score in a dendrite phase is a bug."""
