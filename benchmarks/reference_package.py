@@ -395,12 +395,10 @@ def markdown(results: dict[str, Any]) -> str:
 
 def _environment(reference: dict[str, str]) -> dict[str, Any]:
     import lightning
+    from machine import cpu_model
 
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     return {
-        "machine": cpu,
+        "machine": cpu_model(),
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
