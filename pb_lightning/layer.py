@@ -267,7 +267,15 @@ class CandidatePool(nn.Module):
             # One custom-module copy serves every neuron, so it is judged by its mean score.
             score = score.mean(1, keepdim=True).expand_as(score)
         improved = score > self.best_score
-        if not bool(improved.any()):
+        num_improved = int(improved.sum())
+        if num_improved == 0:
+            return
+        if num_improved == improved.numel():
+            # While candidates are learning, every score usually rises at every step: whole-tensor
+            # copies then do the same as the masked ones below without building index lists.
+            self.best_score.copy_(score)
+            for name, current in self._learned().items():
+                getattr(self, "best_" + name).copy_(current.detach())
             return
         self.best_score[improved] = score[improved]
         set_improved = improved[:, 0]
@@ -351,13 +359,17 @@ class PerforatedLayer(nn.Module):
         self.statistics_group: Any = None
 
     def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            module = self._modules.get("module")
-            if module is None or name.startswith("_"):
-                raise
-            return getattr(module, name)
+        # nn.Module.__getattr__'s lookup, inlined: forward reads several submodules and
+        # parameters per call, and a second Python frame for each shows in small networks' steps.
+        attributes = self.__dict__
+        for store in ("_parameters", "_buffers", "_modules"):
+            values = attributes.get(store)
+            if values is not None and name in values:
+                return values[name]
+        module = attributes.get("_modules", {}).get("module")
+        if module is None or name.startswith("_"):
+            raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+        return getattr(module, name)
 
     # ------------------------------------------------------------------ structure
     @property

@@ -33,6 +33,7 @@ from pb_lightning import (
     start_dendrite_phase,
     trainable_parameters,
 )
+from pb_lightning.correlation import CorrelationStatistics, batch_moments
 
 _F: dict[str, Callable[[Tensor], Tensor]] = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu}
 _NORMALIZATIONS = ("raw", "error_energy", "pearson")
@@ -614,6 +615,21 @@ def test_non_finite_batches_are_skipped(kind: str) -> None:
         assert p.grad is not None
         assert bool(torch.isfinite(p.grad).all())
         assert bool(p.grad.any())
+
+
+def test_finite_moments_whose_sum_overflows_are_folded_in() -> None:
+    """The cheap finiteness check sums the moments; an overflow of that sum alone is no divergence."""
+    stats = CorrelationStatistics(num_candidates=2, num_neurons=3, config=DendriteConfig())
+    v = torch.full((1, 2, 3), 1.5e19)  # V² = 2.25e38 is finite in float32; the sum of the moments is not
+    e = torch.ones(1, 3)
+    batch = batch_moments(v, e, 1)
+    assert bool(torch.isfinite(batch).all())
+    assert not bool(torch.isfinite(batch.sum()))
+    assert stats.update(v, e, 1)
+    assert stats.diverged is None
+    assert int(stats.steps) == 1
+    assert int(stats.skipped_steps) == 0
+    torch.testing.assert_close(stats.moments, batch)
 
 
 # -------------------------------------------------------------------- 6. best score, snapshot
