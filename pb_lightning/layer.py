@@ -204,7 +204,7 @@ class CandidatePool(nn.Module):
             # (..., K, D, out, ...) temporary in forward and again in backward.
             for e in range(accepted.shape[axis]):
                 c = _per_neuron(self.cascade_weight[:, e], trailing)  # (K, out, 1...)
-                z = z + accepted.select(axis, e).unsqueeze(axis) * c
+                z = torch.addcmul(z, accepted.select(axis, e).unsqueeze(axis), c)
         return _ACTIVATIONS[self.config.activation](z)
 
     def observe(self, v: Tensor, e: Tensor) -> Tensor | None:
