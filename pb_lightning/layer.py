@@ -70,12 +70,19 @@ def accepted_activations(
     if not torch.is_grad_enabled():
         return _cascade_in_place(z, cascade_weight, axis, activation, trailing)
     # The cascade is a recurrence through f: dendrite d needs a_e for all e < d. The expensive
-    # part (L_d(x̂) for every d) is already one fused op above; this loop is elementwise.
+    # part (L_d(x̂) for every d) is already one fused op above; this loop is elementwise, one
+    # multiply-add per (d, e) pair: fewer autograd nodes than stacking the earlier activations
+    # for every d, and no (..., d, out, ...) temporaries.
+    # unbind, not select/indexing: its backward stacks the gradients once, where every select's
+    # backward would allocate a zero tensor of the full size.
     f = _ACTIVATIONS[activation]
-    acts = [f(z.select(axis, 0))]
+    pres, weights = z.unbind(axis), cascade_weight.unbind(0)
+    acts = [f(pres[0])]
     for d in range(1, num):
-        c = _per_neuron(cascade_weight[_triangle(d) : _triangle(d) + d], trailing)  # (d, out, 1...)
-        acts.append(f(z.select(axis, d) + (torch.stack(acts, axis) * c).sum(axis)))
+        pre = pres[d]
+        for e in range(d):
+            pre = torch.addcmul(pre, acts[e], _per_neuron(weights[_triangle(d) + e], trailing))
+        acts.append(f(pre))
     return torch.stack(acts, axis)
 
 
@@ -114,8 +121,10 @@ def add_weighted(y: Tensor, acts: Tensor, weight: Tensor, axis: int) -> Tensor:
     allocation, not the arithmetic, dominated the step.
     """
     trailing = acts.dim() - axis - 2
-    for d in range(acts.shape[axis]):
-        y = torch.addcmul(y, acts.select(axis, d), _per_neuron(weight[d], trailing))
+    # unbind rather than select: one backward node that stacks the D gradients, instead of D
+    # select-backwards that each allocate a zero tensor of the full (..., D, out, ...) size.
+    for a, w in zip(acts.unbind(axis), weight.unbind(0), strict=True):
+        y = torch.addcmul(y, a, _per_neuron(w, trailing))
     return y
 
 
@@ -202,9 +211,8 @@ class CandidatePool(nn.Module):
             accepted = accepted.detach()
             # One multiply-add per accepted dendrite; a single broadcast would materialise a
             # (..., K, D, out, ...) temporary in forward and again in backward.
-            for e in range(accepted.shape[axis]):
-                c = _per_neuron(self.cascade_weight[:, e], trailing)  # (K, out, 1...)
-                z = torch.addcmul(z, accepted.select(axis, e).unsqueeze(axis), c)
+            for a, c in zip(accepted.unbind(axis), self.cascade_weight.unbind(1), strict=True):
+                z = torch.addcmul(z, a.unsqueeze(axis), _per_neuron(c, trailing))  # c: (K, out)
         return _ACTIVATIONS[self.config.activation](z)
 
     def observe(self, v: Tensor, e: Tensor) -> Tensor | None:
