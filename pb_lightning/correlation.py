@@ -108,21 +108,21 @@ class CorrelationStatistics(nn.Module):
 
     def covariance(self) -> Tensor:
         """Running covariance of each candidate with its neuron's error, ``[K, out]``."""
-        m = self.moments
-        return torch.addcmul(m[_VE], m[_V], m[_E], value=-1)
+        mean_v, mean_e, _, _, mean_ve = self.moments.unbind(0)
+        return torch.addcmul(mean_ve, mean_v, mean_e, value=-1)
 
     def normalizer(self) -> Tensor:
         """``N`` of the module docstring, ``[K, out]``."""
-        m, eps = self.moments, self.config.eps
-        mode = self.config.normalization
+        eps, mode = self.config.eps, self.config.normalization
+        mean_v, mean_e, mean_vv, mean_ee, _ = self.moments.unbind(0)
         if mode == "raw":
-            return torch.ones_like(m[_V])
+            return torch.ones_like(mean_v)
         if mode == "error_energy":
-            return m[_EE] + eps
+            return mean_ee + eps
         # In-place on fresh tensors: these [K, out] ops run for every layer at every step, and
         # at that size their cost is the per-op overhead, not arithmetic.
-        var_v = torch.addcmul(m[_VV], m[_V], m[_V], value=-1).clamp_min_(0).add_(eps)
-        var_e = torch.addcmul(m[_EE], m[_E], m[_E], value=-1).clamp_min_(0).add_(eps)
+        var_v = torch.addcmul(mean_vv, mean_v, mean_v, value=-1).clamp_min_(0).add_(eps)
+        var_e = torch.addcmul(mean_ee, mean_e, mean_e, value=-1).clamp_min_(0).add_(eps)
         return var_v.mul_(var_e).sqrt_()
 
     def score(self) -> Tensor:
@@ -218,14 +218,12 @@ class CorrelationTap(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(y: Tensor, v: Tensor, observer: CandidateObserver) -> Tensor:  # type: ignore[override]
-        return y.view_as(y)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        _, v, observer = inputs
+    def forward(ctx: Any, y: Tensor, v: Tensor, observer: CandidateObserver) -> Tensor:  # type: ignore[override]
+        # The classic ``forward(ctx, ...)`` form: with a separate ``setup_context``, every call
+        # binds its arguments through ``inspect.signature``, once per layer and step.
         ctx.observer = observer
         ctx.save_for_backward(v)
+        return y.view_as(y)
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor, Tensor | None, None]:  # type: ignore[override]
