@@ -55,13 +55,11 @@ Wall times on a shared machine are noisy: compare epochs first.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import logging
 import math
 import multiprocessing as mp
 import os
-import platform
 import statistics
 import sys
 import time
@@ -76,7 +74,7 @@ sys.path[:0] = [str(_HERE.parent), str(_HERE)]
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
-from machine import cpu_model, git_commit  # noqa: E402
+from machine import run_meta  # noqa: E402
 
 from pb_lightning import DendriteConfig, PerforatedCallback  # noqa: E402
 from pb_lightning.report import parameter_counts  # noqa: E402
@@ -531,16 +529,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_compression:
             fams = {b.family: b for b in selected if b.full_width is not None}
             units += [(b.name, seed, "full", quick, threads, cap) for b in fams.values()]
-    meta = {
-        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "uname": " ".join(platform.uname()[:5]),
-        "processor": cpu_model(),
-        "commit": git_commit(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
+    meta = run_meta(argv)
+    meta["processor"] = meta.pop("machine")  # this report names the CPU model `processor` (markdown reads it)
+    meta |= {
         "lightning": pl.__version__,
-        "python": platform.python_version(),
         "seeds": seeds,
         "jobs": jobs,
         "quick": quick,

@@ -4,6 +4,8 @@
     python benchmarks/callback_overhead.py            # the digits main job, 80 epochs
     python benchmarks/callback_overhead.py --quick    # smoke test: a few epochs
     python benchmarks/callback_overhead.py --json out.json
+    python benchmarks/callback_overhead.py --out benchmarks/results/callback_overhead  # results.json + .md
+    python benchmarks/callback_overhead.py --render --out benchmarks/results/callback_overhead  # re-render .md
 
 The digits job of ``configs/digits.yaml`` (64-8-8-10 MLP, batch 64) is trained with
 ``PerforatedCallback``, every hook of which is wrapped in a timer. *Bookkeeping* is the time
@@ -29,13 +31,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+_HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(_HERE.parent), str(_HERE)]  # runnable as `python benchmarks/callback_overhead.py`, no install
 
-import lightning.pytorch as pl
-import torch
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+from machine import render_report, run_meta, save_report  # noqa: E402
 
-import pb_lightning as pb
-from pb_lightning.demo import DigitsDataModule, DigitsMLP
+import pb_lightning as pb  # noqa: E402
+from pb_lightning.demo import DigitsDataModule, DigitsMLP  # noqa: E402
 
 _HOOKS = (
     "on_fit_start",
@@ -80,13 +84,51 @@ class _EpochClock(pl.Callback):
         self.seconds[epoch] = time.perf_counter() - self.start[epoch]
 
 
+def markdown(result: dict[str, Any]) -> str:
+    """The Markdown table, generated from the result alone (so a saved results.json re-renders)."""
+    meta = result["meta"]
+    lines = [
+        f"## PerforatedCallback overhead on the digits job "
+        f"({result['epochs']} epochs, {result['fit_seconds']:.1f} s)\n",
+        f"- command: `{meta['command']}`",
+        f"- date: {meta['date']}",
+        f"- machine: {meta['machine']}, {meta['cpu_count']} CPUs; torch {meta['torch']}, "
+        f"lightning {meta['lightning']}, python {meta['python']}; pb_lightning commit {meta['commit']}\n",
+        "| measure | value |\n|---|---:|",
+        f"| median epoch | {result['median_epoch_seconds'] * 1000:.1f} ms |",
+        f"| bookkeeping, median share of an epoch | {100 * result['bookkeeping_share_median']:.2f}% (target <= 3%) |",
+        f"| bookkeeping, largest share (an epoch with a restructure) | {100 * result['bookkeeping_share_max']:.2f}% |",
+        f"| bookkeeping, whole fit | {result['bookkeeping_seconds_total']:.3f} s |",
+    ]
+    for i, (n, seconds) in enumerate(zip(result["cycle_epochs"], result["cycle_seconds_estimate"], strict=True)):
+        lines.append(f"| cycle {i + 1}: epochs from dendrite-phase start to the next | {n} (~{seconds:.1f} s) |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Train the digits job with timed hooks, print the Markdown table, optionally save it; return the numbers.
+
+    The result dict is returned (not just printed) so that a caller can check the numbers; with
+    ``--render`` it is the one loaded from ``OUT/results.json``.
+    """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--epochs", type=int, default=80)
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--quick", action="store_true", help="smoke test: 6 epochs, short fixed phases")
+    parser.add_argument("--epochs", type=int, default=80, help="maximum epochs (default 80)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the result to this JSON file")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="write OUT/results.json and OUT/results.md (rendered from the JSON)"
+    )
+    parser.add_argument(
+        "--render", action="store_true", help="run nothing: regenerate OUT/results.md from OUT/results.json"
+    )
     args = parser.parse_args(argv)
-    torch.set_num_threads(2)
+    if args.render:
+        if args.out is None:
+            parser.error("--render needs --out DIR (the directory holding results.json)")
+        print(render_report(args.out, markdown))
+        return json.loads((args.out / "results.json").read_text())
+    meta = run_meta(argv) | {"lightning": pl.__version__, "threads": 2}
+    torch.set_num_threads(meta["threads"])
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     logging.getLogger("pb_lightning").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore")
@@ -125,6 +167,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             begin = entry["validation"]
     epoch_seconds = statistics.median(clock.seconds.values())
     result = {
+        "meta": meta,
         "epochs": len(clock.seconds),
         "fit_seconds": total,
         "median_epoch_seconds": epoch_seconds,
@@ -135,18 +178,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "cycle_seconds_estimate": [c * epoch_seconds for c in cycles],
         "decisions": [h["action"] for h in history if h["action"] != "continue"],
     }
-    print(f"## PerforatedCallback overhead on the digits job ({result['epochs']} epochs, {total:.1f} s)\n")
-    print("| measure | value |\n|---|---:|")
-    print(f"| median epoch | {epoch_seconds * 1000:.1f} ms |")
-    print(f"| bookkeeping, median share of an epoch | {100 * result['bookkeeping_share_median']:.2f}% (target <= 3%) |")
-    print(
-        f"| bookkeeping, largest share (an epoch with a restructure) | {100 * result['bookkeeping_share_max']:.2f}% |"
-    )
-    print(f"| bookkeeping, whole fit | {result['bookkeeping_seconds_total']:.3f} s |")
-    for i, (n, seconds) in enumerate(zip(cycles, result["cycle_seconds_estimate"], strict=True)):
-        print(f"| cycle {i + 1}: epochs from dendrite-phase start to the next | {n} (~{seconds:.1f} s) |")
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=1))
+    # With --out, what is printed is what was rendered from the saved JSON (the same text).
+    print(save_report(args.out, result, markdown) if args.out is not None else markdown(result))
     return result
 
 

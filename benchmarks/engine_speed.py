@@ -7,6 +7,8 @@ repository root on ``sys.path``)::
     python benchmarks/engine_speed.py                  # full run: about 1 minute on 2 quiet CPU cores
     python benchmarks/engine_speed.py --quick          # smoke test: tiny sizes, 1 thread, a few seconds
     python benchmarks/engine_speed.py --json out.json  # also write every number as JSON
+    python benchmarks/engine_speed.py --out benchmarks/results/engine_speed  # results.json + results.md
+    python benchmarks/engine_speed.py --render --out benchmarks/results/engine_speed  # re-render results.md
 
 Workloads
 ---------
@@ -112,6 +114,7 @@ for _path in (_ROOT, _ROOT / "benchmarks"):  # runnable as `python benchmarks/en
 # runs in perforatedai's own environment); both benchmarks time steps with the same code.
 from _reference_worker import gc_paused as _gc_paused  # noqa: E402
 from _reference_worker import median_step as _time_block  # noqa: E402
+from machine import render_report, run_meta, save_report  # noqa: E402
 
 import pb_lightning as pb  # noqa: E402
 from pb_lightning.layer import CandidatePool  # noqa: E402
@@ -634,78 +637,128 @@ def bench_network(network: Network, settings: Settings) -> NetworkResult:
 
 
 # ---------------------------------------------------------------------------- output
+def build_report(
+    results: list[NetworkResult],
+    stale: list[dict[str, int]],
+    settings: Settings,
+    *,
+    meta: dict[str, Any],
+    seconds: float,
+) -> dict[str, Any]:
+    """Every number of the run as a JSON-serialisable dict: what is saved, and all :func:`markdown` reads."""
+    misses = [row for r in results for row in [*r.neuron, *r.dendrite] if row.ok is False]
+    return {
+        "meta": meta,
+        "environment": {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "threads": torch.get_num_threads(),
+        },
+        "settings": asdict(settings),
+        "networks": [
+            {
+                "network": r.network,
+                "forward_macs": r.flops.forward,
+                "baseline_step_macs": r.flops.baseline(),
+                "layers": [asdict(layer) for layer in r.flops.layers],
+                "baseline_ms": r.baseline_ms,
+                "others_cpu_share": r.others_cpu_share,
+                "neuron_phase": [asdict(row) for row in r.neuron],
+                "dendrite_phase": [asdict(row) for row in r.dendrite],
+                "memory": [asdict(m) | {"total": m.total} for m in r.memory],
+            }
+            for r in results
+        ],
+        "stale_copies": stale,
+        "targets_missed": len(misses),
+        "stale_copies_found": not all(_stale_ok(c) for c in stale),
+        "seconds": seconds,
+    }
+
+
 def _status(ok: bool | None) -> str:
     return "n/a (quick)" if ok is None else ("ok" if ok else "**MISS**")
 
 
-def _spread(row: NeuronRow | DendriteRow) -> str:
-    return f"{row.ratio:.2f}x ({row.ratio_p25:.2f}-{row.ratio_p75:.2f})"
+def _spread(row: dict[str, Any]) -> str:
+    return f"{row['ratio']:.2f}x ({row['ratio_p25']:.2f}-{row['ratio_p75']:.2f})"
 
 
-def print_report(results: list[NetworkResult], stale: list[dict[str, int]], settings: Settings) -> None:
-    """Markdown tables on stdout."""
-    print(f"## pb_lightning engine speed ({'quick smoke run' if settings.quick else 'full run'})\n")
-    print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}; "
-        f"{settings.rounds} interleaved rounds of ~{settings.block_seconds * 1e3:.0f} ms blocks; "
-        "ratios are medians over rounds (interquartile range in brackets).\n"
-    )
-    for r in results:
-        print(
-            f"- `{r.network}`: forward {r.flops.forward / 1e6:.1f} M MACs per batch, unperforated step "
-            f"{r.flops.baseline() / 1e6:.1f} M MACs and {r.baseline_ms:.2f} ms; other processes used "
-            f"{r.others_cpu_share:.0%} of the CPUs while it was timed."
+def markdown(report: dict[str, Any]) -> str:
+    """The Markdown tables, generated from the report alone (so a saved results.json re-renders)."""
+    meta, env, settings, nets = report["meta"], report["environment"], report["settings"], report["networks"]
+    lines = [
+        f"## pb_lightning engine speed ({'quick smoke run' if settings['quick'] else 'full run'})\n",
+        f"- command: `{meta['command']}`",
+        f"- date: {meta['date']}",
+        f"- machine: {meta['machine']}, {meta['cpu_count']} CPUs; torch {meta['torch']}, python {meta['python']}; "
+        f"pb_lightning commit {meta['commit']}\n",
+        f"torch {env['torch']}, {env['threads']} threads, {env['machine']}; "
+        f"{settings['rounds']} interleaved rounds of ~{settings['block_seconds'] * 1e3:.0f} ms blocks; "
+        "ratios are medians over rounds (interquartile range in brackets).\n",
+    ]
+    for r in nets:
+        lines.append(
+            f"- `{r['network']}`: forward {r['forward_macs'] / 1e6:.1f} M MACs per batch, unperforated step "
+            f"{r['baseline_step_macs'] / 1e6:.1f} M MACs and {r['baseline_ms']:.2f} ms; other processes used "
+            f"{r['others_cpu_share']:.0%} of the CPUs while it was timed."
         )
-    if any(r.others_cpu_share > 0.1 for r in results):
-        print("\n**Warning: the machine was busy; these timings measure the neighbours as much as the engine.**")
-    print(
+    if any(r["others_cpu_share"] > 0.1 for r in nets):
+        lines.append("\n**Warning: the machine was busy; these timings measure the neighbours as much as the engine.**")
+    lines += [
         f"\n### Neuron phase: step time vs. the unperforated network "
-        f"(target: measured/ideal <= {_IDEAL_FACTOR}, D=0 overhead <= {_WRAPPER_OVERHEAD - 1:.0%})\n"
-    )
-    print("| network | D | step ms | measured x | FLOP ideal x | measured/ideal | target |")
-    print("|---|---:|---:|---:|---:|---:|---|")
-    for n in (row for r in results for row in r.neuron):
-        print(
-            f"| {n.network} | {n.dendrites} | {n.step_ms:.2f} | {_spread(n)} | {n.ideal:.2f}x | "
-            f"{n.ratio / n.ideal:.2f} | {_status(n.ok)} |"
+        f"(target: measured/ideal <= {_IDEAL_FACTOR}, D=0 overhead <= {_WRAPPER_OVERHEAD - 1:.0%})\n",
+        "| network | D | step ms | measured x | FLOP ideal x | measured/ideal | target |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for n in (row for r in nets for row in r["neuron_phase"]):
+        lines.append(
+            f"| {n['network']} | {n['dendrites']} | {n['step_ms']:.2f} | {_spread(n)} | {n['ideal']:.2f}x | "
+            f"{n['ratio'] / n['ideal']:.2f} | {_status(n['ok'])} |"
         )
-    print(
+    lines += [
         "\n### Dendrite phase: step time with K candidates "
-        f"(ratios vs. the unperforated network; target: measured/ideal <= {_IDEAL_FACTOR})\n"
-    )
-    print("| network | D | K | step ms | measured x | FLOP ideal x | measured/ideal | vs neuron phase D+K | target |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
-    for d in (row for r in results for row in r.dendrite):
-        print(
-            f"| {d.network} | {d.dendrites} | {d.candidates} | {d.step_ms:.2f} | {_spread(d)} | {d.ideal:.2f}x | "
-            f"{d.ratio / d.ideal:.2f} | {d.vs_neuron_phase:.2f}x | {_status(d.ok)} |"
+        f"(ratios vs. the unperforated network; target: measured/ideal <= {_IDEAL_FACTOR})\n",
+        "| network | D | K | step ms | measured x | FLOP ideal x | measured/ideal | vs neuron phase D+K | target |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for d in (row for r in nets for row in r["dendrite_phase"]):
+        lines.append(
+            f"| {d['network']} | {d['dendrites']} | {d['candidates']} | {d['step_ms']:.2f} | {_spread(d)} | "
+            f"{d['ideal']:.2f}x | {d['ratio'] / d['ideal']:.2f} | {d['vs_neuron_phase']:.2f}x | {_status(d['ok'])} |"
         )
-    print("\n### Memory held by one step (parameters + buffers, saved activations, gradients)\n")
-    print(
-        "| network | configuration | params+buffers MB | saved activations MB | gradients MB | total MB | x unperf. |"
-    )
-    print("|---|---|---:|---:|---:|---:|---:|")
-    for r in results:
-        base_total = r.memory[0].total
-        for m in r.memory:
-            print(
-                f"| {m.network} | {m.configuration} | {m.parameters_and_buffers / _MB:.2f} | "
-                f"{m.saved_activations / _MB:.2f} | {m.gradients / _MB:.2f} | {m.total / _MB:.2f} | "
-                f"{m.total / base_total:.2f} |"
+    lines += [
+        "\n### Memory held by one step (parameters + buffers, saved activations, gradients)\n",
+        "| network | configuration | params+buffers MB | saved activations MB | gradients MB | total MB | x unperf. |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in nets:
+        base_total = r["memory"][0]["total"]
+        for m in r["memory"]:
+            lines.append(
+                f"| {m['network']} | {m['configuration']} | {m['parameters_and_buffers'] / _MB:.2f} | "
+                f"{m['saved_activations'] / _MB:.2f} | {m['gradients'] / _MB:.2f} | {m['total'] / _MB:.2f} | "
+                f"{m['total'] / base_total:.2f} |"
             )
-    print(
+    lines += [
         "\n### Stale copies after accept cycles "
         "(`total` = parameter_counts(model)['total']; live = nn.Parameter objects the garbage collector "
-        "finds, created since the check began)\n"
-    )
-    print("| cycle | D | model tensors | model numel | `total` | live tensors | live numel | live pools | |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
-    for c in stale:
-        print(
+        "finds, created since the check began)\n",
+        "| cycle | D | model tensors | model numel | `total` | live tensors | live numel | live pools | |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for c in report["stale_copies"]:
+        lines.append(
             f"| {c['cycle']} | {c['dendrites']} | {c['model_parameter_tensors']} | {c['model_numel']} | "
             f"{c['parameter_counts_total']} | {c['live_parameter_tensors']} | {c['live_numel']} | "
             f"{c['live_candidate_pools']} | {'ok' if _stale_ok(c) else '**STALE**'} |"
         )
+    lines.append(
+        f"\n{report['targets_missed']} speed target(s) missed; "
+        f"stale copies: {'FOUND' if report['stale_copies_found'] else 'none'}; {report['seconds']:.1f} s."
+    )
+    return "\n".join(lines)
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -717,6 +770,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny networks and few repeats (a smoke test)")
     parser.add_argument("--json", type=Path, default=None, help="also write all results to this JSON file")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="write OUT/results.json and OUT/results.md (rendered from the JSON)"
+    )
+    parser.add_argument(
+        "--render", action="store_true", help="run nothing: regenerate OUT/results.md from OUT/results.json"
+    )
     parser.add_argument("--dendrites", type=_ints, default=(0, 1, 2, 4, 8), help="D values (default 0,1,2,4,8)")
     parser.add_argument("--phase-dendrites", type=_ints, default=(0, 2), help="D for the dendrite phase (default 0,2)")
     parser.add_argument("--candidates", type=_ints, default=(1, 4), help="K for the dendrite phase (default 1,4)")
@@ -726,12 +785,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--threads", type=int, default=None, help="torch.set_num_threads (default 2; 1 with --quick, a smoke test)"
     )
     parser.add_argument("--fail-on-miss", action="store_true", help="exit with status 1 if a target is missed")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.render and args.out is None:
+        parser.error("--render needs --out DIR (the directory holding results.json)")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark, print Markdown tables, optionally write JSON; return the exit status."""
+    """Run the benchmark, print the Markdown, optionally save JSON (and Markdown); return the exit status."""
     args = parse_args(argv)
+    if args.render:
+        print(render_report(args.out, markdown))
+        return 0
+    meta = run_meta(argv)
     settings = Settings(
         quick=args.quick,
         dendrites=args.dendrites,
@@ -745,46 +811,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         stale_cycles=2 if args.quick else 4,
     )
     torch.set_num_threads(settings.threads)
+    meta["threads"] = torch.get_num_threads()
     start = time.perf_counter()
     nets = networks(settings.quick)
     # First, while nothing else is alive: the gc census must not see the other benchmark models.
     stale = stale_copy_check(nets[0], cycles=settings.stale_cycles, candidates=2)
     results = [bench_network(network, settings) for network in nets]
-    print_report(results, stale, settings)
-    elapsed = time.perf_counter() - start
-    misses = [row for r in results for row in [*r.neuron, *r.dendrite] if row.ok is False]
-    stale_ok = all(_stale_ok(c) for c in stale)
-    print(f"\n{len(misses)} speed target(s) missed; stale copies: {'none' if stale_ok else 'FOUND'}; {elapsed:.1f} s.")
+    report = build_report(results, stale, settings, meta=meta, seconds=time.perf_counter() - start)
     if args.json is not None:
-        report = {
-            "environment": {
-                "torch": torch.__version__,
-                "python": platform.python_version(),
-                "machine": platform.machine(),
-                "threads": torch.get_num_threads(),
-            },
-            "settings": asdict(settings),
-            "networks": [
-                {
-                    "network": r.network,
-                    "forward_macs": r.flops.forward,
-                    "baseline_step_macs": r.flops.baseline(),
-                    "layers": [asdict(layer) for layer in r.flops.layers],
-                    "baseline_ms": r.baseline_ms,
-                    "others_cpu_share": r.others_cpu_share,
-                    "neuron_phase": [asdict(row) for row in r.neuron],
-                    "dendrite_phase": [asdict(row) for row in r.dendrite],
-                    "memory": [asdict(m) | {"total": m.total} for m in r.memory],
-                }
-                for r in results
-            ],
-            "stale_copies": stale,
-            "targets_missed": len(misses),
-            "stale_copies_found": not stale_ok,
-            "seconds": elapsed,
-        }
         args.json.write_text(json.dumps(report, indent=2))
-    return 1 if args.fail_on_miss and (misses or not stale_ok) else 0
+    # With --out, what is printed is what was rendered from the saved JSON (the same text).
+    print(save_report(args.out, report, markdown) if args.out is not None else markdown(report))
+    failed = report["targets_missed"] > 0 or report["stale_copies_found"]
+    return 1 if args.fail_on_miss and failed else 0
 
 
 if __name__ == "__main__":

@@ -1,14 +1,25 @@
-"""What a benchmark result was measured on: the CPU model and the code's git commit.
+"""What a benchmark result was measured on (CPU model, code commit, command), and how it is saved.
 
-Results are only comparable on the same machine and the same code, so every report names both.
+Results are only comparable on the same machine and the same code, so every report names both,
+and the command that produced it. Reports are saved as JSON and their Markdown is generated from
+that JSON alone, so a published table can always be regenerated from (and checked against) the
+numbers behind it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
+import json
+import os
 import platform
 import subprocess
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
+
+import torch
 
 
 def cpu_model() -> str:
@@ -31,3 +42,44 @@ def git_commit() -> str:
         return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def run_meta(argv: Sequence[str] | None) -> dict[str, Any]:
+    """What every benchmark report records about its run: the command, when, on what, with which code.
+
+    ``argv`` is what the script's ``main`` was given (``None``: the command line), so the command
+    shown is the one that can be pasted to reproduce the report. The date is UTC so that reports
+    from different machines sort together.
+    """
+    args = list(argv) if argv is not None else sys.argv[1:]
+    return {
+        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *args]),
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "uname": " ".join(platform.uname()[:5]),
+        "machine": cpu_model(),
+        "commit": git_commit(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def save_report(out: Path, report: dict[str, Any], markdown: Callable[[dict[str, Any]], str]) -> str:
+    """Write ``out/results.json``, then ``out/results.md`` rendered from that file; return the Markdown.
+
+    The Markdown is generated from the JSON just written, not from the in-memory report, so that
+    what is published is exactly what ``--render`` regenerates from the saved numbers.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(report, indent=1) + "\n"
+    (out / "results.json").write_text(text)
+    rendered = markdown(json.loads(text))
+    (out / "results.md").write_text(rendered + "\n")
+    return rendered
+
+
+def render_report(out: Path, markdown: Callable[[dict[str, Any]], str]) -> str:
+    """Regenerate ``out/results.md`` from ``out/results.json`` (after a change of format); return it."""
+    rendered = markdown(json.loads((out / "results.json").read_text()))
+    (out / "results.md").write_text(rendered + "\n")
+    return rendered

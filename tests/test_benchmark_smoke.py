@@ -8,9 +8,25 @@ from pathlib import Path
 from tests.helpers import run_benchmark
 
 
+def _assert_render_regenerates(script: str, out: Path) -> str:
+    """``--render`` rebuilds results.md from results.json alone, byte for byte; return that Markdown.
+
+    The published tables must be reproducible from the saved numbers, so the file written by the
+    run is deleted and regenerated, and the two must be identical.
+    """
+    written = (out / "results.md").read_text()
+    (out / "results.md").unlink()
+    rendered = run_benchmark(script, "--render", "--out", str(out))
+    assert (out / "results.md").read_text() == written
+    assert written.strip() in rendered.stdout
+    return written
+
+
 def test_engine_speed_quick_run_reports_every_configuration(tmp_path: Path) -> None:
     out = tmp_path / "speed.json"
-    result = run_benchmark("engine_speed.py", "--quick", "--json", str(out))
+    results = tmp_path / "results"
+    args = ("--quick", "--json", str(out), "--out", str(results))
+    result = run_benchmark("engine_speed.py", *args)
     assert "stale copies: none" in result.stdout
     data = json.loads(out.read_text())
     assert data["stale_copies_found"] is False
@@ -18,12 +34,30 @@ def test_engine_speed_quick_run_reports_every_configuration(tmp_path: Path) -> N
     for network in data["networks"]:
         assert network["neuron_phase"]
         assert network["dendrite_phase"]
+    saved = json.loads((results / "results.json").read_text())
+    assert json.dumps(saved["networks"]) == json.dumps(data["networks"])  # NaN-safe (CPU share off Linux)
+    assert saved["meta"]["command"].endswith("engine_speed.py " + " ".join(args))
+    markdown = _assert_render_regenerates("engine_speed.py", results)
+    assert f"- command: `{saved['meta']['command']}`" in markdown
+    assert "| network | D | step ms | measured x | FLOP ideal x | measured/ideal | target |" in markdown
+    assert "stale copies: none" in markdown
+    # What the run printed is what it rendered from the saved JSON.
+    assert result.stdout.strip() == markdown.strip()
 
 
 def test_callback_overhead_quick_run_measures_bookkeeping(tmp_path: Path) -> None:
     out = tmp_path / "overhead.json"
-    run_benchmark("callback_overhead.py", "--quick", "--json", str(out))
+    results = tmp_path / "results"
+    args = ("--quick", "--json", str(out), "--out", str(results))
+    result = run_benchmark("callback_overhead.py", *args)
     data = json.loads(out.read_text())
     assert data["epochs"] == 6
     assert 0 < data["bookkeeping_share_median"] < 1
     assert "start_dendrite_phase" in data["decisions"]
+    saved = json.loads((results / "results.json").read_text())
+    assert saved == data
+    assert saved["meta"]["command"].endswith("callback_overhead.py " + " ".join(args))
+    markdown = _assert_render_regenerates("callback_overhead.py", results)
+    assert f"- command: `{saved['meta']['command']}`" in markdown
+    assert "| measure | value |" in markdown
+    assert markdown.strip() in result.stdout
