@@ -32,6 +32,7 @@ backward, and hands ``−∂J/∂V`` to the candidates' graph. No second backwar
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Protocol
 
 import torch
@@ -60,6 +61,13 @@ def _sum_keeping(x: Tensor, keep: int, count: int) -> Tensor:
     return x.sum(tuple(range(keep))) if keep else x
 
 
+def _float32(t: Tensor) -> Tensor:
+    """``t`` detached, in float32; without a dispatch for what is already so (the common case)."""
+    if t.requires_grad:
+        t = t.detach()
+    return t if t.dtype == torch.float32 else t.float()
+
+
 def batch_moments(v: Tensor, e: Tensor, axis: int) -> Tensor:
     """The batch means of ``V, E, V², E², V·E`` per candidate and neuron: ``[5, K, out]``.
 
@@ -68,7 +76,7 @@ def batch_moments(v: Tensor, e: Tensor, axis: int) -> Tensor:
     tensors' own layout — no flattening copies — and always in float32, whatever the autocast or
     parameter dtype.
     """
-    v, e = v.detach().float(), e.detach().float()
+    v, e = _float32(v), _float32(e)
     k = v.shape[axis]
     # One statement per product, so that each full-size temporary is freed before the next one is
     # made: the allocator then reuses its memory instead of mapping fresh pages every time.
@@ -154,7 +162,7 @@ class CorrelationStatistics(nn.Module):
             moments /= dist.get_world_size(self.process_group)
         # A sum is non-finite exactly when some moment is (or the sum overflows, which the full
         # check below then clears): one reduction instead of a check per element on every step.
-        if not bool(torch.isfinite(moments.sum())):
+        if not math.isfinite(float(moments.sum())):
             finite = torch.isfinite(moments)
             if not bool(finite[[_E, _EE]].all()):
                 self.skipped_steps += 1
@@ -198,7 +206,7 @@ class CorrelationStatistics(nn.Module):
         coef = torch.sign(cov).div_(norm).mul_(-1.0 / p)  # (K, out)
         trailing = e.dim() - axis - 1
         mean_e = self.moments[_E, 0].view(-1, *([1] * trailing))
-        centred = torch.sub(e.detach().float(), mean_e, alpha=scale)  # scale · (E/scale − Ē), (..., out, ...)
+        centred = torch.sub(_float32(e), mean_e, alpha=scale)  # scale · (E/scale − Ē), (..., out, ...)
         return centred.unsqueeze(axis) * coef.view(*coef.shape, *([1] * trailing))
 
 
