@@ -335,7 +335,8 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"Machine: {env['machine']}; {env['cpus']} CPUs, torch threads {results['settings']['threads']}. "
         f"Main environment: Python {env['python']}, torch {env['torch']}, lightning {env['lightning']}, "
-        f"pb_lightning {env['pb_lightning']}. Reference environment: Python {env['reference']['python']}, "
+        f"pb_lightning {env['pb_lightning']} (commit {env.get('commit', 'unknown')}). "
+        f"Reference environment: Python {env['reference']['python']}, "
         f"torch {env['reference']['torch']}, perforatedai {env['reference']['perforatedai']}.",
         "",
         "#### Training the digits MLP (64-8-8-10, Adam lr 0.01, batch 64, monitor val_loss)",
@@ -395,10 +396,11 @@ def markdown(results: dict[str, Any]) -> str:
 
 def _environment(reference: dict[str, str]) -> dict[str, Any]:
     import lightning
-    from machine import cpu_model
+    from machine import cpu_model, git_commit
 
     return {
         "machine": cpu_model(),
+        "commit": git_commit(),
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -424,6 +426,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=None, help="A/B rounds per timing process (default 5; 2)")
     parser.add_argument("--block-seconds", type=float, default=None, help="length of a timed block (0.2; 0.02)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per reference job (default 900; 300)")
+    parser.add_argument(
+        "--render", action="store_true", help="run nothing: regenerate OUTPUT/results.md from OUTPUT/results.json"
+    )
     args = parser.parse_args(argv)
     quick = args.quick
     args.max_epochs = args.max_epochs or (12 if quick else 200)
@@ -447,6 +452,11 @@ def shared_ints(text: str) -> tuple[int, ...]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Set up, train both, time both, write the results; return the exit status."""
     args = parse_args(argv)
+    if args.render:
+        from machine import render_report
+
+        print(render_report(args.output, markdown))
+        return 0
     command = "python benchmarks/reference_package.py" + (" " + shlex.join(argv or sys.argv[1:])).rstrip()
     start = time.perf_counter()
     args.output.mkdir(parents=True, exist_ok=True)
@@ -528,9 +538,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "timing_raw": {"perforatedai": reference_timing, "pb_lightning": pb_timing},
     }
     results["seconds"] = time.perf_counter() - start
-    text = markdown(results)
-    (args.output / "results.json").write_text(json.dumps(results, indent=2))
-    (args.output / "results.md").write_text(text)
+    from machine import save_report
+
+    text = save_report(args.output, results, markdown)  # results.md is rendered from the saved JSON
     print("\n" + text)
     print(f"wrote {args.output / 'results.json'} and results.md; {results['seconds']:.0f} s")
     return 0
