@@ -4,9 +4,9 @@ r"""Accuracy and compression benchmark: do dendrites beat the same network, and 
 Run from the repository root (``pb_lightning`` need not be installed)::
 
     python benchmarks/accuracy.py --quick --out /tmp/acc     # smoke test: < 60 s, digits + spirals
-    python benchmarks/accuracy.py --seeds 5 --out benchmarks/results/accuracy
-    python benchmarks/accuracy.py --datasets digits spirals mnist1d mnist1d_cnn --seeds 3  # the README's run
-    python benchmarks/accuracy.py --datasets fashion --seeds 3                  # slow: minutes per run
+    python benchmarks/accuracy.py --seeds 5 --out benchmarks/results/accuracy   # digits, spirals, MNIST-1D MLPs
+    python benchmarks/accuracy.py --datasets digits spirals mnist1d mnist1d_cnn fashion \
+        --seeds 5 --jobs 2 --out benchmarks/results/accuracy                    # the README's run: ~1 hour
 
 MNIST-1D needs ``pip install mnist1d`` (the ``bench`` extra); Fashion-MNIST needs
 ``apt-get install -y dataset-fashion-mnist``. Nothing is downloaded and nothing is written
@@ -39,10 +39,11 @@ total parameters, dendrite sets per layer, epochs and wall time.
 
 Compression
 -----------
-The MLP families (digits, MNIST-1D) are run at ¼ and ½ of a *full* width; the full-width network
-is also trained without dendrites (variant ``full``). The compression table lists every ¼/½
-variant against it and names the smallest dendritic model whose mean test accuracy reaches the
-full-width baseline's mean minus its std, with its parameter fraction.
+The digits and MNIST-1D MLPs, the MNIST-1D CNNs and the Fashion-MNIST CNN are run at ¼ and/or ½
+of a *full* width; the full-width network is also trained without dendrites (variant ``full``).
+The compression table lists every ¼/½ variant against it and names the smallest dendritic
+model whose mean test accuracy reaches the full-width baseline's mean minus its std, with its
+parameter fraction.
 
 Processes
 ---------
