@@ -133,7 +133,7 @@ def time_against_baseline(
     base: list[float] = []
     seconds: dict[str, list[float]] = {k: [] for k in variants}
     ratios: dict[str, list[float]] = {k: [] for k in variants}
-    load_start = _cpu_seconds()
+    load_start = cpu_seconds()
     wall_start = time.perf_counter()
     with gc_paused():
         for r in range(rounds):
@@ -148,7 +148,7 @@ def time_against_baseline(
                 ratios[key].append(t / (0.5 * (before + after)))
                 before = after
     return {
-        "others_cpu_share": _others_share(load_start, _cpu_seconds(), time.perf_counter() - wall_start),
+        "others_cpu_share": others_share(load_start, cpu_seconds(), time.perf_counter() - wall_start),
         "baseline_ms": 1e3 * statistics.median(base),
         "variants": {
             k: {
@@ -162,7 +162,7 @@ def time_against_baseline(
     }
 
 
-def _cpu_seconds() -> tuple[float, float] | None:
+def cpu_seconds() -> tuple[float, float] | None:
     """Busy CPU seconds of the whole machine and of this process (``None`` off Linux)."""
     try:
         with open("/proc/stat") as f:
@@ -174,7 +174,7 @@ def _cpu_seconds() -> tuple[float, float] | None:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK"), me.user + me.system
 
 
-def _others_share(start: tuple[float, float] | None, end: tuple[float, float] | None, wall: float) -> float:
+def others_share(start: tuple[float, float] | None, end: tuple[float, float] | None, wall: float) -> float:
     """Share of all CPUs that other processes used in between (NaN if unknown).
 
     Timings on a shared machine are only as good as it was quiet; this says how quiet it was.

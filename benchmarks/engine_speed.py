@@ -91,8 +91,6 @@ import argparse
 import contextlib
 import gc
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -112,6 +110,7 @@ for _path in (_ROOT, _ROOT / "benchmarks"):  # runnable as `python benchmarks/en
 
 # The timing primitives live in the reference-package worker, which must stay torch-only (it
 # runs in perforatedai's own environment); both benchmarks time steps with the same code.
+from _reference_worker import cpu_seconds, others_share  # noqa: E402
 from _reference_worker import gc_paused as _gc_paused  # noqa: E402
 from _reference_worker import median_step as _time_block  # noqa: E402
 from machine import render_report, run_meta, save_report  # noqa: E402
@@ -301,18 +300,6 @@ def warm_up(step: Callable[[], None], steps: int) -> float:
     return _time_block(step, steps // 2)
 
 
-def _cpu_seconds() -> tuple[float, float] | None:
-    """Busy CPU seconds of the whole machine and of this process, or ``None`` off Linux."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-    except OSError:
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    me = os.times()
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK"), me.user + me.system
-
-
 @contextlib.contextmanager
 def others_cpu_share(result: dict[str, float]) -> Iterator[None]:
     """Measure which share of all CPUs *other* processes used while the block ran.
@@ -321,16 +308,11 @@ def others_cpu_share(result: dict[str, float]) -> Iterator[None]:
     two threads tenfold (threads wait on each other). The share is reported so that a reader can
     tell a noisy run from a slow engine. Stores ``result["others_cpu_share"]`` (NaN off Linux).
     """
-    start, wall = _cpu_seconds(), time.perf_counter()
+    start, wall = cpu_seconds(), time.perf_counter()
     try:
         yield
     finally:
-        end, wall = _cpu_seconds(), time.perf_counter() - wall
-        share = float("nan")
-        if start is not None and end is not None and wall > 0:
-            others = (end[0] - start[0]) - (end[1] - start[1])
-            share = max(0.0, others / (wall * (os.cpu_count() or 1)))
-        result["others_cpu_share"] = share
+        result["others_cpu_share"] = others_share(start, cpu_seconds(), time.perf_counter() - wall)
 
 
 @dataclass
@@ -649,12 +631,6 @@ def build_report(
     misses = [row for r in results for row in [*r.neuron, *r.dendrite] if row.ok is False]
     return {
         "meta": meta,
-        "environment": {
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "machine": platform.machine(),
-            "threads": torch.get_num_threads(),
-        },
         "settings": asdict(settings),
         "networks": [
             {
@@ -687,14 +663,14 @@ def _spread(row: dict[str, Any]) -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     """The Markdown tables, generated from the report alone (so a saved results.json re-renders)."""
-    meta, env, settings, nets = report["meta"], report["environment"], report["settings"], report["networks"]
+    meta, settings, nets = report["meta"], report["settings"], report["networks"]
     lines = [
         f"## pb_lightning engine speed ({'quick smoke run' if settings['quick'] else 'full run'})\n",
         f"- command: `{meta['command']}`",
         f"- date: {meta['date']}",
         f"- machine: {meta['machine']}, {meta['cpu_count']} CPUs; torch {meta['torch']}, python {meta['python']}; "
         f"pb_lightning commit {meta['commit']}\n",
-        f"torch {env['torch']}, {env['threads']} threads, {env['machine']}; "
+        f"{meta['threads']} torch threads; "
         f"{settings['rounds']} interleaved rounds of ~{settings['block_seconds'] * 1e3:.0f} ms blocks; "
         "ratios are medians over rounds (interquartile range in brackets).\n",
     ]

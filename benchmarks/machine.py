@@ -31,7 +31,11 @@ def cpu_model() -> str:
 
 
 def git_commit() -> str:
-    """The repository's commit (with ``+dirty`` for uncommitted changes), or ``"unknown"``."""
+    """The repository's commit (with ``+dirty`` for uncommitted changes), or ``"unknown"``.
+
+    Changes to ``benchmarks/results/`` do not count: a benchmark run rewrites those tracked files
+    itself, and the next run of the same code must not be reported as modified code.
+    """
     root = Path(__file__).resolve().parent.parent
 
     def git(*args: str) -> str:
@@ -39,7 +43,8 @@ def git_commit() -> str:
 
     try:
         commit = git("rev-parse", "--short=12", "HEAD")
-        return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+        code_changes = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results")
+        return commit + ("+dirty" if code_changes else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 

@@ -57,12 +57,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import io
 import json
 import logging
-import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -394,16 +391,16 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _environment(reference: dict[str, str]) -> dict[str, Any]:
+def _environment(meta: dict[str, Any], reference: dict[str, str]) -> dict[str, Any]:
+    """Both environments, from the run's metadata (:func:`machine.run_meta`) and the worker's report."""
     import lightning
-    from machine import cpu_model, git_commit
 
     return {
-        "machine": cpu_model(),
-        "commit": git_commit(),
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
+        "machine": meta["machine"],
+        "commit": meta["commit"],
+        "cpus": meta["cpu_count"],
+        "python": meta["python"],
+        "torch": meta["torch"],
         "lightning": lightning.__version__,
         "pb_lightning": pb.__version__,
         "reference": reference,
@@ -457,7 +454,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(render_report(args.output, markdown))
         return 0
-    command = "python benchmarks/reference_package.py" + (" " + shlex.join(argv or sys.argv[1:])).rstrip()
+    from machine import run_meta
+
+    meta = run_meta(argv)
     start = time.perf_counter()
     args.output.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="reference-") as scratch:
@@ -527,9 +526,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  alternation {i + 1}/{args.repeats} done", flush=True)
 
     results: dict[str, Any] = {
-        "command": command,
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "environment": _environment(reference),
+        "command": meta["command"],
+        "date": meta["date"],
+        "environment": _environment(meta, reference),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "reference_settings": training[0].get("settings", {}),
         "training": training,
