@@ -16,9 +16,12 @@ an end-of-epoch checkpoint already holds the restructured model and its callback
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import math
+import os
+import zipfile
 from dataclasses import asdict
 from typing import Any, Literal
 
@@ -34,8 +37,8 @@ from torch import Tensor
 from pb_lightning.capacity import CAPACITY_TEST_DENDRITES, CapacityProbe
 from pb_lightning.controller import CycleController, mean_candidate_score
 from pb_lightning.errors import PerforationError, invalid
-from pb_lightning.history import MetricKind, resolve_metric_kind
-from pb_lightning.module import PerforatedModule
+from pb_lightning.history import END, MetricKind, resolve_metric_kind
+from pb_lightning.module import CHECKPOINT_VERSION, PerforatedModule, check_checkpoint_version
 from pb_lightning.phases import (
     accept_dendrites,
     candidate_scores,
@@ -46,6 +49,7 @@ from pb_lightning.phases import (
 from pb_lightning.recorder import RunRecorder
 from pb_lightning.schedule import (
     ACCEPT,
+    HISTORY_KEYS,
     STOP,
     Decision,
     PhaseMachine,
@@ -380,13 +384,63 @@ class PerforatedCallback(Callback):
             if isinstance(callback, EarlyStopping):
                 callback.wait_count = -1 if getattr(callback, "_check_on_train_epoch_end", False) else 0
 
-    # ------------------------------------------------------------------ end of training
+    # ------------------------------------------------------------------ resuming and end of training
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.machine.state.done:
+            # Resumed from a checkpoint written after the machine said "stop" (a run killed after
+            # its last checkpoint, or ``fit(ckpt_path="last")`` on a finished run). That checkpoint
+            # holds the final model; one more epoch would train the global best past itself.
+            rank_zero_info(
+                "pb_lightning: this run had already finished (the checkpoint was written after the final "
+                "decision); no further training. Start a new fit from its weights to train more."
+            )
+            trainer.should_stop = True
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        module: PerforatedModule = pl_module  # type: ignore[assignment]
+        decision = self.controller.finish(module)
+        if decision is None:
+            return
+        rank_zero_info(f"pb_lightning: {decision.reason}.")
+        if decision.restore is not None:
+            # The restored model has other trainable parameters: an optimizer that matches it keeps
+            # the rewritten checkpoint resumable.
+            self._restructure(trainer, module)
+            self._rewrite_last_checkpoints(trainer)
+
+    @staticmethod
+    def _rewrite_last_checkpoints(trainer: pl.Trainer) -> None:
+        """Make ``last.ckpt`` hold the model the run leaves, after the trainer's limits ended it mid-cycle.
+
+        The last checkpoint was written at the end of the last epoch, before the final restore
+        dropped an unfinished cycle's dendrites or candidates: resuming from it, or loading it,
+        would give a different model than the one ``fit`` returned. Rewritten here, it holds the
+        final model and a finished phase machine, so a resume from it trains nothing.
+        """
+        for callback in trainer.checkpoint_callbacks:
+            path = getattr(callback, "last_model_path", "")
+            if getattr(callback, "save_last", None) and path:
+                trainer.save_checkpoint(path, weights_only=bool(getattr(callback, "save_weights_only", False)))
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        path = trainer.ckpt_path
+        if trainer.state.fn != TrainerFn.FITTING or not path or not _is_torn_checkpoint(str(path)):
+            return
+        # torch's own error ("failed finding central directory") names no file. A checkpoint is
+        # torn when a crash interrupts its copy into place (a temporary file on another file
+        # system); resuming from it must fail — never load part of a model.
+        message = (
+            f"pb_lightning: the checkpoint {path} cannot be read: it is truncated or not a checkpoint (was its "
+            "write interrupted by a crash?). Resume from an earlier checkpoint with fit(ckpt_path=...), or "
+            "delete this file and start again."
+        )
+        log.error(message)
+        if hasattr(exception, "add_note"):
+            exception.add_note(message)
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.probe.stop()
         module: PerforatedModule = pl_module  # type: ignore[assignment]
-        decision = self.controller.finish(module)
-        if decision is not None:
-            rank_zero_info(f"pb_lightning: {decision.reason}.")
         extra = []
         if self.capacity_test:
             extra.append("  " + self.probe.summary(self.machine.state.dendrites))
@@ -448,13 +502,31 @@ class PerforatedCallback(Callback):
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
+        controller = self.controller.state_dict()
+        # The machine's per-validation history is a projection of the recorder's rows (one row per
+        # decision, recorded right after it): store it once, as those rows.
+        controller["machine"]["state"]["history"] = []
         return {
-            **self.controller.state_dict(),
+            "version": CHECKPOINT_VERSION,
+            **controller,
             "pending_score": self._pending_score,
             "recorder": self.recorder.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        version = state_dict.get("version", 0)
+        check_checkpoint_version("the PerforatedCallback's checkpoint state", version)
+        if version >= 1:
+            state_dict = copy.deepcopy(state_dict)
+            rows = state_dict.get("recorder", {}).get("rows", [])
+            state_dict["machine"]["state"]["history"] = [
+                {key: row.get(key) for key in HISTORY_KEYS} for row in rows if row.get("action") != END
+            ]
         self.controller.load_state_dict(state_dict)
         self._pending_score = state_dict.get("pending_score")
         self.recorder.load_state_dict(state_dict.get("recorder", {}))
+
+
+def _is_torn_checkpoint(path: str) -> bool:
+    """A local file that ``torch.save`` did not finish: every torch checkpoint is a complete zip archive."""
+    return os.path.isfile(path) and not zipfile.is_zipfile(path)

@@ -8,9 +8,11 @@ whether the trainable parameters changed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from pb_lightning.phases import accept_dendrites, candidate_scores, discard_candidates, in_dendrite_phase
@@ -19,8 +21,13 @@ from pb_lightning.schedule import ACCEPT, RESTORE_GLOBAL_BEST, RETRY, START_DEND
 
 
 def snapshot(model: nn.Module) -> dict[str, Tensor]:
-    """A copy of ``model``'s state dict (weights of a best validation point)."""
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    """A copy of ``model``'s state dict (weights of a best validation point), kept on the CPU.
+
+    Snapshots are only ever restored (``load_state_dict`` copies them back onto the model's
+    device), so holding them in accelerator memory would cost up to two extra models there for
+    nothing.
+    """
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
 def mean_candidate_score(model: nn.Module) -> float | None:
@@ -46,6 +53,8 @@ class CycleController:
         self.machine = machine
         self.phase_best: dict[str, Tensor] | None = None
         self.global_best: dict[str, Tensor] | None = None
+        #: Base seed of the candidates' initialisation (see :meth:`_candidate_rng`).
+        self.candidate_seed: int | None = None
 
     def step(
         self,
@@ -75,12 +84,31 @@ class CycleController:
         if decision.new_global_best and self.phase_best is not None:
             self.global_best = self.phase_best
         if decision.action in (START_DENDRITE_PHASE, RETRY):
-            start_phase(model)
+            with self._candidate_rng(model):
+                start_phase(model)
             restructured = True
         elif decision.action == ACCEPT:
             accept(model)
             restructured = True
         return restructured
+
+    @contextlib.contextmanager
+    def _candidate_rng(self, model: nn.Module) -> Iterator[None]:
+        """Draw the new candidates from a seed of their own: ``base seed + validation count``.
+
+        Candidates are the only random numbers the cycle draws. Taken from the global generator,
+        they would depend on everything else that drew from it since the process started (data
+        loader workers' seeds, dropout, a resumed process's different history), so a run resumed
+        from a checkpoint would grow different candidates than the uninterrupted run. The base
+        seed is fixed at the first dendrite phase (from ``torch.initial_seed()``, so seeded runs
+        are reproducible) and checkpointed; the global generator is left as it was.
+        """
+        if self.candidate_seed is None:
+            self.candidate_seed = torch.initial_seed() % 2**62
+        devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.candidate_seed + self.machine.state.validations)
+            yield
 
     def restore(self, model: nn.Module, which: str) -> None:
         """Load the global-best or phase-best snapshot (dropping candidates first)."""
@@ -102,10 +130,30 @@ class CycleController:
         return decision
 
     def state_dict(self) -> dict[str, Any]:
-        """The machine's plain-data state and the two snapshots (tensors)."""
-        return {"machine": self.machine.state_dict(), "phase_best": self.phase_best, "global_best": self.global_best}
+        """The machine's plain-data state and the snapshots (tensors), each snapshot stored once.
+
+        Right after a cycle is judged (and for the whole first neuron phase) the phase best *is*
+        the global best; the checkpoint then says so instead of holding a second copy.
+        """
+        same = self.phase_best is not None and self.phase_best is self.global_best
+        return {
+            "machine": self.machine.state_dict(),
+            "phase_best": None if same else self.phase_best,
+            "phase_best_is_global_best": same,
+            "global_best": self.global_best,
+            "candidate_seed": self.candidate_seed,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.machine.load_state_dict(state["machine"])
-        self.phase_best = state.get("phase_best")
-        self.global_best = state.get("global_best")
+        self.global_best = _on_cpu(state.get("global_best"))
+        self.candidate_seed = state.get("candidate_seed")
+        if state.get("phase_best_is_global_best", False):
+            self.phase_best = self.global_best
+        else:
+            self.phase_best = _on_cpu(state.get("phase_best"))
+
+
+def _on_cpu(weights: dict[str, Tensor] | None) -> dict[str, Tensor] | None:
+    """Snapshots from checkpoints written before they were kept on the CPU may name a device."""
+    return None if weights is None else {k: v.to("cpu") for k, v in weights.items()}

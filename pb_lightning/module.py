@@ -23,6 +23,10 @@ from pb_lightning.layer import PerforatedLayer
 
 _CHECKPOINT_KEY = "pb_lightning"
 
+#: Format of the ``"pb_lightning"`` record in checkpoints. 0: no ``version`` key (up to 0.1.0);
+#: 1: adds ``version``. Loading accepts every format up to this one; a newer one is refused.
+CHECKPOINT_VERSION = 1
+
 
 class PerforatedModule(pl.LightningModule):
     """A ``LightningModule`` whose network's neurons can grow dendrites.
@@ -125,6 +129,7 @@ class PerforatedModule(pl.LightningModule):
     def perforation_record(self) -> dict[str, Any]:
         """What a checkpoint records about the dendritic structure, as plain data."""
         return {
+            "version": CHECKPOINT_VERSION,
             "layers": [
                 {"name": layer.name, "dendrites": layer.num_dendrites, "candidates": layer.num_candidates}
                 for layer in self.perforated_layers()
@@ -144,6 +149,7 @@ class PerforatedModule(pl.LightningModule):
                 "This checkpoint was not written by a PerforatedModule (it has no 'pb_lightning' record); "
                 "load its weights into the network before perforating it."
             )
+        check_checkpoint_version("the module's 'pb_lightning' record", record.get("version", 0))
         ours = [layer.name for layer in self.perforated_layers()]
         theirs = [layer["name"] for layer in record["layers"]]
         if ours != theirs:
@@ -153,7 +159,11 @@ class PerforatedModule(pl.LightningModule):
             )
         # Layers rebuild their dendrites and candidates from the state dict's shapes as it loads;
         # which parameters the dendrite phase froze is re-applied right after (post hook).
-        self._pending_perforation_state = {"dendrite_phase": record["dendrite_phase"], "frozen": record["frozen"]}
+        self._pending_perforation_state = {
+            "dendrite_phase": record["dendrite_phase"],
+            "frozen": record["frozen"],
+            "layers": record["layers"],
+        }
 
 
 def _apply_pending_perforation_state(module: nn.Module, incompatible_keys: Any) -> None:
@@ -162,4 +172,36 @@ def _apply_pending_perforation_state(module: nn.Module, incompatible_keys: Any) 
     pending = module._pending_perforation_state
     if pending is not None:
         module._pending_perforation_state = None
+        _check_rebuilt_structure(module, pending["layers"])
         phases.load_perforation_state(module, pending)
+
+
+def _check_rebuilt_structure(module: PerforatedModule, recorded: list[dict[str, Any]]) -> None:
+    """The layers rebuild their dendrites from the tensors' shapes; the checkpoint's record must agree.
+
+    A mismatch means the state dict and the record disagree (a hand-edited or mixed checkpoint,
+    or a layer that cannot rebuild what was saved): loading it would give a different model than
+    the one that was trained, so it is an error rather than a surprise later.
+    """
+    rebuilt = {layer.name: (layer.num_dendrites, layer.num_candidates) for layer in module.perforated_layers()}
+    wrong = [
+        f"{entry['name']}: recorded {entry['dendrites']} dendrite sets and {entry['candidates']} candidates, "
+        f"rebuilt {rebuilt.get(entry['name'])}"
+        for entry in recorded
+        if rebuilt.get(entry["name"]) != (entry["dendrites"], entry["candidates"])
+    ]
+    if wrong:
+        raise PerforationError(
+            "The checkpoint's weights do not rebuild the dendritic structure it records: " + "; ".join(wrong)
+        )
+
+
+def check_checkpoint_version(what: str, version: object) -> None:
+    """Refuse a checkpoint written by a newer pb_lightning, whose format this one cannot know."""
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise PerforationError(f"{what} has an invalid format version {version!r}; expected an int >= 0.")
+    if version > CHECKPOINT_VERSION:
+        raise PerforationError(
+            f"{what} has format version {version}, newer than this pb_lightning understands "
+            f"({CHECKPOINT_VERSION}); upgrade pb_lightning to load it."
+        )

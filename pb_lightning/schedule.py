@@ -31,6 +31,9 @@ RETRY = "retry"
 STOP = "stop"
 ACTIONS = (CONTINUE, START_DENDRITE_PHASE, ACCEPT, RETRY, STOP)
 
+#: The fields of each :attr:`PhaseState.history` entry, one per validation.
+HISTORY_KEYS = ("validation", "phase", "score", "candidate_score", "dendrites", "action", "reason")
+
 #: What a decision asks the caller to restore before acting.
 RESTORE_PHASE_BEST = "phase_best"
 RESTORE_GLOBAL_BEST = "global_best"
@@ -207,17 +210,8 @@ class PhaseMachine:
             decision = self._dendrite_step(candidate_score)
         else:
             decision = self._neuron_step(float(score))
-        s.history.append(
-            {
-                "validation": s.validations,
-                "phase": phase,
-                "score": float(score),
-                "candidate_score": candidate_score,
-                "dendrites": s.dendrites,
-                "action": decision.action,
-                "reason": decision.reason,
-            }
-        )
+        values = (s.validations, phase, float(score), candidate_score, s.dendrites, decision.action, decision.reason)
+        s.history.append(dict(zip(HISTORY_KEYS, values, strict=True)))
         return decision
 
     def _neuron_step(self, score: float) -> Decision:

@@ -1,12 +1,17 @@
-"""A run killed at any moment (SIGKILL) and resumed with fit(ckpt_path="last") ends as if never killed."""
+"""A run killed at any point (SIGKILL) and resumed with ``fit(ckpt_path="last")`` ends as if never killed.
+
+The kills are deterministic: ``tests/scripts/kill_resume.py`` sends SIGKILL to itself at a point
+the test names (``PB_KILL_AT``), so each case kills at the same place on every machine. Under
+single-thread deterministic settings the resumed run must end with the uninterrupted run's
+decision history, dendrite counts, epoch count and bit-identical weights.
+"""
 
 from __future__ import annotations
 
-import random
+import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,49 +20,134 @@ import torch
 
 _SCRIPT = Path(__file__).resolve().parent / "scripts" / "kill_resume.py"
 
+# The uninterrupted run (neuron_epochs=2, dendrite_epochs=2, max_dendrites=2; 6 batches an epoch):
+# epochs 0-1 neuron phase (decision at 1: start_dendrite_phase), 2-3 dendrite phase (3: accept),
+# 4-5 neuron phase (5: the cycle improved, start the next dendrite phase), 6-7 dendrite phase
+# (7: accept), 8-9 neuron phase (9: stop, restoring the global best).
+EXPECTED_ACTIONS = {2: "start_dendrite_phase", 4: "accept", 6: "start_dendrite_phase", 8: "accept", 10: "stop"}
 
-def _start(out: Path, *extra: str) -> subprocess.Popen[str]:
+# Kill point -> epochs whose checkpoint the resumed run starts after (None: killed before the first
+# checkpoint, so the resumed run starts from scratch). The resumed run must run exactly the rest:
+# 6 batches for each remaining epoch of the 10, no more (trained past) and no fewer (skipped).
+POINTS = {
+    "batch:0:3": None,  # neuron phase, mid-epoch, before any checkpoint
+    "decided:1": 1,  # the epoch that starts the dendrite phase, before its checkpoint
+    "saved:1": 2,  # ... and after it
+    "batch:2:2": 2,  # mid-dendrite-phase
+    "decided:3": 3,  # the acceptance, before its checkpoint
+    "optimizer:2": 3,  # right after the first acceptance, before the optimizer is rebuilt
+    "saved:3": 4,  # the acceptance, after its checkpoint
+    "batch:5:4": 5,  # the neuron phase after an acceptance, mid-epoch
+    "decided:5": 5,  # the verdict on the first cycle + the second dendrite phase
+    "batch:7:1": 7,  # the second dendrite phase
+    "decided:9": 9,  # the final stop, before its checkpoint
+    "finished": 10,  # after the final stop and its checkpoint
+}
+
+
+def _run(out: Path, *args: str, kill_at: str | None = None) -> subprocess.CompletedProcess[str]:
     out.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen(
-        [sys.executable, str(_SCRIPT), str(out), *extra],
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("PB_KILL_AT", None)
+    if kill_at is not None:
+        env["PB_KILL_AT"] = kill_at
+    return subprocess.run(
+        [sys.executable, str(_SCRIPT), str(out), *args],
         cwd=out,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        env=env,
+        capture_output=True,
         text=True,
+        timeout=600,
+        start_new_session=True,  # its own process group: a kill takes every DDP rank with it
     )
 
 
-def _finish(process: subprocess.Popen[str], out: Path) -> dict[str, Any]:
-    assert process.wait(timeout=600) == 0
+def _result(out: Path) -> dict[str, Any]:
     return torch.load(out / "result.pt", weights_only=True)
 
 
-def _kill_during_epoch(process: subprocess.Popen[str], epoch: int, delay: float) -> None:
-    assert process.stdout is not None
-    for line in process.stdout:
-        if line.strip() == f"EPOCH {epoch}":
-            time.sleep(delay)  # somewhere inside the epoch (or, if it is short, the next one)
-            process.send_signal(signal.SIGKILL)
-            process.wait(timeout=60)
-            return
-    pytest.fail(f"the run ended before epoch {epoch}")
+def _assert_same_run(resumed: dict[str, Any], full: dict[str, Any]) -> None:
+    assert resumed["history"] == full["history"]
+    assert resumed["dendrites"] == full["dendrites"]
+    assert resumed["epochs"] == full["epochs"]
+    assert resumed["weights"].keys() == full["weights"].keys()
+    different = [k for k, v in full["weights"].items() if not torch.equal(resumed["weights"][k], v)]
+    assert not different, f"weights differ from the uninterrupted run's: {different}"
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("full")
-    return _finish(_start(out), out)
+    done = _run(out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = _result(out)
+    result["dir"] = out
+    assert {v: a for v, a in result["history"] if a != "continue"} == EXPECTED_ACTIONS
+    assert result["dendrites"] == [2, 2, 2]
+    return result
 
 
-# Epochs 0-1: neuron phase; 2-3: dendrite phase; 4-5: neuron phase after the first acceptance;
-# 6-7: second dendrite phase; 8-9: last neuron phase, then the machine stops training.
-@pytest.mark.parametrize("epoch", [0, 2, 3, 5, 7])
-def test_killed_and_resumed_run_has_the_same_history_and_structure(
-    epoch: int, uninterrupted: dict[str, Any], tmp_path: Path
+@pytest.mark.slow
+@pytest.mark.parametrize("point", list(POINTS))
+def test_killed_and_resumed_run_ends_exactly_as_the_uninterrupted_one(
+    point: str, uninterrupted: dict[str, Any], tmp_path: Path
 ) -> None:
-    assert uninterrupted["history"].count("accept") == 2
-    _kill_during_epoch(_start(tmp_path), epoch, delay=random.Random(epoch).uniform(0.0, 0.3))
-    resumed = _finish(_start(tmp_path, "--resume"), tmp_path)
-    assert resumed["history"] == uninterrupted["history"]
-    assert resumed["dendrites"] == uninterrupted["dendrites"]
-    assert resumed["epochs"] == uninterrupted["epochs"]
+    killed = _run(tmp_path, kill_at=point)
+    assert killed.returncode == -signal.SIGKILL, f"the run was not killed at {point}: {killed.stderr[-2000:]}"
+    assert not (tmp_path / "result.pt").exists()
+    resumed = _run(tmp_path, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    result = _result(tmp_path)
+    done_epochs = POINTS[point]
+    assert (result["resumed_from"] is None) == (done_epochs is None)
+    assert result["batches_run"] == 6 * (10 - (done_epochs or 0))
+    _assert_same_run(result, uninterrupted)
+
+
+@pytest.mark.slow
+def test_resuming_a_finished_run_trains_nothing_and_keeps_the_weights(
+    uninterrupted: dict[str, Any], tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    __import__("shutil").copytree(uninterrupted["dir"], out)
+    resumed = _run(out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    result = _result(out)
+    assert result["resumed_from"] is not None
+    assert result["batches_run"] == 0
+    assert "this run had already finished" in resumed.stderr
+    _assert_same_run(result, uninterrupted)
+
+
+@pytest.mark.slow
+def test_a_torn_last_checkpoint_fails_with_an_error_naming_the_file(
+    uninterrupted: dict[str, Any], tmp_path: Path
+) -> None:
+    killed = _run(tmp_path, kill_at="write:4")
+    assert killed.returncode == -signal.SIGKILL
+    torn = tmp_path / "ckpt" / "last.ckpt"
+    assert torn.stat().st_size > 0
+    resumed = _run(tmp_path, "--resume")
+    assert resumed.returncode != 0
+    assert not (tmp_path / "result.pt").exists()  # never trained on, never finished from garbage
+    assert f"the checkpoint {torn} cannot be read" in resumed.stderr
+    # The epoch's own checkpoint, written just before last.ckpt, is intact: resuming from it
+    # explicitly (what the error suggests) ends as the uninterrupted run.
+    (epoch_file,) = (tmp_path / "ckpt").glob("epoch=4-*.ckpt")
+    assert "cannot be read" not in _run(tmp_path, "--resume", "--ckpt", str(epoch_file)).stderr
+    _assert_same_run(_result(tmp_path), uninterrupted)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["batch:2:2", "decided:3"])
+def test_killed_and_resumed_ddp_run_ends_exactly_as_the_uninterrupted_one(point: str, tmp_path: Path) -> None:
+    full_dir, killed_dir = tmp_path / "full", tmp_path / "killed"
+    full = _run(full_dir, "--devices", "2")
+    assert full.returncode == 0, full.stderr[-3000:]
+    killed = _run(killed_dir, "--devices", "2", kill_at=point)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    resumed = _run(killed_dir, "--devices", "2", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    result = _result(killed_dir)
+    assert result["resumed_from"] is not None
+    _assert_same_run(result, _result(full_dir))
