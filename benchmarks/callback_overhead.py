@@ -43,11 +43,13 @@ from pb_lightning.demo import DigitsDataModule, DigitsMLP  # noqa: E402
 
 _HOOKS = (
     "on_fit_start",
+    "on_train_start",
     "on_train_epoch_start",
     "on_validation_epoch_start",
     "on_validation_end",
     "on_train_epoch_end",
     "on_before_backward",
+    "on_train_end",
     "on_fit_end",
 )
 

@@ -61,3 +61,17 @@ def test_callback_overhead_quick_run_measures_bookkeeping(tmp_path: Path) -> Non
     assert f"- command: `{saved['meta']['command']}`" in markdown
     assert "| measure | value |" in markdown
     assert markdown.strip() in result.stdout
+
+
+def test_resume_soak_kills_resumes_and_compares(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    result = run_benchmark("resume_soak.py", "--runs", "1", "--seed", "3", "--out", str(results))
+    saved = json.loads((results / "results.json").read_text())
+    assert saved["total"] == 1
+    (run,) = saved["runs"]
+    assert run["killed"]
+    assert run["resumed_ok"]
+    assert saved["exact"] == int(run["exact"]) == int(not run["differences"])
+    markdown = _assert_render_regenerates("resume_soak.py", results)
+    assert f"**{saved['exact']}/1 exact**" in markdown
+    assert markdown.strip() in result.stdout
