@@ -151,6 +151,7 @@ class PerforatedCallback(Callback):
         self._pending_score: float | None = None
         self._statistics_group: Any = None
         self._before_validation: Any = None
+        self._module: PerforatedModule | None = None
         #: The final report (see :func:`pb_lightning.history.final_report`), set when fit ends.
         self.report: dict[str, Any] | None = None
 
@@ -177,6 +178,7 @@ class PerforatedCallback(Callback):
             )
         if stage != "fit":
             return
+        self._module = pl_module
         strategy = trainer.strategy
         if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
             raise PerforationError(
@@ -502,7 +504,9 @@ class PerforatedCallback(Callback):
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
-        controller = self.controller.state_dict()
+        # Lightning writes this state and the module's weights into one checkpoint, in one call:
+        # snapshots equal to those weights are stored by reference to them (see CycleController).
+        controller = self.controller.state_dict(self._module)
         # The machine's per-validation history is a projection of the recorder's rows (one row per
         # decision, recorded right after it): store it once, as those rows.
         controller["machine"]["state"]["history"] = []
@@ -522,7 +526,8 @@ class PerforatedCallback(Callback):
             state_dict["machine"]["state"]["history"] = [
                 {key: row.get(key) for key in HISTORY_KEYS} for row in rows if row.get("action") != END
             ]
-        self.controller.load_state_dict(state_dict)
+        # Lightning restores the module's weights before the callbacks' states.
+        self.controller.load_state_dict(state_dict, self._module)
         self._pending_score = state_dict.get("pending_score")
         self.recorder.load_state_dict(state_dict.get("recorder", {}))
 

@@ -129,29 +129,55 @@ class CycleController:
             self.global_best = self.phase_best
         return decision
 
-    def state_dict(self) -> dict[str, Any]:
-        """The machine's plain-data state and the snapshots (tensors), each snapshot stored once.
+    def state_dict(self, model: nn.Module | None = None) -> dict[str, Any]:
+        """The machine's plain-data state and the snapshots (tensors), none stored twice.
 
-        Right after a cycle is judged (and for the whole first neuron phase) the phase best *is*
-        the global best; the checkpoint then says so instead of holding a second copy.
+        Right after a cycle is judged (and through the first neuron phase) the phase best *is*
+        the global best: it is stored once. With ``model`` — only when the caller saves this state
+        in the same checkpoint as ``model``'s weights, as Lightning does — a snapshot equal to the
+        model's current weights (the best validation was the last one; the final, restored model)
+        is stored as the list of its keys and rebuilt from the loaded weights by
+        :meth:`load_state_dict`, instead of as a second copy of the model.
         """
         same = self.phase_best is not None and self.phase_best is self.global_best
-        return {
-            "machine": self.machine.state_dict(),
-            "phase_best": None if same else self.phase_best,
-            "phase_best_is_global_best": same,
-            "global_best": self.global_best,
-            "candidate_seed": self.candidate_seed,
-        }
+        current = model.state_dict() if model is not None else None
+        state: dict[str, Any] = {"machine": self.machine.state_dict(), "candidate_seed": self.candidate_seed}
+        for name, weights in (("phase_best", None if same else self.phase_best), ("global_best", self.global_best)):
+            if weights is not None and current is not None and _equal_to_model(weights, current):
+                state[name], state[f"{name}_keys_from_model"] = None, list(weights)
+            else:
+                state[name] = weights
+        state["phase_best_is_global_best"] = same
+        return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], model: nn.Module | None = None) -> None:
+        """Restore :meth:`state_dict`'s output; ``model`` must already hold the checkpoint's weights
+        when the state refers to them (``*_keys_from_model``)."""
         self.machine.load_state_dict(state["machine"])
-        self.global_best = _on_cpu(state.get("global_best"))
         self.candidate_seed = state.get("candidate_seed")
-        if state.get("phase_best_is_global_best", False):
-            self.phase_best = self.global_best
-        else:
-            self.phase_best = _on_cpu(state.get("phase_best"))
+        loaded: dict[str, dict[str, Tensor] | None] = {}
+        for name in ("global_best", "phase_best"):
+            keys = state.get(f"{name}_keys_from_model")
+            if keys is None:
+                loaded[name] = _on_cpu(state.get(name))
+                continue
+            if model is None:
+                raise ValueError(f"this state stores its {name} snapshot as the model's weights: pass the model")
+            current = model.state_dict()
+            loaded[name] = {k: current[k].detach().to("cpu", copy=True) for k in keys}
+        self.global_best = loaded["global_best"]
+        self.phase_best = self.global_best if state.get("phase_best_is_global_best", False) else loaded["phase_best"]
+
+
+def _equal_to_model(weights: dict[str, Tensor], current: dict[str, Tensor]) -> bool:
+    """Whether a snapshot holds exactly the model's weights (the model may hold candidates besides)."""
+    extra = current.keys() - weights.keys()
+    if any(".candidates." not in key for key in extra):
+        return False
+    return all(
+        key in current and current[key].shape == value.shape and torch.equal(current[key].cpu(), value)
+        for key, value in weights.items()
+    )
 
 
 def _on_cpu(weights: dict[str, Tensor] | None) -> dict[str, Tensor] | None:

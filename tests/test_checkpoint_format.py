@@ -94,21 +94,36 @@ def test_the_history_and_snapshots_are_stored_once(tmp_path: Path) -> None:
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
     model = DigitsMLP(hidden=4, lr=1e-2)
     _trainer(tmp_path, [callback, checkpoint], max_epochs=2).fit(model, DigitsDataModule())
-    # Epoch 0 ended the first neuron phase: its best became the global best (one snapshot).
-    state = _ckpt_state(next((tmp_path / "ckpt").glob("epoch=0-*.ckpt")))
+    # Epoch 0 ended the first neuron phase: its best became the global best, and the model was
+    # left at it (plus candidates): no snapshot is stored, only which of the weights it is.
+    path = next((tmp_path / "ckpt").glob("epoch=0-*.ckpt"))
+    state = _ckpt_state(path)
     assert state["version"] == CHECKPOINT_VERSION
     assert state["phase_best"] is None
     assert state["phase_best_is_global_best"]
-    assert state["global_best"] is not None
-    assert all(v.device.type == "cpu" for v in state["global_best"].values())
+    assert state["global_best"] is None
+    assert "net.0.module.weight" in state["global_best_keys_from_model"]
+    assert not any(".candidates." in key for key in state["global_best_keys_from_model"])
     assert state["machine"]["state"]["history"] == []
     assert [row["action"] for row in state["recorder"]["rows"]] == ["start_dendrite_phase"]
-    # Loading rebuilds both: the history from the rows, the phase best as the same snapshot.
+    # Loading rebuilds them: the history from the rows, the snapshots from the loaded weights.
+    loaded = DigitsMLP.load_from_checkpoint(path, weights_only=True)
     fresh = _callback(max_dendrites=1)
+    fresh._module = loaded
     fresh.load_state_dict(state)
     assert [h["action"] for h in fresh.machine.state.history] == ["start_dendrite_phase"]
     assert fresh.machine.state.history[0]["score"] == state["recorder"]["rows"][0]["score"]
     assert fresh.controller.phase_best is fresh.controller.global_best
+    weights = loaded.state_dict()
+    assert fresh.controller.global_best.keys() == set(state["global_best_keys_from_model"])
+    for key, value in fresh.controller.global_best.items():
+        assert value.device.type == "cpu"
+        assert torch.equal(value, weights[key])
+    # Later in the cycle (epoch 1: candidates trained, the accepted set not yet judged), the
+    # global best differs from the model and is stored in full.
+    later = _ckpt_state(next((tmp_path / "ckpt").glob("epoch=1-*.ckpt")))
+    assert later["global_best"] is not None
+    assert all(v.device.type == "cpu" for v in later["global_best"].values())
 
 
 def test_snapshots_are_kept_on_the_cpu() -> None:
