@@ -51,6 +51,7 @@ from pb_lightning.schedule import (
     PhaseMachine,
     PhaseSchedule,
 )
+from pb_lightning.scores import as_score, nonfinite_message
 
 log = logging.getLogger(__name__)
 
@@ -285,9 +286,10 @@ class PerforatedCallback(Callback):
                 f"PerforatedCallback(monitor={self.monitor!r}): the metric was not logged during validation (is it "
                 "logged only in training?). Phases switch on a validation score: log it in `validation_step`."
             )
-        score = float(value)
-        if not math.isfinite(score):
-            rank_zero_warn(f"pb_lightning: the monitored {self.monitor} is {score}; it counts as no improvement.")
+        score = as_score(value, f"score (the monitored {self.monitor!r})")
+        message = nonfinite_message(self.monitor, score, f"epoch {trainer.current_epoch}")
+        if message is not None:
+            rank_zero_warn(message)
         if self.capacity_test:
             self.probe.check_finite(self.monitor, score, trainer.current_epoch)
         return score

@@ -1,0 +1,141 @@
+"""Routes a new user takes on their own model (issue 13 defects 5-10): each works or says why."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+import pb_lightning as pb
+from pb_lightning.demo import DigitsDataModule, DigitsMLP
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def _trainer(tmp_path: Path, callbacks: list[pl.Callback], max_epochs: int, **kwargs: Any) -> pl.Trainer:
+    options: dict[str, Any] = {
+        "default_root_dir": tmp_path,
+        "max_epochs": max_epochs,
+        "callbacks": callbacks,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "logger": False,
+        "enable_checkpointing": False,
+        "num_sanity_val_steps": 0,
+    }
+    options.update(kwargs)
+    return pl.Trainer(**options)
+
+
+def _tracker_model(tracker: pb.PerforatedTracker) -> nn.Module:
+    torch.manual_seed(0)
+    model = tracker.initialize(nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3)))
+    tracker.set_optimizer(torch.optim.SGD, lr=0.1)
+    tracker.setup_optimizer(model)
+    return model
+
+
+# ---------------------------------------------------------------------- defect 10 / issue 14 item 6
+def test_the_tracker_shows_its_decisions_when_no_logging_is_configured(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # a plain script: nothing configured
+    tracker = pb.PerforatedTracker("max", pb.PhaseSchedule(neuron_patience=1))
+    model = _tracker_model(tracker)
+    for score in (0.5, 0.4):
+        tracker.add_validation_score(score, model)
+    assert tracker.last_decision is not None
+    assert tracker.last_decision.action == "start_dendrite_phase"
+    err = capsys.readouterr().err
+    assert "validation 2: start_dendrite_phase" in err
+    assert "validation 1" not in err  # "continue" is not announced
+
+    quiet = pb.PerforatedTracker("max", pb.PhaseSchedule(neuron_patience=1), verbose=False)
+    model = _tracker_model(quiet)
+    for score in (0.5, 0.4):
+        quiet.add_validation_score(score, model)
+    assert quiet.last_decision is not None
+    assert quiet.last_decision.action == "start_dendrite_phase"
+    assert capsys.readouterr().err == ""
+
+
+def test_configured_logging_receives_the_tracker_decisions_once(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    records: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    monkeypatch.setattr(logging.getLogger(), "handlers", [Collect()])  # e.g. logging.basicConfig()
+    tracker = pb.PerforatedTracker("max", pb.PhaseSchedule(neuron_patience=1))
+    model = _tracker_model(tracker)
+    for score in (0.5, 0.4):
+        tracker.add_validation_score(score, model)
+    decisions = [r.getMessage() for r in records if "start_dendrite_phase" in r.getMessage()]
+    assert len(decisions) == 1
+    assert capsys.readouterr().err == ""  # not written a second time by the fallback handler
+
+
+@pytest.mark.parametrize(("mode", "bad"), [("max", float("nan")), ("max", float("inf")), ("min", float("-inf"))])
+def test_a_non_finite_tracker_score_is_reported_and_is_never_a_best(mode: str, bad: float) -> None:
+    tracker = pb.PerforatedTracker(mode, pb.PhaseSchedule(neuron_patience=3))
+    model = _tracker_model(tracker)
+    tracker.add_validation_score(0.5, model)
+    with pytest.warns(UserWarning, match=rf"score is {bad}.* at validation 2; it counts as no improvement"):
+        tracker.add_validation_score(bad, model)
+    with pytest.warns(UserWarning, match=r"at epoch 7;"):
+        tracker.add_validation_score(bad, model, epoch=7)
+    state = tracker.machine.state
+    assert state.phase_best == 0.5
+    assert state.wait == 2  # counted as no improvement
+    assert all(math.isfinite(h["score"]) or h["action"] == "continue" for h in state.history)
+
+
+@pytest.mark.parametrize("bad", ["high", None, True, torch.tensor([0.1, 0.2]), 1 + 2j])
+def test_a_tracker_score_that_is_not_a_real_number_is_refused_by_name(bad: Any) -> None:
+    tracker = pb.PerforatedTracker("max")
+    model = _tracker_model(tracker)
+    with pytest.raises(pb.PerforationError, match=r"`score` must be a real number"):
+        tracker.add_validation_score(bad, model)
+    assert tracker.machine.state.validations == 0  # refused before the machine saw it
+
+
+def test_tracker_scores_may_be_tensors_and_numpy_numbers() -> None:
+    import numpy as np
+
+    tracker = pb.PerforatedTracker("max", pb.PhaseSchedule(neuron_patience=5))
+    model = _tracker_model(tracker)
+    for score in (torch.tensor(0.25), np.float32(0.5), 1):
+        tracker.add_validation_score(score, model)
+    assert [h["score"] for h in tracker.machine.state.history] == [0.25, 0.5, 1.0]
+
+
+class _NanAtEpoch1(DigitsMLP):
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        if self.current_epoch == 1:
+            loss = loss * float("nan")
+        self.log("val_loss", loss, sync_dist=True)
+
+
+def test_a_non_finite_callback_score_is_reported_with_its_epoch_and_is_never_a_best(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    callback = pb.PerforatedCallback("val_loss", "min", neuron_patience=5)
+    with pytest.warns(UserWarning, match=r"val_loss is nan at epoch 1; it counts as no improvement"):
+        _trainer(tmp_path, [callback], max_epochs=3).fit(_NanAtEpoch1(hidden=8, lr=1e-2), DigitsDataModule())
+    history = callback.machine.state.history
+    assert math.isnan(history[1]["score"])
+    assert callback.machine.state.phase_best is not None
+    assert math.isfinite(callback.machine.state.phase_best)
+    assert callback.best_score is not None
+    assert math.isfinite(callback.best_score)
