@@ -196,10 +196,44 @@ class PerforatedCallback(Callback):
             # A group of its own for the candidates' statistics: its all-reduce runs inside the
             # backward pass, and must not queue up behind DDP's gradient buckets on the default group.
             self._statistics_group = torch.distributed.new_group()
+        self._check_early_stopping(trainer)
         if self.capacity_test and trainer.max_epochs is not None and 0 <= trainer.max_epochs < CAPACITY_TEST_EPOCHS:
             raise invalid(
                 "Trainer.max_epochs", trainer.max_epochs, f">= {CAPACITY_TEST_EPOCHS} (or -1) for capacity_test=True"
             )
+
+    def _check_early_stopping(self, trainer: pl.Trainer) -> None:
+        """Warn when an EarlyStopping can end the run before a neuron phase has ended.
+
+        EarlyStopping counts validations without improvement just as the neuron phase does; with
+        a smaller patience it stops the run inside the first neuron phase, and no dendrite is ever
+        added, while the run only reports that it "ended in the first neuron phase". After each
+        restructure its counter is reset (:meth:`_forgive_early_stopping`), but the first
+        validation of a new neuron phase may still count for it and not for the phase, hence one
+        validation of margin. An EarlyStopping that checks before this callback decides (at
+        validation end, or listed before it) sees each validation first: one more.
+        """
+        schedule = self.schedule
+        if schedule.neuron_epochs is not None:
+            length, setting = schedule.neuron_epochs, f"neuron_epochs={schedule.neuron_epochs}"
+        else:
+            length, setting = schedule.neuron_patience + 1, f"neuron_patience={schedule.neuron_patience}"
+        length = max(length, schedule.warmup_epochs)
+        for stopper in trainer.early_stopping_callbacks:
+            on_epoch_end = stopper._check_on_train_epoch_end
+            if on_epoch_end is None:  # EarlyStopping.setup decides it the same way, maybe after us
+                on_epoch_end = trainer.val_check_interval == 1.0 and trainer.check_val_every_n_epoch == 1
+            first = not on_epoch_end or trainer.callbacks.index(stopper) < trainer.callbacks.index(self)
+            needed = length + int(first)
+            if stopper.patience < needed:
+                order = " and checks before PerforatedCallback decides" if first else ""
+                rank_zero_warn(
+                    f"pb_lightning: EarlyStopping(monitor={stopper.monitor!r}, patience={stopper.patience}){order} "
+                    f"can stop training before PerforatedCallback({setting}"
+                    + (f", warmup_epochs={schedule.warmup_epochs}" if schedule.warmup_epochs else "")
+                    + ") ends a neuron phase, so no dendrites would be added. Set EarlyStopping's patience to at "
+                    f"least {needed}, or lower the callback's {setting.split('=')[0]}."
+                )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.limit_val_batches == 0 or not is_overridden("validation_step", pl_module):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -139,3 +140,50 @@ def test_a_non_finite_callback_score_is_reported_with_its_epoch_and_is_never_a_b
     assert math.isfinite(callback.machine.state.phase_best)
     assert callback.best_score is not None
     assert math.isfinite(callback.best_score)
+
+
+# ---------------------------------------------------------------------- defect 5
+class _Stalled(DigitsMLP):
+    """A validation score that never improves after the first epoch: patience decides everything."""
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self.log("val_loss", torch.tensor(1.0), sync_dist=True)
+
+
+def _early_stopping_run(tmp_path: Path, patience: int, *, first: bool = False) -> tuple[pb.PerforatedCallback, list]:
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    pl.seed_everything(0)
+    callback = pb.PerforatedCallback("val_loss", "min", neuron_patience=3, dendrite_epochs=1)
+    stopper = EarlyStopping("val_loss", patience=patience, mode="min")
+    callbacks: list[pl.Callback] = [stopper, callback] if first else [callback, stopper]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _trainer(tmp_path, callbacks, max_epochs=6, limit_train_batches=2).fit(
+            _Stalled(hidden=8, lr=1e-2), DigitsDataModule()
+        )
+    return callback, [str(w.message) for w in caught if "EarlyStopping" in str(w.message)]
+
+
+def test_an_early_stopping_that_would_end_the_first_neuron_phase_is_named_at_setup(tmp_path: Path) -> None:
+    callback, warned = _early_stopping_run(tmp_path, patience=2)
+    assert len(warned) == 1
+    assert "EarlyStopping(monitor='val_loss', patience=2)" in warned[0]
+    assert "neuron_patience=3" in warned[0]
+    assert "patience to at least 4" in warned[0]
+    # What it warned about is what happens: the run ended inside the first neuron phase.
+    assert [h["action"] for h in callback.machine.state.history if h["action"] != "continue"] == []
+
+
+def test_an_early_stopping_with_enough_patience_lets_the_cycle_run_and_is_not_warned_about(tmp_path: Path) -> None:
+    callback, warned = _early_stopping_run(tmp_path, patience=4)
+    assert warned == []
+    actions = [h["action"] for h in callback.machine.state.history]
+    assert "start_dendrite_phase" in actions
+
+
+def test_an_early_stopping_listed_before_the_callback_needs_one_more_validation(tmp_path: Path) -> None:
+    _, warned = _early_stopping_run(tmp_path, patience=4, first=True)
+    assert len(warned) == 1
+    assert "checks before PerforatedCallback decides" in warned[0]
+    assert "at least 5" in warned[0]
