@@ -478,7 +478,9 @@ class PerforatedCallback(Callback):
             buffer.seek(0)
             fresh = type(module).load_from_checkpoint(buffer, map_location=module.device, weights_only=True)
         except Exception as error:  # the capacity test reports what failed instead of stopping
-            self.probe.problems.append(f"a checkpoint saved after restructuring did not load: {error!r}")
+            problem = f"a checkpoint saved after restructuring did not load: {error!r}"
+            if problem not in self.probe.problems:  # the same failure at every restructure: say it once
+                self.probe.problems.append(problem)
             return
         self.probe.compare(module, fresh)
 

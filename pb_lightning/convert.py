@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import importlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Union
@@ -37,10 +38,48 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (
 )
 
 
+#: How a module type is written as a string selector: ``"type:torch.nn.Linear"``.
+TYPE_PREFIX = "type:"
+
+
+def type_selector(cls: type[nn.Module]) -> str | None:
+    """``cls`` as a string selector that :func:`perforate` resolves back to it (None if it cannot be).
+
+    Checkpoints store hyperparameters as plain data: a class in them fails to load with
+    ``weights_only=True``, so :class:`~pb_lightning.module.PerforatedModule` stores this instead.
+    """
+    name = f"{TYPE_PREFIX}{cls.__module__}.{cls.__qualname__}"
+    try:
+        return name if _resolve_type(name, "include") is cls else None
+    except PerforationError:
+        return None  # a class defined inside a function, or in a module that cannot be imported
+
+
+def _resolve_type(selector: str, argument: str) -> type[nn.Module]:
+    """The module type named by ``"type:package.module.Class"``."""
+    path = selector[len(TYPE_PREFIX) :]
+    parts = path.split(".")
+    for split in range(len(parts) - 1, 0, -1):  # the longest importable module prefix
+        try:
+            found: object = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        try:
+            for attribute in parts[split:]:
+                found = getattr(found, attribute)
+        except AttributeError:
+            break
+        if isinstance(found, type) and issubclass(found, nn.Module):
+            return found
+        break
+    raise invalid(argument, selector, "'type:' followed by the importable name of an nn.Module class")
+
+
 def _as_list(selectors: Selectors | None, argument: str) -> list[Selector]:
     if selectors is None:
         return []
     items = list(selectors) if isinstance(selectors, (list, tuple)) else [selectors]
+    items = [_resolve_type(i, argument) if isinstance(i, str) and i.startswith(TYPE_PREFIX) else i for i in items]
     for item in items:
         ok = isinstance(item, str) or callable(item)
         if isinstance(item, type) and not issubclass(item, nn.Module):
@@ -126,7 +165,8 @@ def perforate(
         include: which modules to perforate: module types, globs over qualified names
             (``"encoder.*"``), or filters ``filter(module, name) -> bool``; a module is selected if
             any of them matches. Default: every ``nn.Linear`` and ``nn.Conv1d/2d/3d``. A selected
-            module is wrapped whole; modules inside it are not visited.
+            module is wrapped whole; modules inside it are not visited. A type may also be given
+            as a string, ``"type:torch.nn.Linear"`` (for configuration files and checkpoints).
         exclude: modules never to perforate, in the same forms (it wins over ``include``).
         config: the engine configuration shared by all layers (default :class:`DendriteConfig()`).
         neuron_axes: for modules other than Linear and Conv, the axis of their output that indexes

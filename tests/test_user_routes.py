@@ -187,3 +187,75 @@ def test_an_early_stopping_listed_before_the_callback_needs_one_more_validation(
     assert len(warned) == 1
     assert "checks before PerforatedCallback decides" in warned[0]
     assert "at least 5" in warned[0]
+
+
+# ---------------------------------------------------------------------- defect 8
+class _TypedSelectors(pb.PerforatedModule):
+    """The README's routes together: module types in perforate_include and save_hyperparameters()."""
+
+    def __init__(self, include: tuple = (nn.Linear,), exclude: list | None = None, hidden: int = 8) -> None:
+        super().__init__(perforate_include=include, perforate_exclude=exclude)
+        self.save_hyperparameters()
+        self.net = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y), sync_dist=True)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.Adam(self.dendrite_parameter_groups(candidate_lr=0.1), lr=1e-2)
+
+
+def test_module_types_in_perforate_include_survive_a_weights_only_checkpoint(tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    pl.seed_everything(0)
+    model = _TypedSelectors(include=(nn.Linear,), exclude=[nn.Conv2d, "net.2"])
+    callback = pb.PerforatedCallback("val_loss", "min", neuron_epochs=1, dendrite_epochs=1, max_dendrites=1)
+    saver = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = _trainer(tmp_path, [callback, saver], max_epochs=3, limit_train_batches=2, enable_checkpointing=True)
+    trainer.fit(model, DigitsDataModule())
+    assert model.hparams["include"] == (nn.Linear,)  # the live module keeps what it was given
+    loaded = _TypedSelectors.load_from_checkpoint(tmp_path / "last.ckpt", weights_only=True)
+    assert loaded.hparams["include"] == ("type:torch.nn.modules.linear.Linear",)
+    assert loaded.hparams["exclude"] == ["type:torch.nn.modules.conv.Conv2d", "net.2"]
+    assert [(la.name, la.num_dendrites) for la in loaded.perforated_layers()] == [("net.0", 1)]
+    x = torch.randn(5, 64)
+    model.eval()
+    loaded.eval()
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+def test_type_strings_select_like_types_and_bad_ones_are_named() -> None:
+    by_type = pb.perforate(nn.Sequential(nn.Linear(3, 4), nn.Conv1d(4, 4, 1)), include=[nn.Conv1d])
+    by_name = pb.perforate(nn.Sequential(nn.Linear(3, 4), nn.Conv1d(4, 4, 1)), include=["type:torch.nn.Conv1d"])
+    assert [la.name for la in pb.perforated_layers(by_name)] == [la.name for la in pb.perforated_layers(by_type)]
+    assert [la.name for la in pb.perforated_layers(by_name)] == ["1"]
+    with pytest.raises(pb.PerforationError, match=r"`include` must be 'type:' .* got 'type:torch.nn.Nope'"):
+        pb.perforate(nn.Sequential(nn.Linear(3, 4)), include=["type:torch.nn.Nope"])
+    with pytest.raises(pb.PerforationError, match=r"`exclude` must be 'type:'"):
+        pb.perforate(nn.Sequential(nn.Linear(3, 4)), exclude=["type:torch.nn.functional.relu"])
+
+
+def test_the_capacity_test_passes_with_typed_selectors_and_says_a_failure_once(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    callback = pb.PerforatedCallback("val_loss", "min", capacity_test=True)
+    _trainer(tmp_path, [callback], max_epochs=7, limit_train_batches=2).fit(_TypedSelectors(), DigitsDataModule())
+    assert callback.capacity_problems == []
+
+    class Unloadable(_TypedSelectors):  # an argument left out of the hyperparameters: cannot be rebuilt
+        def __init__(self, required: int) -> None:
+            super().__init__()
+            self.save_hyperparameters(ignore=["required"])
+
+    callback = pb.PerforatedCallback("val_loss", "min", capacity_test=True)
+    _trainer(tmp_path, [callback], max_epochs=7, limit_train_batches=2).fit(Unloadable(1), DigitsDataModule())
+    assert len(callback.capacity_problems) == 1
+    assert "checkpoint saved after restructuring did not load" in callback.capacity_problems[0]
