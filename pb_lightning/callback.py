@@ -210,8 +210,9 @@ class PerforatedCallback(Callback):
         added, while the run only reports that it "ended in the first neuron phase". After each
         restructure its counter is reset (:meth:`_forgive_early_stopping`), but the first
         validation of a new neuron phase may still count for it and not for the phase, hence one
-        validation of margin. An EarlyStopping that checks before this callback decides (at
-        validation end, or listed before it) sees each validation first: one more.
+        validation of margin. At the end of a training epoch Lightning runs EarlyStopping after
+        the other callbacks, so after this callback's decision; an EarlyStopping that checks at
+        validation end instead sees each validation before the decision: one more.
         """
         schedule = self.schedule
         if schedule.neuron_epochs is not None:
@@ -223,10 +224,9 @@ class PerforatedCallback(Callback):
             on_epoch_end = stopper._check_on_train_epoch_end
             if on_epoch_end is None:  # EarlyStopping.setup decides it the same way, maybe after us
                 on_epoch_end = trainer.val_check_interval == 1.0 and trainer.check_val_every_n_epoch == 1
-            first = not on_epoch_end or trainer.callbacks.index(stopper) < trainer.callbacks.index(self)
-            needed = length + int(first)
+            needed = length + int(not on_epoch_end)
             if stopper.patience < needed:
-                order = " and checks before PerforatedCallback decides" if first else ""
+                order = "" if on_epoch_end else " (checking at validation end, before PerforatedCallback decides)"
                 rank_zero_warn(
                     f"pb_lightning: EarlyStopping(monitor={stopper.monitor!r}, patience={stopper.patience}){order} "
                     f"can stop training before PerforatedCallback({setting}"

@@ -150,12 +150,15 @@ class _Stalled(DigitsMLP):
         self.log("val_loss", torch.tensor(1.0), sync_dist=True)
 
 
-def _early_stopping_run(tmp_path: Path, patience: int, *, first: bool = False) -> tuple[pb.PerforatedCallback, list]:
+def _early_stopping_run(
+    tmp_path: Path, patience: int, *, first: bool = False, at_validation_end: bool = False
+) -> tuple[pb.PerforatedCallback, list]:
     from lightning.pytorch.callbacks import EarlyStopping
 
     pl.seed_everything(0)
     callback = pb.PerforatedCallback("val_loss", "min", neuron_patience=3, dendrite_epochs=1)
-    stopper = EarlyStopping("val_loss", patience=patience, mode="min")
+    on_epoch_end = False if at_validation_end else None
+    stopper = EarlyStopping("val_loss", patience=patience, mode="min", check_on_train_epoch_end=on_epoch_end)
     callbacks: list[pl.Callback] = [stopper, callback] if first else [callback, stopper]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -175,18 +178,27 @@ def test_an_early_stopping_that_would_end_the_first_neuron_phase_is_named_at_set
     assert [h["action"] for h in callback.machine.state.history if h["action"] != "continue"] == []
 
 
-def test_an_early_stopping_with_enough_patience_lets_the_cycle_run_and_is_not_warned_about(tmp_path: Path) -> None:
-    callback, warned = _early_stopping_run(tmp_path, patience=4)
+@pytest.mark.parametrize("first", [False, True])
+def test_an_early_stopping_with_enough_patience_lets_the_cycle_run_and_is_not_warned_about(
+    tmp_path: Path, first: bool
+) -> None:
+    # Lightning runs EarlyStopping after the other callbacks at epoch end: the list order does not matter.
+    callback, warned = _early_stopping_run(tmp_path, patience=4, first=first)
     assert warned == []
     actions = [h["action"] for h in callback.machine.state.history]
     assert "start_dendrite_phase" in actions
 
 
-def test_an_early_stopping_listed_before_the_callback_needs_one_more_validation(tmp_path: Path) -> None:
-    _, warned = _early_stopping_run(tmp_path, patience=4, first=True)
+def test_an_early_stopping_checking_at_validation_end_needs_one_more_validation(tmp_path: Path) -> None:
+    _, warned = _early_stopping_run(tmp_path, patience=4, at_validation_end=True)
     assert len(warned) == 1
-    assert "checks before PerforatedCallback decides" in warned[0]
+    assert "checking at validation end, before PerforatedCallback decides" in warned[0]
     assert "at least 5" in warned[0]
+    # With patience = neuron_patience it does stop the run before the first dendrite phase.
+    callback, warned = _early_stopping_run(tmp_path, patience=3, at_validation_end=True)
+    assert len(warned) == 1
+    assert callback.machine.state.dendrites == 0
+    assert all(h["phase"] == "neuron" for h in callback.machine.state.history)  # no dendrite phase ran
 
 
 # ---------------------------------------------------------------------- defect 8
