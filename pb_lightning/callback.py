@@ -36,6 +36,7 @@ from pb_lightning.controller import CycleController, mean_candidate_score
 from pb_lightning.errors import PerforationError, invalid
 from pb_lightning.history import MetricKind, resolve_metric_kind
 from pb_lightning.module import PerforatedModule
+from pb_lightning.optimizer_state import OptimizerStateCarrier, OptimizerStateMode, check_optimizer_state
 from pb_lightning.phases import (
     accept_dendrites,
     candidate_scores,
@@ -85,6 +86,12 @@ class PerforatedCallback(Callback):
             the remaining error; ``"auto"`` guesses from the monitor's name (``*acc*``, ``*err*``).
         output_dir: where to write ``pb_history.json``, ``pb_report.json`` and
             ``pb_history.png``; default: the logger's directory (no logger: no files).
+        optimizer_state: what the optimizer rebuilt after each restructure starts from.
+            ``"reset"`` (the reference method): a fresh optimizer — Adam's moments and step count
+            at zero — and schedulers from their first epoch, so a cosine schedule over
+            ``max_epochs`` restarts at every switch. ``"carry"``: parameters that persist keep
+            their optimizer state (by name), new parameters start fresh, and each scheduler
+            continues where it was (see :mod:`pb_lightning.optimizer_state`).
 
     Example::
 
@@ -111,8 +118,11 @@ class PerforatedCallback(Callback):
         capacity_test: bool = False,
         metric_kind: MetricKind = "auto",
         output_dir: str | None = None,
+        optimizer_state: OptimizerStateMode = "reset",
     ) -> None:
         super().__init__()
+        self.optimizer_state = check_optimizer_state(optimizer_state)
+        self._carrier = OptimizerStateCarrier()
         if not isinstance(monitor, str) or not monitor:
             raise invalid("monitor", monitor, "the name of a logged validation metric")
         if not isinstance(capacity_test, bool):
@@ -251,6 +261,7 @@ class PerforatedCallback(Callback):
         self._probe_shapes(pl_module)
         self.recorder.start(trainer, pl_module, self._hyperparameters(pl_module))
         self._check_optimizer_coverage(trainer, pl_module)
+        self._carrier.track(pl_module, trainer.optimizers)
         self._install_progress_bar_metrics(trainer)
         if self._statistics_group is not None:
             set_statistics_group(pl_module, self._statistics_group)
@@ -384,11 +395,20 @@ class PerforatedCallback(Callback):
             # DDP's reducer only knows the parameters that required grad when it was built: re-wrap.
             strategy.model = strategy.lightning_module
             strategy.configure_ddp()
+        carry = self.optimizer_state == "carry"
+        if carry:
+            self._carrier.before_rebuild(module, trainer.optimizers, self._schedulers(trainer))
         strategy.setup_optimizers(trainer)
+        if carry:
+            self._carrier.after_rebuild(module, trainer.optimizers, self._schedulers(trainer))
         self._check_optimizer_coverage(trainer, module)
         self._forgive_early_stopping(trainer)
         if self.capacity_test:
             self._check_checkpoint_round_trip(trainer, module)
+
+    @staticmethod
+    def _schedulers(trainer: pl.Trainer) -> list[Any]:
+        return [config.scheduler for config in trainer.lr_scheduler_configs]
 
     def _check_optimizer_coverage(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         held = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
@@ -486,13 +506,17 @@ class PerforatedCallback(Callback):
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             **self.controller.state_dict(),
             "pending_score": self._pending_score,
             "recorder": self.recorder.state_dict(),
         }
+        if self.optimizer_state == "carry":  # the network's moments, kept while a dendrite phase runs
+            state["optimizer_carry"] = self._carrier.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.controller.load_state_dict(state_dict)
+        self._carrier.load_state_dict(state_dict.get("optimizer_carry", {}))
         self._pending_score = state_dict.get("pending_score")
         self.recorder.load_state_dict(state_dict.get("recorder", {}))

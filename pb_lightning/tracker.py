@@ -35,6 +35,7 @@ from pb_lightning.config import DendriteConfig
 from pb_lightning.controller import CycleController, mean_candidate_score
 from pb_lightning.convert import perforate, perforated_layers
 from pb_lightning.errors import PerforationError, invalid
+from pb_lightning.optimizer_state import OptimizerStateCarrier, OptimizerStateMode, check_optimizer_state
 from pb_lightning.phases import accept_dendrites, parameter_groups
 from pb_lightning.schedule import Decision, PhaseMachine, PhaseSchedule
 from pb_lightning.scores import as_score, nonfinite_message
@@ -77,6 +78,10 @@ class PerforatedTracker:
             finite scores, then report (:attr:`capacity_report`).
         weight_decay: weight decay of the optimizer's parameter groups (never on dendrite output weights).
         candidate_lr: learning rate of the candidates (default: the optimizer's).
+        optimizer_state: ``"reset"`` (default, the reference method): :meth:`setup_optimizer`
+            builds a fresh optimizer and scheduler after each restructure. ``"carry"``: the
+            parameters that persist keep their optimizer state (by name), new ones start fresh,
+            and the scheduler continues where the previous one was.
         verbose: log every phase decision at INFO (shown on stderr when the application
             configures no logging, see the module docstring); ``False`` logs them at DEBUG.
 
@@ -100,6 +105,7 @@ class PerforatedTracker:
         capacity_test: bool = False,
         weight_decay: float = 0.0,
         candidate_lr: float | None = None,
+        optimizer_state: OptimizerStateMode = "reset",
         verbose: bool = True,
     ) -> None:
         if not isinstance(capacity_test, bool):
@@ -119,6 +125,9 @@ class PerforatedTracker:
         self.weight_decay = weight_decay
         self.candidate_lr = candidate_lr
         self.verbose = verbose
+        self.optimizer_state = check_optimizer_state(optimizer_state)
+        self._carrier = OptimizerStateCarrier()
+        self._current_scheduler: Any = None
         self.probe = CapacityProbe()
         #: The decision taken on the latest validation score (None before the first).
         self.last_decision: Decision | None = None
@@ -159,11 +168,19 @@ class PerforatedTracker:
         groups = parameter_groups(model, weight_decay=self.weight_decay, candidate_lr=self.candidate_lr)
         if not groups:
             raise PerforationError("The model has no trainable parameters in this phase.")
+        carry = self.optimizer_state == "carry" and self._current is not None
+        old_schedulers = [] if self._current_scheduler is None else [self._current_scheduler]
+        if carry:
+            self._carrier.before_rebuild(model, [self._current], old_schedulers)
         optimizer = cls(groups, **kwargs)
         scheduler = None
         if self._scheduler is not None:
             scheduler = self._scheduler[0](optimizer, **self._scheduler[1])
-        self._current = optimizer
+        if carry:
+            self._carrier.after_rebuild(model, [optimizer], [] if scheduler is None else [scheduler])
+        else:
+            self._carrier.track(model, [optimizer])
+        self._current, self._current_scheduler = optimizer, scheduler
         return optimizer, scheduler
 
     # ------------------------------------------------------------------ step 5
@@ -235,7 +252,11 @@ class PerforatedTracker:
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
         """The phase machine's state and the best-weight snapshots (save it with the model's)."""
-        return self.controller.state_dict()
+        state = self.controller.state_dict()
+        if self.optimizer_state == "carry":
+            state["optimizer_carry"] = self._carrier.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.controller.load_state_dict(state)
+        self._carrier.load_state_dict(state.get("optimizer_carry", {}))
