@@ -456,6 +456,7 @@ class PerforatedCallback(Callback):
             "pb_lightning/monitor": self.monitor,
             "pb_lightning/mode": self.mode,
             "pb_lightning/capacity_test": self.capacity_test,
+            "pb_lightning/optimizer_state": self.optimizer_state,
         }
         hparams.update({f"pb_lightning/schedule/{k}": v for k, v in asdict(self.schedule).items()})
         config = getattr(pl_module, "dendrite_config", None)

@@ -574,3 +574,27 @@ def test_a_perforated_module_takes_with_norm_as_a_bool_or_a_mapping(with_norm: A
 def test_a_bad_with_norm_is_named(bad: Any) -> None:
     with pytest.raises(pb.PerforationError, match=r"`with_norm` must be a bool or a mapping"):
         _ResNetModule(with_norm=bad)
+
+
+def test_carry_survives_a_resume_from_a_mid_dendrite_phase_checkpoint(tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(max_epochs: int, ckpt_path: str | None) -> _OptimizerSpy:
+        pl.seed_everything(0)
+        spy = _OptimizerSpy()
+        callback = pb.PerforatedCallback(
+            "val_loss", "min", neuron_epochs=2, dendrite_epochs=2, max_dendrites=1, optimizer_state="carry"
+        )
+        saver = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+        trainer = _trainer(
+            tmp_path, [spy, callback, saver], max_epochs=max_epochs, limit_train_batches=3, enable_checkpointing=True
+        )
+        model = _CosineAdam(hidden=8, lr=1e-2, dendrites=pb.DendriteConfig(warmup_steps=0))
+        trainer.fit(model, DigitsDataModule(), ckpt_path=ckpt_path)
+        return spy
+
+    run(3, None)  # stops (max_epochs) after the first epoch of the dendrite phase
+    resumed = run(5, str(tmp_path / "last.ckpt"))
+    # Epoch 3 ends the dendrite phase; in epoch 4 the network's Adam state goes on from its 6 steps.
+    assert [s["network"] for s in resumed.steps] == [None, 9]
+    assert [s["w"] for s in resumed.steps] == [None, 3]
