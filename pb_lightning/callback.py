@@ -39,6 +39,7 @@ from pb_lightning.controller import CycleController, mean_candidate_score
 from pb_lightning.errors import PerforationError, invalid
 from pb_lightning.history import END, MetricKind, resolve_metric_kind
 from pb_lightning.module import CHECKPOINT_VERSION, PerforatedModule, check_checkpoint_version
+from pb_lightning.optimizer_state import OptimizerStateCarrier, OptimizerStateMode, check_optimizer_state
 from pb_lightning.phases import (
     accept_dendrites,
     candidate_scores,
@@ -55,6 +56,7 @@ from pb_lightning.schedule import (
     PhaseMachine,
     PhaseSchedule,
 )
+from pb_lightning.scores import as_score, nonfinite_message
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,12 @@ class PerforatedCallback(Callback):
             the remaining error; ``"auto"`` guesses from the monitor's name (``*acc*``, ``*err*``).
         output_dir: where to write ``pb_history.json``, ``pb_report.json`` and
             ``pb_history.png``; default: the logger's directory (no logger: no files).
+        optimizer_state: what the optimizer rebuilt after each restructure starts from.
+            ``"reset"`` (the reference method): a fresh optimizer — Adam's moments and step count
+            at zero — and schedulers from their first epoch, so a cosine schedule over
+            ``max_epochs`` restarts at every switch. ``"carry"``: parameters that persist keep
+            their optimizer state (by name), new parameters start fresh, and each scheduler
+            continues where it was (see :mod:`pb_lightning.optimizer_state`).
 
     Example::
 
@@ -114,8 +122,11 @@ class PerforatedCallback(Callback):
         capacity_test: bool = False,
         metric_kind: MetricKind = "auto",
         output_dir: str | None = None,
+        optimizer_state: OptimizerStateMode = "reset",
     ) -> None:
         super().__init__()
+        self.optimizer_state = check_optimizer_state(optimizer_state)
+        self._carrier = OptimizerStateCarrier()
         if not isinstance(monitor, str) or not monitor:
             raise invalid("monitor", monitor, "the name of a logged validation metric")
         if not isinstance(capacity_test, bool):
@@ -201,10 +212,44 @@ class PerforatedCallback(Callback):
             # A group of its own for the candidates' statistics: its all-reduce runs inside the
             # backward pass, and must not queue up behind DDP's gradient buckets on the default group.
             self._statistics_group = torch.distributed.new_group()
+        self._check_early_stopping(trainer)
         if self.capacity_test and trainer.max_epochs is not None and 0 <= trainer.max_epochs < CAPACITY_TEST_EPOCHS:
             raise invalid(
                 "Trainer.max_epochs", trainer.max_epochs, f">= {CAPACITY_TEST_EPOCHS} (or -1) for capacity_test=True"
             )
+
+    def _check_early_stopping(self, trainer: pl.Trainer) -> None:
+        """Warn when an EarlyStopping can end the run before a neuron phase has ended.
+
+        EarlyStopping counts validations without improvement just as the neuron phase does; with
+        a smaller patience it stops the run inside the first neuron phase, and no dendrite is ever
+        added, while the run only reports that it "ended in the first neuron phase". After each
+        restructure its counter is reset (:meth:`_forgive_early_stopping`), but the first
+        validation of a new neuron phase may still count for it and not for the phase, hence one
+        validation of margin. At the end of a training epoch Lightning runs EarlyStopping after
+        the other callbacks, so after this callback's decision; an EarlyStopping that checks at
+        validation end instead sees each validation before the decision: one more.
+        """
+        schedule = self.schedule
+        if schedule.neuron_epochs is not None:
+            length, setting = schedule.neuron_epochs, f"neuron_epochs={schedule.neuron_epochs}"
+        else:
+            length, setting = schedule.neuron_patience + 1, f"neuron_patience={schedule.neuron_patience}"
+        length = max(length, schedule.warmup_epochs)
+        for stopper in trainer.early_stopping_callbacks:
+            on_epoch_end = stopper._check_on_train_epoch_end
+            if on_epoch_end is None:  # EarlyStopping.setup decides it the same way, maybe after us
+                on_epoch_end = trainer.val_check_interval == 1.0 and trainer.check_val_every_n_epoch == 1
+            needed = length + int(not on_epoch_end)
+            if stopper.patience < needed:
+                order = "" if on_epoch_end else " (checking at validation end, before PerforatedCallback decides)"
+                rank_zero_warn(
+                    f"pb_lightning: EarlyStopping(monitor={stopper.monitor!r}, patience={stopper.patience}){order} "
+                    f"can stop training before PerforatedCallback({setting}"
+                    + (f", warmup_epochs={schedule.warmup_epochs}" if schedule.warmup_epochs else "")
+                    + ") ends a neuron phase, so no dendrites would be added. Set EarlyStopping's patience to at "
+                    f"least {needed}, or lower the callback's {setting.split('=')[0]}."
+                )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.limit_val_batches == 0 or not is_overridden("validation_step", pl_module):
@@ -222,6 +267,7 @@ class PerforatedCallback(Callback):
         self._probe_shapes(pl_module)
         self.recorder.start(trainer, pl_module, self._hyperparameters(pl_module))
         self._check_optimizer_coverage(trainer, pl_module)
+        self._carrier.track(pl_module, trainer.optimizers)
         self._install_progress_bar_metrics(trainer)
         if self._statistics_group is not None:
             set_statistics_group(pl_module, self._statistics_group)
@@ -291,9 +337,10 @@ class PerforatedCallback(Callback):
                 f"PerforatedCallback(monitor={self.monitor!r}): the metric was not logged during validation (is it "
                 "logged only in training?). Phases switch on a validation score: log it in `validation_step`."
             )
-        score = float(value)
-        if not math.isfinite(score):
-            rank_zero_warn(f"pb_lightning: the monitored {self.monitor} is {score}; it counts as no improvement.")
+        score = as_score(value, f"score (the monitored {self.monitor!r})")
+        message = nonfinite_message(self.monitor, score, f"epoch {trainer.current_epoch}")
+        if message is not None:
+            rank_zero_warn(message)
         if self.capacity_test:
             self.probe.check_finite(self.monitor, score, trainer.current_epoch)
         return score
@@ -354,11 +401,20 @@ class PerforatedCallback(Callback):
             # DDP's reducer only knows the parameters that required grad when it was built: re-wrap.
             strategy.model = strategy.lightning_module
             strategy.configure_ddp()
+        carry = self.optimizer_state == "carry"
+        if carry:
+            self._carrier.before_rebuild(module, trainer.optimizers, self._schedulers(trainer))
         strategy.setup_optimizers(trainer)
+        if carry:
+            self._carrier.after_rebuild(module, trainer.optimizers, self._schedulers(trainer))
         self._check_optimizer_coverage(trainer, module)
         self._forgive_early_stopping(trainer)
         if self.capacity_test:
             self._check_checkpoint_round_trip(trainer, module)
+
+    @staticmethod
+    def _schedulers(trainer: pl.Trainer) -> list[Any]:
+        return [config.scheduler for config in trainer.lr_scheduler_configs]
 
     def _check_optimizer_coverage(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         held = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
@@ -388,6 +444,8 @@ class PerforatedCallback(Callback):
 
     # ------------------------------------------------------------------ resuming and end of training
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Normally done in load_state_dict; here for strategies that restore before setup.
+        self.controller.rebuild_from_model(pl_module)
         if self.machine.state.done:
             # Resumed from a checkpoint written after the machine said "stop" (a run killed after
             # its last checkpoint, or ``fit(ckpt_path="last")`` on a finished run). That checkpoint
@@ -456,6 +514,7 @@ class PerforatedCallback(Callback):
             "pb_lightning/monitor": self.monitor,
             "pb_lightning/mode": self.mode,
             "pb_lightning/capacity_test": self.capacity_test,
+            "pb_lightning/optimizer_state": self.optimizer_state,
         }
         hparams.update({f"pb_lightning/schedule/{k}": v for k, v in asdict(self.schedule).items()})
         config = getattr(pl_module, "dendrite_config", None)
@@ -498,7 +557,9 @@ class PerforatedCallback(Callback):
             buffer.seek(0)
             fresh = type(module).load_from_checkpoint(buffer, map_location=module.device, weights_only=True)
         except Exception as error:  # the capacity test reports what failed instead of stopping
-            self.probe.problems.append(f"a checkpoint saved after restructuring did not load: {error!r}")
+            problem = f"a checkpoint saved after restructuring did not load: {error!r}"
+            if problem not in self.probe.problems:  # the same failure at every restructure: say it once
+                self.probe.problems.append(problem)
             return
         self.probe.compare(module, fresh)
 
@@ -510,12 +571,15 @@ class PerforatedCallback(Callback):
         # The machine's per-validation history is a projection of the recorder's rows (one row per
         # decision, recorded right after it): store it once, as those rows.
         controller["machine"]["state"]["history"] = []
-        return {
+        state = {
             "version": CHECKPOINT_VERSION,
             **controller,
             "pending_score": self._pending_score,
             "recorder": self.recorder.state_dict(),
         }
+        if self.optimizer_state == "carry":  # the network's moments, kept while a dendrite phase runs
+            state["optimizer_carry"] = self._carrier.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         version = state_dict.get("version", 0)
@@ -528,6 +592,7 @@ class PerforatedCallback(Callback):
             ]
         # Lightning restores the module's weights before the callbacks' states.
         self.controller.load_state_dict(state_dict, self._module)
+        self._carrier.load_state_dict(state_dict.get("optimizer_carry", {}))
         self._pending_score = state_dict.get("pending_score")
         self.recorder.load_state_dict(state_dict.get("recorder", {}))
 

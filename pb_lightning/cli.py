@@ -35,8 +35,10 @@ def plot_command(args: list[str]) -> None:
 
 def console(argv: list[str] | None = None) -> None:
     """Entry point of the ``pb-lightning`` command (returns nothing, so the exit status is 0)."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["plot"]:
-        plot_command(argv[1:])
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["plot"]:
+        plot_command(args[1:])
     else:
+        # From the command line, let LightningCLI read sys.argv itself: given `args` while
+        # sys.argv holds the same, it warns that `args` is meant for calls from within Python.
         main(argv)

@@ -55,6 +55,8 @@ class CycleController:
         self.global_best: dict[str, Tensor] | None = None
         #: Base seed of the candidates' initialisation (see :meth:`_candidate_rng`).
         self.candidate_seed: int | None = None
+        self._keys_from_model: dict[str, list[str]] = {}
+        self._phase_is_global = False
 
     def step(
         self,
@@ -139,11 +141,15 @@ class CycleController:
         is stored as the list of its keys and rebuilt from the loaded weights by
         :meth:`load_state_dict`, instead of as a second copy of the model.
         """
-        same = self.phase_best is not None and self.phase_best is self.global_best
+        same = (self.phase_best is not None and self.phase_best is self.global_best) or (
+            bool(self._keys_from_model) and self._phase_is_global
+        )
         current = model.state_dict() if model is not None else None
         state: dict[str, Any] = {"machine": self.machine.state_dict(), "candidate_seed": self.candidate_seed}
         for name, weights in (("phase_best", None if same else self.phase_best), ("global_best", self.global_best)):
-            if weights is not None and current is not None and _equal_to_model(weights, current):
+            if name in self._keys_from_model:  # loaded by reference and not yet rebuilt: keep the reference
+                state[name], state[f"{name}_keys_from_model"] = None, self._keys_from_model[name]
+            elif weights is not None and current is not None and _equal_to_model(weights, current):
                 state[name], state[f"{name}_keys_from_model"] = None, list(weights)
             else:
                 state[name] = weights
@@ -151,22 +157,37 @@ class CycleController:
         return state
 
     def load_state_dict(self, state: dict[str, Any], model: nn.Module | None = None) -> None:
-        """Restore :meth:`state_dict`'s output; ``model`` must already hold the checkpoint's weights
-        when the state refers to them (``*_keys_from_model``)."""
+        """Restore :meth:`state_dict`'s output.
+
+        A snapshot stored by reference to the model's weights (``*_keys_from_model``) is rebuilt
+        from ``model``, which must hold the checkpoint's weights; without ``model`` it is rebuilt
+        by :meth:`rebuild_from_model` before it is needed.
+        """
         self.machine.load_state_dict(state["machine"])
         self.candidate_seed = state.get("candidate_seed")
-        loaded: dict[str, dict[str, Tensor] | None] = {}
+        self._keys_from_model = {}
         for name in ("global_best", "phase_best"):
             keys = state.get(f"{name}_keys_from_model")
-            if keys is None:
-                loaded[name] = _on_cpu(state.get(name))
-                continue
-            if model is None:
-                raise ValueError(f"this state stores its {name} snapshot as the model's weights: pass the model")
-            current = model.state_dict()
-            loaded[name] = {k: current[k].detach().to("cpu", copy=True) for k in keys}
-        self.global_best = loaded["global_best"]
-        self.phase_best = self.global_best if state.get("phase_best_is_global_best", False) else loaded["phase_best"]
+            if keys is not None:
+                self._keys_from_model[name] = list(keys)
+        self.global_best = _on_cpu(state.get("global_best"))
+        self.phase_best = _on_cpu(state.get("phase_best"))
+        self._phase_is_global = bool(state.get("phase_best_is_global_best", False))
+        if self._phase_is_global:
+            self.phase_best = self.global_best
+        if model is not None:
+            self.rebuild_from_model(model)
+
+    def rebuild_from_model(self, model: nn.Module) -> None:
+        """Rebuild the snapshots that a loaded state holds by reference to the model's weights."""
+        if not self._keys_from_model:
+            return
+        current = model.state_dict()
+        for name, keys in self._keys_from_model.items():
+            setattr(self, name, {k: current[k].detach().to("cpu", copy=True) for k in keys})
+        self._keys_from_model = {}
+        if self._phase_is_global:
+            self.phase_best = self.global_best
 
 
 def _equal_to_model(weights: dict[str, Tensor], current: dict[str, Tensor]) -> bool:

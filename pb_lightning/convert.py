@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import fnmatch
+import importlib
 import logging
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Union
 
+import torch.fx
 from torch import nn
 
 from pb_lightning.banks import check_custom_module
@@ -37,10 +40,48 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (
 )
 
 
+#: How a module type is written as a string selector: ``"type:torch.nn.Linear"``.
+TYPE_PREFIX = "type:"
+
+
+def type_selector(cls: type[nn.Module]) -> str | None:
+    """``cls`` as a string selector that :func:`perforate` resolves back to it (None if it cannot be).
+
+    Checkpoints store hyperparameters as plain data: a class in them fails to load with
+    ``weights_only=True``, so :class:`~pb_lightning.module.PerforatedModule` stores this instead.
+    """
+    name = f"{TYPE_PREFIX}{cls.__module__}.{cls.__qualname__}"
+    try:
+        return name if _resolve_type(name, "include") is cls else None
+    except PerforationError:
+        return None  # a class defined inside a function, or in a module that cannot be imported
+
+
+def _resolve_type(selector: str, argument: str) -> type[nn.Module]:
+    """The module type named by ``"type:package.module.Class"``."""
+    path = selector[len(TYPE_PREFIX) :]
+    parts = path.split(".")
+    for split in range(len(parts) - 1, 0, -1):  # the longest importable module prefix
+        try:
+            found: object = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        try:
+            for attribute in parts[split:]:
+                found = getattr(found, attribute)
+        except AttributeError:
+            break
+        if isinstance(found, type) and issubclass(found, nn.Module):
+            return found
+        break
+    raise invalid(argument, selector, "'type:' followed by the importable name of an nn.Module class")
+
+
 def _as_list(selectors: Selectors | None, argument: str) -> list[Selector]:
     if selectors is None:
         return []
     items = list(selectors) if isinstance(selectors, (list, tuple)) else [selectors]
+    items = [_resolve_type(i, argument) if isinstance(i, str) and i.startswith(TYPE_PREFIX) else i for i in items]
     for item in items:
         ok = isinstance(item, str) or callable(item)
         if isinstance(item, type) and not issubclass(item, nn.Module):
@@ -94,15 +135,66 @@ def _neuron_axis(
     )
 
 
-def _norm_after(parent: nn.Module, child_name: str) -> str | None:
-    """In an ``nn.Sequential``, the name of a normalisation layer directly after ``child_name``."""
-    if not isinstance(parent, nn.Sequential):
+def _norm_after(parent: nn.Module, child_name: str, traced: dict[int, dict[str, str]]) -> str | None:
+    """The name of the normalisation layer that ``parent`` applies directly to ``child_name``'s output.
+
+    In an ``nn.Sequential`` that is the next layer. Elsewhere (a ``BasicBlock`` with ``self.conv1``
+    and ``self.bn1``) the order of attributes says nothing about the order of calls — a pre-norm
+    block registers its norm after the layer it precedes — so ``parent.forward`` is traced
+    (``traced`` caches it per parent, taken before any of its children is replaced).
+    """
+    if isinstance(parent, nn.Sequential):
+        names = list(parent._modules)
+        i = names.index(child_name)
+        if i + 1 < len(names) and isinstance(parent._modules[names[i + 1]], NORM_TYPES):
+            return names[i + 1]
         return None
-    names = list(parent._modules)
-    i = names.index(child_name)
-    if i + 1 < len(names) and isinstance(parent._modules[names[i + 1]], NORM_TYPES):
-        return names[i + 1]
-    return None
+    if id(parent) not in traced:
+        traced[id(parent)] = _traced_norm_pairs(parent)
+    return traced[id(parent)].get(child_name)
+
+
+class _ChildrenTracer(torch.fx.Tracer):
+    """Traces one module's own ``forward``: every submodule call is recorded, none is entered."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+
+def _traced_norm_pairs(parent: nn.Module) -> dict[str, str]:
+    """``{child: norm}`` for each child whose output ``parent.forward`` only feeds to a norm child.
+
+    A pair is taken only when the graph proves that wrapping the two together computes the same:
+    the child and the norm are each called once, the norm's only input is the child's output, and
+    nothing else reads that output. A forward that cannot be traced (data-dependent control
+    flow) gives no pairs.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = _ChildrenTracer().trace(parent)
+    except Exception as error:  # any failure to trace means: no proof, no pairing
+        log.debug("with_norm: cannot trace %s.forward (%r); no norms paired there", type(parent).__name__, error)
+        return {}
+    calls: dict[str, list[torch.fx.Node]] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls.setdefault(str(node.target), []).append(node)
+    pairs = {}
+    for target, nodes in calls.items():
+        users = list(nodes[0].users)
+        if len(nodes) != 1 or len(users) != 1 or users[0].op != "call_module":
+            continue
+        norm_node = users[0]
+        norm_name = str(norm_node.target)
+        if (
+            isinstance(parent._modules.get(norm_name), NORM_TYPES)
+            and len(calls[norm_name]) == 1
+            and norm_node.args == (nodes[0],)
+            and not norm_node.kwargs
+        ):
+            pairs[target] = norm_name
+    return pairs
 
 
 def perforate(
@@ -126,7 +218,8 @@ def perforate(
         include: which modules to perforate: module types, globs over qualified names
             (``"encoder.*"``), or filters ``filter(module, name) -> bool``; a module is selected if
             any of them matches. Default: every ``nn.Linear`` and ``nn.Conv1d/2d/3d``. A selected
-            module is wrapped whole; modules inside it are not visited.
+            module is wrapped whole; modules inside it are not visited. A type may also be given
+            as a string, ``"type:torch.nn.Linear"`` (for configuration files and checkpoints).
         exclude: modules never to perforate, in the same forms (it wins over ``include``).
         config: the engine configuration shared by all layers (default :class:`DendriteConfig()`).
         neuron_axes: for modules other than Linear and Conv, the axis of their output that indexes
@@ -134,9 +227,12 @@ def perforate(
             dendrites are fresh copies of it, run together with ``torch.func.vmap``.
         with_norm: wrap a module together with the normalisation layer that follows it, so that
             dendrites are added after the norm. ``True`` pairs a module with a norm layer directly
-            after it in the same ``nn.Sequential``; a mapping ``{"conv1": "bn1"}`` names pairs by
-            qualified name (for models that call their layers in ``forward``). The norm's old
-            place becomes an ``nn.Identity``.
+            after it in the same ``nn.Sequential``, and a module held as an attribute with the
+            norm its parent's ``forward`` applies directly (and only) to its output, as in a
+            ResNet block's ``self.bn1(self.conv1(x))`` — found by tracing that ``forward`` with
+            ``torch.fx``; a forward that cannot be traced gets no pairs. A mapping
+            ``{"conv1": "bn1"}`` names pairs by qualified name. The norm's old place becomes an
+            ``nn.Identity``. ``True`` that pairs nothing warns.
 
     Returns:
         ``model`` itself, converted.
@@ -180,6 +276,8 @@ def perforate(
 
     already = [m for m in model.modules() if isinstance(m, PerforatedLayer)]
     wrapped: list[str] = []
+    paired: list[str] = []
+    traced: dict[int, dict[str, str]] = {}
 
     def visit(parent: nn.Module, prefix: str) -> None:
         for child_name, child in list(parent.named_children()):
@@ -193,13 +291,16 @@ def perforate(
             if _matches(child, name, inc) and not _matches(child, name, exc):
                 axis, neurons = _neuron_axis(child, name, axes)
                 norm = None
-                norm_name = norm_pairs.get(name) or (_norm_after(parent, child_name) if with_norm is True else None)
+                norm_name = norm_pairs.get(name) or (
+                    _norm_after(parent, child_name, traced) if with_norm is True else None
+                )
                 if norm_name is not None:
                     full = norm_name if name in norm_pairs else f"{prefix}{norm_name}"
                     norm = modules[full]
                     holder_name, _, attr = full.rpartition(".")
                     holder = model.get_submodule(holder_name) if holder_name else model
                     setattr(holder, attr, nn.Identity())
+                    paired.append(f"{name} + {full}")
                 layer = PerforatedLayer(
                     child, config=config, neuron_axis=axis, num_neurons=neurons, norm=norm, name=name
                 )
@@ -217,6 +318,16 @@ def perforate(
         )
         raise PerforationError(f"perforate() found no module to wrap in {type(model).__name__}.{hint}")
     log.info("Perforated %d modules: %s", len(wrapped), ", ".join(wrapped))
+    if paired:
+        log.info("Wrapped together with their norms: %s", ", ".join(paired))
+    elif with_norm is True:
+        warnings.warn(
+            "pb_lightning: perforate(with_norm=True) found no normalisation layer to pair: a norm is paired only "
+            "when it directly follows a perforated module in an nn.Sequential, or when the parent's forward "
+            "applies it directly and only to that module's output (traced with torch.fx). Name the pairs "
+            "instead, e.g. with_norm={'conv1': 'bn1'}, or leave with_norm=False.",
+            stacklevel=2,
+        )
     return model
 
 

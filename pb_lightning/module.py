@@ -9,7 +9,7 @@ loads with ``Model.load_from_checkpoint(path)`` and resumes with ``trainer.fit(c
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from pb_lightning import phases
 from pb_lightning.config import DendriteConfig
-from pb_lightning.convert import perforate, perforated_layers
+from pb_lightning.convert import perforate, perforated_layers, type_selector
 from pb_lightning.errors import PerforationError, invalid
 from pb_lightning.layer import PerforatedLayer
 
@@ -39,11 +39,16 @@ class PerforatedModule(pl.LightningModule):
 
     Args:
         dendrite_config: how dendrites are built and trained (default :class:`DendriteConfig()`).
-        perforate_include: which modules to perforate: qualified-name globs (``"net.*"``) or
-            module types; default every ``nn.Linear`` and ``nn.Conv1d/2d/3d``.
+        perforate_include: which modules to perforate: qualified-name globs (``"net.*"``),
+            module types, or types written ``"type:torch.nn.Linear"``; default every
+            ``nn.Linear`` and ``nn.Conv1d/2d/3d``. Types kept by ``save_hyperparameters()`` are
+            written into checkpoints in the string form, which ``load_from_checkpoint`` (with
+            ``weights_only=True``) can read and this argument resolves back.
         perforate_exclude: modules never to perforate, in the same forms.
-        with_norm: wrap a module together with the normalisation layer after it in an
-            ``nn.Sequential`` (dendrites are then added after the norm).
+        with_norm: wrap a module together with the normalisation layer it feeds, so that
+            dendrites are added after the norm: ``True`` pairs each module with the norm that
+            directly follows it (see :func:`~pb_lightning.perforate`), a mapping
+            ``{"conv1": "bn1"}`` names the pairs by qualified name.
 
     Example::
 
@@ -65,7 +70,7 @@ class PerforatedModule(pl.LightningModule):
         dendrite_config: DendriteConfig | None = None,
         perforate_include: Sequence[str | type[nn.Module]] | None = None,
         perforate_exclude: Sequence[str | type[nn.Module]] | None = None,
-        with_norm: bool = False,
+        with_norm: bool | Mapping[str, str] = False,
     ) -> None:
         super().__init__()
         config = DendriteConfig() if dendrite_config is None else dendrite_config
@@ -74,8 +79,12 @@ class PerforatedModule(pl.LightningModule):
         for name, value in (("perforate_include", perforate_include), ("perforate_exclude", perforate_exclude)):
             if value is not None and (isinstance(value, str) or not isinstance(value, Sequence)):
                 raise invalid(name, value, "a list of qualified-name globs or module types")
-        if not isinstance(with_norm, bool):
-            raise invalid("with_norm", with_norm, "a bool")
+        if isinstance(with_norm, Mapping):
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in with_norm.items()):
+                raise invalid("with_norm", with_norm, "a bool or a mapping {module name: norm name} of strings")
+            with_norm = dict(with_norm)
+        elif not isinstance(with_norm, bool):
+            raise invalid("with_norm", with_norm, "a bool or a mapping {module name: norm name}")
         self.dendrite_config = config
         self._perforate_include = None if perforate_include is None else list(perforate_include)
         self._perforate_exclude = None if perforate_exclude is None else list(perforate_exclude)
@@ -139,6 +148,27 @@ class PerforatedModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[_CHECKPOINT_KEY] = self.perforation_record()
+        hparams = checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY)
+        if isinstance(hparams, dict):
+            checkpoint[self.CHECKPOINT_HYPER_PARAMS_KEY] = self._hparams_as_plain_data(hparams)
+
+    def _hparams_as_plain_data(self, hparams: dict[str, Any]) -> dict[str, Any]:
+        """Hyperparameters with the module types of ``perforate_include/exclude`` as strings.
+
+        ``save_hyperparameters()`` keeps the classes a user passed (``[nn.Linear]``); pickled
+        into the checkpoint, they make ``load_from_checkpoint`` fail under ``weights_only=True``
+        ("Unsupported global"). Only the values this module received as its selectors are
+        rewritten (to ``"type:..."``, which it resolves back); other hyperparameters are the
+        user's and keep their form.
+        """
+        ours = [s for s in (self._perforate_include, self._perforate_exclude) if s is not None]
+        converted = dict(hparams)
+        for key, value in hparams.items():
+            if not isinstance(value, (list, tuple)) or not any(_same_items(value, s) for s in ours):
+                continue
+            items = [type_selector(v) or v if isinstance(v, type) else v for v in value]
+            converted[key] = tuple(items) if isinstance(value, tuple) else items
+        return converted
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Runs before the weights load, in fit(ckpt_path=...) and load_from_checkpoint alike.
@@ -164,6 +194,10 @@ class PerforatedModule(pl.LightningModule):
             "frozen": record["frozen"],
             "layers": record["layers"],
         }
+
+
+def _same_items(value: Sequence[Any], selectors: list[Any]) -> bool:
+    return len(value) == len(selectors) and all(a is b or a == b for a, b in zip(value, selectors, strict=True))
 
 
 def _apply_pending_perforation_state(module: nn.Module, incompatible_keys: Any) -> None:

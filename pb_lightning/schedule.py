@@ -16,6 +16,7 @@ The cycle::
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -200,6 +201,8 @@ class PhaseMachine:
             candidate_score: during a dendrite phase, the candidates' correlation score (higher is
                 better; e.g. the mean of each neuron's best candidate score). Ignored otherwise.
         """
+        if isinstance(score, bool) or not isinstance(score, numbers.Real):
+            raise invalid("score", score, "a real number (the monitored validation score)")
         s = self.state
         s.validations += 1
         s.epochs_in_phase += 1

@@ -11,12 +11,19 @@ The five steps of the user's source document, with Pythonic names:
 
 It drives the same :class:`~pb_lightning.controller.CycleController` as the Lightning callback,
 so given the same scores both take the same decisions.
+
+Its decisions are logged to the ``pb_lightning.tracker`` logger at INFO. A plain loop usually
+configures no logging, and INFO records would then go nowhere, so that logger carries a handler
+that writes them to stderr while the root logger has no handler; once the application
+configures logging, records reach its handlers instead (never both). Silence it with
+``PerforatedTracker(verbose=False)`` or ``logging.getLogger("pb_lightning.tracker").setLevel("WARNING")``.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import sys
 import warnings
 from typing import Any, Literal
 
@@ -28,10 +35,36 @@ from pb_lightning.config import DendriteConfig
 from pb_lightning.controller import CycleController, mean_candidate_score
 from pb_lightning.convert import perforate, perforated_layers
 from pb_lightning.errors import PerforationError, invalid
+from pb_lightning.optimizer_state import OptimizerStateCarrier, OptimizerStateMode, check_optimizer_state
 from pb_lightning.phases import accept_dendrites, parameter_groups
 from pb_lightning.schedule import Decision, PhaseMachine, PhaseSchedule
+from pb_lightning.scores import as_score, nonfinite_message
 
 log = logging.getLogger(__name__)
+
+
+class _UnconfiguredLoggingHandler(logging.StreamHandler):
+    """Writes the tracker's records to stderr, but only while the root logger has no handler.
+
+    Lightning makes its INFO messages visible the same way; checking at every record (instead
+    of once at import) means that logging configured later takes over without duplicates.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if logging.getLogger().handlers:
+            return  # the application configured logging: propagation delivers the record there
+        self.setStream(sys.stderr)  # the current stderr (a test or a notebook may have replaced it)
+        super().emit(record)
+
+
+if not any(isinstance(h, _UnconfiguredLoggingHandler) for h in log.handlers):
+    log.addHandler(_UnconfiguredLoggingHandler())
+if log.level == logging.NOTSET:
+    log.setLevel(logging.INFO)
 
 
 class PerforatedTracker:
@@ -45,6 +78,12 @@ class PerforatedTracker:
             finite scores, then report (:attr:`capacity_report`).
         weight_decay: weight decay of the optimizer's parameter groups (never on dendrite output weights).
         candidate_lr: learning rate of the candidates (default: the optimizer's).
+        optimizer_state: ``"reset"`` (default, the reference method): :meth:`setup_optimizer`
+            builds a fresh optimizer and scheduler after each restructure. ``"carry"``: the
+            parameters that persist keep their optimizer state (by name), new ones start fresh,
+            and the scheduler continues where the previous one was.
+        verbose: log every phase decision at INFO (shown on stderr when the application
+            configures no logging, see the module docstring); ``False`` logs them at DEBUG.
 
     Example::
 
@@ -66,9 +105,13 @@ class PerforatedTracker:
         capacity_test: bool = False,
         weight_decay: float = 0.0,
         candidate_lr: float | None = None,
+        optimizer_state: OptimizerStateMode = "reset",
+        verbose: bool = True,
     ) -> None:
         if not isinstance(capacity_test, bool):
             raise invalid("capacity_test", capacity_test, "a bool")
+        if not isinstance(verbose, bool):
+            raise invalid("verbose", verbose, "a bool")
         schedule = PhaseSchedule() if schedule is None else schedule
         if not isinstance(schedule, PhaseSchedule):
             raise invalid("schedule", schedule, "a pb_lightning.PhaseSchedule")
@@ -81,7 +124,13 @@ class PerforatedTracker:
         self.capacity_test = capacity_test
         self.weight_decay = weight_decay
         self.candidate_lr = candidate_lr
+        self.verbose = verbose
+        self.optimizer_state = check_optimizer_state(optimizer_state)
+        self._carrier = OptimizerStateCarrier()
+        self._current_scheduler: Any = None
         self.probe = CapacityProbe()
+        #: The decision taken on the latest validation score (None before the first).
+        self.last_decision: Decision | None = None
         self._optimizer: tuple[type[torch.optim.Optimizer], dict[str, Any]] | None = None
         self._scheduler: tuple[Any, dict[str, Any]] | None = None
         self._current: torch.optim.Optimizer | None = None
@@ -119,26 +168,46 @@ class PerforatedTracker:
         groups = parameter_groups(model, weight_decay=self.weight_decay, candidate_lr=self.candidate_lr)
         if not groups:
             raise PerforationError("The model has no trainable parameters in this phase.")
+        carry = self.optimizer_state == "carry" and self._current is not None
+        old_schedulers = [] if self._current_scheduler is None else [self._current_scheduler]
+        if carry:
+            self._carrier.before_rebuild(model, [self._current], old_schedulers)
         optimizer = cls(groups, **kwargs)
         scheduler = None
         if self._scheduler is not None:
             scheduler = self._scheduler[0](optimizer, **self._scheduler[1])
-        self._current = optimizer
+        if carry:
+            self._carrier.after_rebuild(model, [optimizer], [] if scheduler is None else [scheduler])
+        else:
+            self._carrier.track(model, [optimizer])
+        self._current, self._current_scheduler = optimizer, scheduler
         return optimizer, scheduler
 
     # ------------------------------------------------------------------ step 5
-    def add_validation_score(self, score: float, model: nn.Module) -> tuple[nn.Module, bool, bool]:
+    def add_validation_score(
+        self, score: float, model: nn.Module, *, epoch: int | None = None
+    ) -> tuple[nn.Module, bool, bool]:
         """Report one validation score; returns ``(model, restructured, training_complete)``.
 
         When ``restructured`` the trainable parameters changed: call :meth:`setup_optimizer`
         again. When ``training_complete`` the model holds the best weights found; stop training.
+        The decision itself is in :attr:`last_decision` and in the log.
+
+        A NaN or infinite score is reported with a warning (naming ``epoch`` if given, else the
+        validation's number) and counts as no improvement, never as a new best. A score that is
+        not a real number raises :class:`~pb_lightning.errors.PerforationError`.
         """
-        score = float(score)
+        score = as_score(score)
+        when = f"epoch {epoch}" if epoch is not None else f"validation {self.machine.state.validations + 1}"
+        message = nonfinite_message("score", score, when)
+        if message is not None:
+            warnings.warn(message, stacklevel=2)
         if self.capacity_test:
             self.probe.check_finite("score", score, self.machine.state.validations)
         accept = self.probe.checked_accept(accept_dendrites) if self.capacity_test else accept_dendrites
         decision, restructured = self.controller.step(model, score, mean_candidate_score(model), accept=accept)
-        self._announce(decision, model)
+        self.last_decision = decision
+        self._announce(decision, score, when)
         if restructured and self.capacity_test:
             self._check_capacity(model)
         complete = self.machine.state.done
@@ -150,7 +219,7 @@ class PerforatedTracker:
         """Call when training ends for another reason (an epoch budget): leaves the best model."""
         decision = self.controller.finish(model)
         if decision is not None:
-            log.info("pb_lightning: %s.", decision.reason)
+            log.log(logging.INFO if self.verbose else logging.DEBUG, "pb_lightning: %s.", decision.reason)
         self._finish()
         return model
 
@@ -162,10 +231,9 @@ class PerforatedTracker:
             if self.probe.problems:
                 warnings.warn(f"pb_lightning {self.capacity_report}", stacklevel=3)
 
-    def _announce(self, decision: Decision, model: nn.Module) -> None:
-        if decision.action != "continue":
-            log.info("pb_lightning: %s — %s", decision.action, decision.reason)
-        del model
+    def _announce(self, decision: Decision, score: float, when: str) -> None:
+        level = logging.INFO if self.verbose and decision.action != "continue" else logging.DEBUG
+        log.log(level, "pb_lightning %s: %s — %s (score=%.6g)", when, decision.action, decision.reason, score)
 
     def _check_capacity(self, model: nn.Module) -> None:
         optimizer = self._current
@@ -184,7 +252,11 @@ class PerforatedTracker:
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
         """The phase machine's state and the best-weight snapshots (save it with the model's)."""
-        return self.controller.state_dict()
+        state = self.controller.state_dict()
+        if self.optimizer_state == "carry":
+            state["optimizer_carry"] = self._carrier.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.controller.load_state_dict(state)
+        self._carrier.load_state_dict(state.get("optimizer_carry", {}))

@@ -74,3 +74,26 @@ def test_example_scripts_run(script: str, tmp_path: Path) -> None:
     namespace = runpy.run_path(str(_REPO / "examples" / script))
     result = namespace["main"](["--max-epochs", "3", "--root", str(tmp_path)])
     assert 0.0 <= result["test_acc"] <= 1.0
+
+
+def test_the_console_command_starts_without_lightnings_args_warning(tmp_path: Path) -> None:
+    # The installed entry point, run as a user runs it: `pb-lightning --help`.
+    import subprocess
+
+    command = Path(sys.executable).with_name("pb-lightning")
+    launcher = [str(command)] if command.exists() else [sys.executable, "-m", "pb_lightning"]
+    result = subprocess.run([*launcher, "--help"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "usage:" in result.stdout
+    assert "args parameter is intended" not in result.stderr + result.stdout
+
+
+def test_console_passes_explicit_arguments_through(monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+    from pb_lightning import cli as cli_module
+
+    seen: list[Any] = []
+    monkeypatch.setattr(cli_module, "main", lambda args=None: seen.append(args))
+    monkeypatch.setattr(sys, "argv", ["pb-lightning", "fit", "--config", "x.yaml"])
+    cli_module.console()  # from the command line: LightningCLI reads sys.argv itself
+    cli_module.console(["fit", "--config", "y.yaml"])  # from Python: the arguments given
+    assert seen == [None, ["fit", "--config", "y.yaml"]]

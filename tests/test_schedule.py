@@ -234,3 +234,11 @@ def test_machine_misconfiguration() -> None:
         PhaseMachine("maximum")  # type: ignore[arg-type]
     with pytest.raises(PerforationError, match=r"`schedule` must be a pb_lightning.PhaseSchedule"):
         PhaseMachine("max", {"neuron_patience": 2})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("score", ["high", None, True, [0.5]])
+def test_the_machine_refuses_a_score_that_is_not_a_real_number(score: object) -> None:
+    machine = PhaseMachine("min")
+    with pytest.raises(PerforationError, match=r"score"):
+        machine.step(score)  # type: ignore[arg-type]
+    assert machine.state.validations == 0
