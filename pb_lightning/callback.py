@@ -33,6 +33,7 @@ from torch import Tensor
 
 from pb_lightning.capacity import CAPACITY_TEST_DENDRITES, CapacityProbe
 from pb_lightning.controller import CycleController, mean_candidate_score
+from pb_lightning.convert import perforation_summary
 from pb_lightning.errors import PerforationError, invalid
 from pb_lightning.history import MetricKind, resolve_metric_kind
 from pb_lightning.module import PerforatedModule
@@ -214,6 +215,8 @@ class PerforatedCallback(Callback):
                 "module's __init__ and call it in `configure_optimizers` (or build the optimizer there)."
             )
         self._probe_shapes(pl_module)
+        # Like Lightning's model summary: what got dendrites and what did not, before training.
+        rank_zero_info(perforation_summary(pl_module))
         self.recorder.start(trainer, pl_module, self._hyperparameters(pl_module))
         self._check_optimizer_coverage(trainer, pl_module)
         self._install_progress_bar_metrics(trainer)

@@ -9,7 +9,7 @@ loads with ``Model.load_from_checkpoint(path)`` and resumes with ``trainer.fit(c
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -40,6 +40,10 @@ class PerforatedModule(pl.LightningModule):
         perforate_exclude: modules never to perforate, in the same forms.
         with_norm: wrap a module together with the normalisation layer after it in an
             ``nn.Sequential`` (dendrites are then added after the norm).
+        perforate_neuron_axes: for included modules other than Linear, Conv and recurrent
+            layers, the axis of their output that indexes neurons (see :func:`~pb_lightning.perforate`).
+        perforate_output_selectors: for included modules with tuple outputs, which entry holds
+            the neurons (recurrent layers default to ``0``, their per-step output).
 
     Example::
 
@@ -62,6 +66,8 @@ class PerforatedModule(pl.LightningModule):
         perforate_include: Sequence[str | type[nn.Module]] | None = None,
         perforate_exclude: Sequence[str | type[nn.Module]] | None = None,
         with_norm: bool = False,
+        perforate_neuron_axes: Mapping[type[nn.Module] | str, int] | None = None,
+        perforate_output_selectors: Mapping[type[nn.Module] | str, int | str] | None = None,
     ) -> None:
         super().__init__()
         config = DendriteConfig() if dendrite_config is None else dendrite_config
@@ -72,6 +78,16 @@ class PerforatedModule(pl.LightningModule):
                 raise invalid(name, value, "a list of qualified-name globs or module types")
         if not isinstance(with_norm, bool):
             raise invalid("with_norm", with_norm, "a bool")
+        for name, value in (
+            ("perforate_neuron_axes", perforate_neuron_axes),
+            ("perforate_output_selectors", perforate_output_selectors),
+        ):
+            if value is not None and not isinstance(value, Mapping):
+                raise invalid(name, value, "a mapping {module type or name glob: value}")
+        self._perforate_neuron_axes = None if perforate_neuron_axes is None else dict(perforate_neuron_axes)
+        self._perforate_output_selectors = (
+            None if perforate_output_selectors is None else dict(perforate_output_selectors)
+        )
         self.dendrite_config = config
         self._perforate_include = None if perforate_include is None else list(perforate_include)
         self._perforate_exclude = None if perforate_exclude is None else list(perforate_exclude)
@@ -93,6 +109,8 @@ class PerforatedModule(pl.LightningModule):
                 exclude=self._perforate_exclude,
                 config=self.dendrite_config,
                 with_norm=self._with_norm,
+                neuron_axes=self._perforate_neuron_axes,
+                output_selectors=self._perforate_output_selectors,
             )
 
     def perforated_layers(self) -> list[PerforatedLayer]:
