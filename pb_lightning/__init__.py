@@ -1,9 +1,8 @@
 """pb_lightning: Perforated Backpropagation (artificial dendrites) for PyTorch and Lightning.
 
 The engine (config, banks, correlation, layer, attention, convert, phases, report, inference,
-schedule) is
-framework-free: it converts a model, grows dendrites, runs the correlation learning of the
-dendrite phase and decides when to switch phases, in any PyTorch training loop. The Lightning
+schedule) is framework-free: it converts a model, grows dendrites, runs the correlation learning
+of the dendrite phase and decides when to switch phases, in any PyTorch training loop. The Lightning
 layer (callback, module, cli, demo) drives it inside ``trainer.fit``.
 """
 
