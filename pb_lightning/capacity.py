@@ -247,6 +247,9 @@ def _run(
 
 
 def _same(before: list[Tensor], after: list[Tensor]) -> bool:
+    # Bitwise: a bypassed dendrite leaves the very same computation (same kernels, inputs and
+    # random state), while a live one may move the output by little (query/key projections
+    # under nearly uniform attention), so any tolerance would risk a false alarm.
     return len(before) == len(after) and all(
-        torch.allclose(a, b, rtol=1e-6, atol=1e-7, equal_nan=True) for a, b in zip(before, after, strict=True)
+        torch.equal(a, b) or (a.isnan().all() and b.isnan().all()) for a, b in zip(before, after, strict=True)
     )
