@@ -344,19 +344,23 @@ def weight_reading_parents(model: nn.Module) -> dict[int, str]:
     return found
 
 
-def prepare_attention(model: nn.Module, selected: Callable[[nn.Module, str], bool]) -> list[str]:
+def prepare_attention(
+    model: nn.Module, selected: Callable[[nn.Module, str], bool], excluded: Callable[[nn.Module, str], bool]
+) -> list[str]:
     """Convert the attention blocks of ``model`` whose projections ``selected`` would wrap.
 
     Args:
         model: the model, converted in place.
         selected: ``selected(module, qualified_name)``: whether ``perforate()`` would wrap it.
+        excluded: ``excluded(module, qualified_name)``: whether ``exclude`` names it; an excluded
+            block is left as it is (and its children then cannot be perforated).
 
     Returns:
         The qualified names of the converted modules.
     """
     converted: list[str] = []
     for name, module in list(model.named_modules()):
-        if type(module) is not nn.MultiheadAttention or selected(module, name):
+        if type(module) is not nn.MultiheadAttention or selected(module, name) or excluded(module, name):
             continue
         prefix = f"{name}." if name else ""
         projections = PerforatableMultiheadAttention.projections_of(module)
@@ -367,7 +371,7 @@ def prepare_attention(model: nn.Module, selected: Callable[[nn.Module, str], boo
             PerforatableMultiheadAttention.convert(module, projections)
             converted.append(name)
     for name, module in list(model.named_modules()):
-        if type(module) is not nn.TransformerEncoderLayer or selected(module, name):
+        if type(module) is not nn.TransformerEncoderLayer or selected(module, name) or excluded(module, name):
             continue
         prefix = f"{name}." if name else ""
         children = [(prefix + n, m) for n, m in module.named_modules() if n]

@@ -229,6 +229,7 @@ class ModuleBank(DendriteBank):
                 if "Batching rule not implemented" not in str(error):
                     raise
                 _NOT_BATCHABLE.add(kind)
+                _SEQUENTIAL_LOGGED.add(kind)
                 log.info(
                     "pb_lightning: torch.func.vmap cannot batch %s (%s); its dendrite copies run one after another.",
                     kind.__name__,

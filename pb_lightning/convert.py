@@ -228,7 +228,7 @@ def perforate(
             not isinstance(module, PerforatedLayer) and _matches(module, name, inc) and not _matches(module, name, exc)
         )
 
-    converted = prepare_attention(model, selected)
+    converted = prepare_attention(model, selected, lambda module, name: _matches(module, name, exc))
     modules = dict(model.named_modules())
     norm_pairs = dict(with_norm) if isinstance(with_norm, Mapping) else {}
     for target, norm_name in norm_pairs.items():
