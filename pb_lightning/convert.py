@@ -184,8 +184,8 @@ def perforate(
         output_selectors: for modules whose output is a tuple (or dict), which entry holds the
             neurons, keyed by module type or name glob: ``{MyBlock: 0}``. Dendrites are added to
             that entry; the others pass through unchanged. Recurrent layers default to ``0``
-            (``output``, not ``h_n``): a model that reads ``h_n`` must select it (``1``), or its
-            dendrites would not reach the loss.
+            (``output``, not ``h_n``): a model that reads ``h_n`` would not see the dendrites; read
+            ``output[:, -1]`` instead, or, for a GRU, select ``1``.
 
     Returns:
         ``model`` itself, converted.
