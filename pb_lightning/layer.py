@@ -392,6 +392,9 @@ class PerforatedLayer(nn.Module):
             entry that holds the neurons; dendrites are added to it and the rest passes through.
     """
 
+    #: Class-level default, so layers pickled before tuple outputs existed still load.
+    output_key: int | str | None = None
+
     def __init__(
         self,
         module: nn.Module,
@@ -535,12 +538,12 @@ class PerforatedLayer(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        out = self.module(*args, **kwargs)
+        # One frame for the whole forward (it shows in small networks' steps); a tuple output's
+        # neuron entry is taken out here and put back at every return.
+        y = out = self.module(*args, **kwargs)
         key = self.output_key
-        y = self._dendrites_added(out if key is None else select_output(out, key, self.name), args, kwargs)
-        return y if key is None else replace_output(out, key, y)
-
-    def _dendrites_added(self, y: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+        if key is not None:
+            y = select_output(out, key, self.name)
         if self.norm is not None:
             y = self.norm(y)
         if self._num_neurons is None:  # a custom module: its output tells the neuron count
@@ -552,7 +555,8 @@ class PerforatedLayer(nn.Module):
             self._num_neurons = y.shape[self.neuron_axis]
         pool = self.candidates
         if self.output_weight is None and pool is None:
-            return y  # no dendrites yet: the wrapped module alone, no extra work
+            # no dendrites yet: the wrapped module alone, no extra work
+            return y if key is None else replace_output(out, key, y)
         axis = self.neuron_axis % y.dim()
         if y.shape[axis] != self._num_neurons:
             raise PerforationError(
@@ -575,15 +579,18 @@ class PerforatedLayer(nn.Module):
                 )
             y = add_weighted(y, acts, self.output_weight, axis)
         if pool is None:
-            return y
+            return y if key is None else replace_output(out, key, y)
         gradient_learning = pool.output_weight is not None
         observe = self.training and torch.is_grad_enabled()
         if not (observe or gradient_learning):
-            return y  # correlation candidates do not change the output: skip them when not learning
+            # correlation candidates do not change the output: skip them when not learning
+            return y if key is None else replace_output(out, key, y)
         v = pool(detached, acts, axis, **kwargs)
         if gradient_learning:
             y = add_weighted(y, v, pool.output_weight, axis)
-        return _tap(y, v, pool) if observe else y
+        if observe:
+            y = _tap(y, v, pool)
+        return y if key is None else replace_output(out, key, y)
 
     # ------------------------------------------------------------------ checkpoints
     def _load_from_state_dict(
