@@ -359,8 +359,22 @@ def prepare_attention(
         The qualified names of the converted modules.
     """
     converted: list[str] = []
+    # Attention inside an encoder-layer subclass that keeps torch's fast path stays as it is: the
+    # subclass's children are not perforated (see weight_reading_parents).
+    held = {
+        id(m.self_attn)
+        for m in model.modules()
+        if isinstance(m, nn.TransformerEncoderLayer)
+        and type(m) is not nn.TransformerEncoderLayer
+        and type(m).forward is nn.TransformerEncoderLayer.forward
+    }
     for name, module in list(model.named_modules()):
-        if type(module) is not nn.MultiheadAttention or selected(module, name) or excluded(module, name):
+        if (
+            type(module) is not nn.MultiheadAttention
+            or id(module) in held
+            or selected(module, name)
+            or excluded(module, name)
+        ):
             continue
         prefix = f"{name}." if name else ""
         projections = PerforatableMultiheadAttention.projections_of(module)

@@ -134,6 +134,7 @@ class CapacityProbe:
         names = {id(m): n for n, m in modules.items()}
         modes = {m: m.training for m in model.modules()}
         buffers = [(b, b.detach().clone()) for b in model.buffers()]
+        baselines: dict[tuple[str, str], list[Tensor]] = {}  # every run restores what it changed
         try:
             for layer in layers:
                 where = self._outermost_call(names[id(layer)])
@@ -143,7 +144,9 @@ class CapacityProbe:
                 args, kwargs = self._calls[where] if where in self._calls else self._inputs[layer.name]
                 label = f"`{where}`" if where else "the model"
                 for mode in ("train", "eval + no_grad"):
-                    before = _run(module, model, args, kwargs, mode, buffers)
+                    if (where, mode) not in baselines:
+                        baselines[where, mode] = _run(module, model, args, kwargs, mode, buffers)
+                    before = baselines[where, mode]
                     saved = layer.output_weight.detach().clone()
                     with torch.no_grad():
                         layer.output_weight.add_(PROBE_OUTPUT_WEIGHT)

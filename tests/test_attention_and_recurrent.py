@@ -212,6 +212,20 @@ def test_naming_a_child_read_by_weight_is_refused(include: list[Any]) -> None:
         pb.perforate(_HoldsOwnAttention(), include=include)
 
 
+class _OwnEncoderLayer(nn.TransformerEncoderLayer):
+    """Inherits torch's forward, fast path included."""
+
+
+def test_an_encoder_layer_subclass_with_the_fast_path_keeps_its_children_unwrapped() -> None:
+    model = nn.Sequential(_OwnEncoderLayer(8, 2, 16, batch_first=True), nn.Linear(8, 2))
+    pb.perforate(model)
+    assert [layer.name for layer in pb.perforated_layers(model)] == ["1"]
+    assert type(model[0].self_attn) is nn.MultiheadAttention  # left as it is
+    assert "_OwnEncoderLayer inherits TransformerEncoderLayer.forward" in pb.perforation_summary(model)
+    with pytest.raises(pb.PerforationError, match=r"`0.linear1` matched `include`.*fast path"):
+        pb.perforate(nn.Sequential(_OwnEncoderLayer(8, 2, 16, batch_first=True)), include=["*linear1"])
+
+
 def test_excluding_the_attention_but_including_its_projection_is_refused() -> None:
     model = nn.Sequential(nn.MultiheadAttention(8, 2))
     with pytest.raises(pb.PerforationError, match=r"`0.out_proj`.*functional kernel"):
