@@ -19,7 +19,6 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import pb_lightning as pb
-from pb_lightning.attention import PerforatableMultiheadAttention, PerforatableTransformerEncoderLayer
 from pb_lightning.capacity import CapacityProbe
 from pb_lightning.layer import PerforatedLayer
 
@@ -87,6 +86,8 @@ _MHA_SETTINGS = {
 @pytest.mark.parametrize("setting", list(_MHA_SETTINGS))
 @pytest.mark.parametrize("mode", ["train", "eval + no_grad"])
 def test_the_converted_attention_computes_what_torch_computes(setting: str, mode: str) -> None:
+    from pb_lightning.attention import PerforatableMultiheadAttention
+
     options, call = _MHA_SETTINGS[setting]
     original = nn.MultiheadAttention(8, 2, **options)
     converted = copy.deepcopy(original)
@@ -125,6 +126,8 @@ def test_the_converted_attention_computes_what_torch_computes(setting: str, mode
 
 @pytest.mark.parametrize("options", [{}, {"kdim": 6, "vdim": 5}])
 def test_a_state_dict_of_the_unconverted_attention_still_loads(options: dict[str, int]) -> None:
+    from pb_lightning.attention import PerforatableMultiheadAttention
+
     original = nn.MultiheadAttention(8, 2, **options)
     converted = nn.MultiheadAttention(8, 2, **options)  # other weights
     PerforatableMultiheadAttention.convert(converted)
@@ -139,6 +142,8 @@ def test_a_state_dict_of_the_unconverted_attention_still_loads(options: dict[str
 
 
 def test_an_encoder_over_converted_layers_keeps_its_outputs_and_skips_nested_tensors() -> None:
+    from pb_lightning.attention import PerforatableTransformerEncoderLayer
+
     layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
     original = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True)
     model = pb.perforate(nn.Sequential(copy.deepcopy(original)))

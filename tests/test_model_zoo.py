@@ -299,3 +299,19 @@ def test_the_capacity_test_inside_fit_accepts_dendrites_and_finds_no_problem(nam
     trainer.fit(model, loader, loader)
     assert callback.capacity_problems == []
     assert all(layer.num_dendrites >= 1 for layer in model.perforated_layers())
+
+
+def test_bert_gets_dendrites_on_its_attention_projections_and_feed_forward() -> None:
+    model = pb.perforate(TinyBert())
+    names = {layer.name.removeprefix("bert.bert.encoder.layer.0.") for layer in pb.perforated_layers(model)}
+    assert {
+        "attention.self.query",
+        "attention.self.key",
+        "attention.self.value",
+        "attention.output.dense",
+        "intermediate.dense",
+        "output.dense",
+    } <= names
+    summary = pb.perforation_summary(model)
+    assert "bert.bert.embeddings.word_embeddings" in summary
+    assert "embedding (a lookup table" in summary
