@@ -1,8 +1,8 @@
 """pb_lightning: Perforated Backpropagation (artificial dendrites) for PyTorch and Lightning.
 
-The engine (config, banks, correlation, layer, convert, phases, report, inference, schedule) is
-framework-free: it converts a model, grows dendrites, runs the correlation learning of the
-dendrite phase and decides when to switch phases, in any PyTorch training loop. The Lightning
+The engine (config, banks, correlation, layer, attention, convert, phases, report, inference,
+schedule) is framework-free: it converts a model, grows dendrites, runs the correlation learning
+of the dendrite phase and decides when to switch phases, in any PyTorch training loop. The Lightning
 layer (callback, module, cli, demo) drives it inside ``trainer.fit``.
 """
 
@@ -10,7 +10,7 @@ import torch
 
 from pb_lightning.callback import PerforatedCallback
 from pb_lightning.config import DendriteConfig
-from pb_lightning.convert import perforate, perforated_layers
+from pb_lightning.convert import perforate, perforated_layers, perforation_summary
 from pb_lightning.errors import PerforationError
 from pb_lightning.inference import DendriteInferenceLayer, to_inference
 from pb_lightning.layer import CandidatePool, PerforatedLayer
@@ -61,6 +61,7 @@ __all__ = [
     "perforate",
     "perforated_layers",
     "perforation_state",
+    "perforation_summary",
     "set_loss_scale",
     "set_statistics_group",
     "start_dendrite_phase",

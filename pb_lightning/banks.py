@@ -18,6 +18,7 @@ scalars of shape ``[N, out]`` broadcast against it without any permutation.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -27,6 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pb_lightning.errors import PerforationError
+
+log = logging.getLogger(__name__)
 
 _CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -172,14 +175,28 @@ class ModuleBank(DendriteBank):
 
     The copies' parameters are stacked (``[N, *shape]``). They are shared by all neurons of a
     copy, so a candidate is chosen per set, not per neuron (``per_neuron = False``).
+
+    Where vmap has no batching rule for the module's operations (``aten::lstm``, ``aten::gru``:
+    every recurrent layer), the copies run one after another through the same functional call:
+    the same function, N times the Python overhead.
+
+    Args:
+        template: the module whose copies the bank holds.
+        num_sets: N.
+        init_scale: scale of the copies' fresh initialisation.
+        output_key: for a module with a tuple (or dict) output, the entry that holds the neurons;
+            the bank returns that entry only.
     """
 
     per_neuron = False
 
-    def __init__(self, template: nn.Module, num_sets: int, init_scale: float) -> None:
+    def __init__(
+        self, template: nn.Module, num_sets: int, init_scale: float, output_key: int | str | None = None
+    ) -> None:
         super().__init__()
         copies = [_fresh_copy(template, init_scale) for _ in range(num_sets)]
         self._names = [name for name, _ in template.named_parameters()]
+        self.output_key = output_key
         for name in self._names:
             tensors = [dict(c.named_parameters())[name].detach() for c in copies]
             if tensors:
@@ -195,17 +212,43 @@ class ModuleBank(DendriteBank):
     def forward(self, *inputs: Any, neuron_axis: int, **kwargs: Any) -> Tensor:
         names = [_encode(n) for n in self._names]
         params = tuple(getattr(self, n) for n in names)
+        key = self.output_key
 
         def run(*flat: Any) -> Tensor:
             ps, args = flat[: len(names)], flat[len(names) :]
-            return torch.func.functional_call(self._skeleton, dict(zip(self._names, ps, strict=True)), args, kwargs)
+            out = torch.func.functional_call(self._skeleton, dict(zip(self._names, ps, strict=True)), args, kwargs)
+            return out if key is None else out[key]
 
-        in_dims = (0,) * len(names) + (None,) * len(inputs)
-        y = torch.func.vmap(run, in_dims=in_dims)(*params, *inputs)  # (N, *y.shape)
+        kind = type(self._skeleton)
+        y: Tensor | None = None
+        if kind not in _NOT_BATCHABLE and not isinstance(self._skeleton, nn.RNNBase):
+            in_dims = (0,) * len(names) + (None,) * len(inputs)
+            try:
+                y = torch.func.vmap(run, in_dims=in_dims)(*params, *inputs)  # (N, *y.shape)
+            except RuntimeError as error:
+                if "Batching rule not implemented" not in str(error):
+                    raise
+                _NOT_BATCHABLE.add(kind)
+                _SEQUENTIAL_LOGGED.add(kind)
+                log.info(
+                    "pb_lightning: torch.func.vmap cannot batch %s (%s); its dendrite copies run one after another.",
+                    kind.__name__,
+                    str(error).splitlines()[0],
+                )
+        if y is None:
+            if kind not in _SEQUENTIAL_LOGGED:
+                _SEQUENTIAL_LOGGED.add(kind)
+                log.info("pb_lightning: the dendrite copies of %s run one after another (no vmap).", kind.__name__)
+            y = torch.stack([run(*(p[i] for p in params), *inputs) for i in range(self.num_sets)])
         return y.movedim(0, neuron_axis)
 
     def flops_per_position(self) -> int:
         return sum(p[0].numel() for p in self.stacked().values())
+
+
+#: Module types whose copies vmap could not batch: they run one after another from then on.
+_NOT_BATCHABLE: set[type[nn.Module]] = set()
+_SEQUENTIAL_LOGGED: set[type[nn.Module]] = set()
 
 
 def _encode(name: str) -> str:
@@ -250,13 +293,18 @@ def check_custom_module(module: nn.Module, name: str) -> None:
         raise PerforationError(f"Module `{name}` ({type(module).__name__}) has no parameters to copy into dendrites.")
 
 
-def make_bank(module: nn.Module, num_sets: int, init_scale: float) -> DendriteBank:
-    """A bank of ``num_sets`` fresh dendrite sets shaped after ``module``'s operation."""
-    if isinstance(module, nn.Linear):
+def make_bank(
+    module: nn.Module, num_sets: int, init_scale: float, output_key: int | str | None = None
+) -> DendriteBank:
+    """A bank of ``num_sets`` fresh dendrite sets shaped after ``module``'s operation.
+
+    ``output_key`` (modules with tuple outputs only) selects the output entry that holds the neurons.
+    """
+    if output_key is None and isinstance(module, nn.Linear):
         return LinearBank(module, num_sets, init_scale)
-    if isinstance(module, _CONV_TYPES):
+    if output_key is None and isinstance(module, _CONV_TYPES):
         return ConvBank(module, num_sets, init_scale)  # type: ignore[arg-type]
-    return ModuleBank(module, num_sets, init_scale)
+    return ModuleBank(module, num_sets, init_scale, output_key)
 
 
 def iter_stacked(bank: DendriteBank | None) -> Iterator[tuple[str, nn.Parameter]]:

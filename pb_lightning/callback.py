@@ -36,6 +36,7 @@ from torch import Tensor
 
 from pb_lightning.capacity import CAPACITY_TEST_DENDRITES, CapacityProbe
 from pb_lightning.controller import CycleController, mean_candidate_score
+from pb_lightning.convert import perforation_summary
 from pb_lightning.errors import PerforationError, invalid
 from pb_lightning.history import END, MetricKind, resolve_metric_kind
 from pb_lightning.module import CHECKPOINT_VERSION, PerforatedModule, check_checkpoint_version
@@ -265,6 +266,8 @@ class PerforatedCallback(Callback):
                 "module's __init__ and call it in `configure_optimizers` (or build the optimizer there)."
             )
         self._probe_shapes(pl_module)
+        # Like Lightning's model summary: what got dendrites and what did not, before training.
+        rank_zero_info(perforation_summary(pl_module))
         self.recorder.start(trainer, pl_module, self._hyperparameters(pl_module))
         self._check_optimizer_coverage(trainer, pl_module)
         self._carrier.track(pl_module, trainer.optimizers)

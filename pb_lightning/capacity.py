@@ -3,6 +3,12 @@
 The probe records, for every perforated layer, the input of its latest training forward pass;
 a check then re-runs each layer on that input. Accepting dendrites changes only perforated
 layers, so per-layer function preservation implies the whole network's.
+
+It also records the inputs of the modules around the perforated layers (the model itself and
+every container of a perforated layer), to check after each acceptance that every layer's
+dendrites reach the output of the outermost of them that ran: in train mode, and in eval mode
+without gradients (a validation loop). A parent that reads a perforated child's weights instead
+of calling it (torch's attention fast paths did) fails that check, with the layer's name.
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ from pb_lightning.phases import load_perforation_state, perforation_state
 
 CAPACITY_TEST_DENDRITES = 3
 
+#: The output weight every accepted dendrite gets, for a moment, in the dead-dendrite check.
+PROBE_OUTPUT_WEIGHT = 0.1
+
 
 class CapacityProbe:
     """Records layer inputs in training and collects the problems the checks find."""
@@ -26,27 +35,54 @@ class CapacityProbe:
     def __init__(self) -> None:
         self.problems: list[str] = []
         self._inputs: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+        self._calls: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
         self._handles: list[Any] = []
+        self._model: nn.Module | None = None
+        self._recording = True
 
     def start(self, model: nn.Module) -> None:
-        """Begin recording each perforated layer's latest training input (at most 64 samples)."""
+        """Begin recording each perforated layer's latest training input (at most 64 samples).
 
+        The inputs of the model and of every module that contains a perforated layer are
+        recorded too (whole, detached), for :meth:`check_dendrites_reach_output`.
+        """
+        self._model = model
+        self._attach(model)
+
+    def _attach(self, model: nn.Module) -> None:
         def record(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            if layer.training:
+            if layer.training and self._recording:
                 self._inputs[layer.name] = (
                     tuple(a.detach()[:64] if isinstance(a, Tensor) else a for a in args),
                     kwargs,
                 )
 
-        for layer in perforated_layers(model):
-            self._handles.append(layer.register_forward_pre_hook(record, with_kwargs=True))
+        def record_call(name: str) -> Callable[..., None]:
+            def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                if module.training and self._recording:
+                    self._calls[name] = (_detached(args), _detached(kwargs))
 
-    def stop(self) -> None:
-        """Remove the hooks and forget the inputs."""
+            return hook
+
+        layers = perforated_layers(model)
+        for layer in layers:
+            self._handles.append(layer.register_forward_pre_hook(record, with_kwargs=True))
+        inside = {id(m) for layer in layers for m in layer.modules()}
+        for name, module in model.named_modules():
+            if id(module) not in inside and any(id(m) in inside for m in module.modules()):
+                self._handles.append(module.register_forward_pre_hook(record_call(name), with_kwargs=True))
+
+    def _detach_hooks(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+    def stop(self) -> None:
+        """Remove the hooks and forget the inputs."""
+        self._detach_hooks()
         self._inputs.clear()
+        self._calls.clear()
+        self._model = None
 
     @torch.no_grad()
     def outputs(self, model: nn.Module) -> dict[str, Tensor]:
@@ -57,14 +93,14 @@ class CapacityProbe:
         for layer in perforated_layers(model):
             if layer.name in self._inputs:
                 args, kwargs = self._inputs[layer.name]
-                results[layer.name] = layer(*args, **kwargs).clone()
+                results[layer.name] = _tensors(layer(*args, **kwargs))[0].clone()
         model.train(was_training)
         if not results:
             self.problems.append("no perforated layer ran in training, so nothing could be checked")
         return results
 
     def checked_accept(self, accept: Callable[[nn.Module], Any]) -> Callable[[nn.Module], Any]:
-        """``accept`` wrapped with the function-preservation check."""
+        """``accept`` wrapped with the function-preservation and dead-dendrite checks."""
 
         def run(model: nn.Module) -> Any:
             before = self.outputs(model)
@@ -73,9 +109,70 @@ class CapacityProbe:
             for name, out in before.items():
                 if not torch.allclose(out, after[name], rtol=1e-4, atol=1e-5):
                     self.problems.append(f"accepting dendrites changed the output of layer `{name}`")
+            self.check_dendrites_reach_output(model)
             return result
 
         return run
+
+    def check_dendrites_reach_output(self, model: nn.Module) -> None:
+        """Check, layer by layer, that accepted dendrites change the output in every mode.
+
+        Each layer's output weights get :data:`PROBE_OUTPUT_WEIGHT` added for a moment; the
+        outermost recorded module around the layer is then run on its recorded training input in
+        train mode and in eval mode without gradients, and must compute something different.
+        Weights, buffers (batch-norm statistics) and modes are restored afterwards, and the
+        random state is the same for both runs (dropout draws the same masks).
+        """
+        layers = [layer for layer in perforated_layers(model) if layer.output_weight is not None]
+        if not layers:
+            return
+        # The probe's own hooks stay off during the check: torch's fast paths turn themselves off
+        # when hooks are attached, which would hide exactly what this check looks for.
+        self._detach_hooks()
+        self._recording = False
+        modules = dict(model.named_modules())
+        names = {id(m): n for n, m in modules.items()}
+        modes = {m: m.training for m in model.modules()}
+        buffers = [(b, b.detach().clone()) for b in model.buffers()]
+        baselines: dict[tuple[str, str], list[Tensor]] = {}  # every run restores what it changed
+        try:
+            for layer in layers:
+                where = self._outermost_call(names[id(layer)])
+                if where is None:
+                    continue
+                module = modules[where]
+                args, kwargs = self._calls[where] if where in self._calls else self._inputs[layer.name]
+                label = f"`{where}`" if where else "the model"
+                for mode in ("train", "eval + no_grad"):
+                    if (where, mode) not in baselines:
+                        baselines[where, mode] = _run(module, model, args, kwargs, mode, buffers)
+                    before = baselines[where, mode]
+                    saved = layer.output_weight.detach().clone()
+                    with torch.no_grad():
+                        layer.output_weight.add_(PROBE_OUTPUT_WEIGHT)
+                    try:
+                        after = _run(module, model, args, kwargs, mode, buffers)
+                    finally:
+                        with torch.no_grad():
+                            layer.output_weight.copy_(saved)
+                    if _same(before, after):
+                        self.problems.append(
+                            f"the dendrites of layer `{layer.name}` do not change the output of {label} in {mode} "
+                            "mode (does a parent module read the wrapped module's weights instead of calling it?)"
+                        )
+        finally:
+            for m, training in modes.items():
+                m.training = training
+            self._recording = True
+            if self._model is not None:
+                self._attach(self._model)
+
+    def _outermost_call(self, layer_name: str) -> str | None:
+        """The recorded module nearest the root that contains ``layer_name`` (or the layer itself)."""
+        containing = [n for n in self._calls if n == "" or layer_name.startswith(n + ".")]
+        if containing:
+            return min(containing, key=lambda n: (n != "", n.count(".")))
+        return layer_name if layer_name in self._inputs else None
 
     def check_finite(self, name: str, score: float, epoch: int) -> None:
         if not torch.isfinite(torch.tensor(score)):
@@ -110,3 +207,52 @@ class CapacityProbe:
         if self.problems:
             return "capacity test: problems found: " + "; ".join(self.problems)
         return f"capacity test: {dendrites} dendrite sets added; no problems detected"
+
+
+def _detached(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach()
+    if isinstance(value, dict):
+        return {k: _detached(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_detached(v) for v in value) if not hasattr(value, "_fields") else value
+    return value
+
+
+def _tensors(value: Any) -> list[Tensor]:
+    """Every floating-point tensor in a (nested) output, in a stable order."""
+    if isinstance(value, Tensor):
+        return [value] if value.is_floating_point() or value.is_complex() else []
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def _run(
+    module: nn.Module,
+    model: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    mode: str,
+    buffers: list[tuple[Tensor, Tensor]],
+) -> list[Tensor]:
+    model.train(mode == "train")
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices), torch.set_grad_enabled(mode == "train"):
+        torch.manual_seed(0)
+        out = [t.detach().clone() for t in _tensors(module(*args, **kwargs))]
+    with torch.no_grad():
+        for b, saved in buffers:  # train mode moved batch-norm statistics
+            b.copy_(saved)
+    return out
+
+
+def _same(before: list[Tensor], after: list[Tensor]) -> bool:
+    # Bitwise: a bypassed dendrite leaves the very same computation (same kernels, inputs and
+    # random state), while a live one may move the output by little (query/key projections
+    # under nearly uniform attention), so any tolerance would risk a false alarm.
+    return len(before) == len(after) and all(
+        torch.equal(a, b) or (a.isnan().all() and b.isnan().all()) for a, b in zip(before, after, strict=True)
+    )

@@ -7,11 +7,12 @@ import importlib
 import logging
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Union
+from typing import Any, Union
 
 import torch.fx
 from torch import nn
 
+from pb_lightning.attention import prepare_attention, weight_reading_parents
 from pb_lightning.banks import check_custom_module
 from pb_lightning.config import DendriteConfig
 from pb_lightning.errors import PerforationError, invalid
@@ -30,6 +31,14 @@ DEFAULT_NEURON_AXES: dict[type[nn.Module], int] = {
     nn.Conv2d: 1,
     nn.Conv3d: 1,
 }
+
+#: What ``output_selectors`` accept: the index (tuple or list output) or key (mapping output) of
+#: the output that holds the neurons.
+OutputKey = Union[int, str]
+
+#: Recurrent layers: their output is ``(output, h_n)`` / ``(output, (h_n, c_n))``; the neurons are
+#: the features (last axis) of ``output``.
+RECURRENT_TYPES: tuple[type[nn.Module], ...] = (nn.RNNBase,)
 
 #: Normalisation layers that may be wrapped together with the module before them.
 NORM_TYPES: tuple[type[nn.Module], ...] = (
@@ -75,6 +84,14 @@ def _resolve_type(selector: str, argument: str) -> type[nn.Module]:
             return found
         break
     raise invalid(argument, selector, "'type:' followed by the importable name of an nn.Module class")
+
+
+def _resolve_keys(mapping: Mapping[Any, Any] | None, argument: str) -> dict[Any, Any]:
+    """A ``{module type or name glob: value}`` mapping whose ``"type:pkg.Class"`` keys are resolved."""
+    return {
+        _resolve_type(k, argument) if isinstance(k, str) and k.startswith(TYPE_PREFIX) else k: v
+        for k, v in (mapping or {}).items()
+    }
 
 
 def _as_list(selectors: Selectors | None, argument: str) -> list[Selector]:
@@ -128,11 +145,35 @@ def _neuron_axis(
                 f"Module `{name}` is a lazy module; run one batch through the model before perforate()."
             )
         return 1, module.out_channels
+    if isinstance(module, RECURRENT_TYPES):
+        check_custom_module(module, name)
+        features = module.proj_size or module.hidden_size  # type: ignore[attr-defined]
+        return -1, features * (2 if module.bidirectional else 1)  # type: ignore[attr-defined]
     raise PerforationError(
         f"Module `{name}` ({type(module).__name__}) matched `include`, but pb_lightning does not know "
         f"which axis of its output indexes neurons. Name it: perforate(..., neuron_axes={{"
         f"{type(module).__name__}: -1}}) for a [batch, ..., features] output."
     )
+
+
+def _output_key(
+    module: nn.Module, name: str, selectors: Mapping[type[nn.Module] | str, OutputKey]
+) -> OutputKey | None:
+    """Which entry of ``module``'s output holds the neurons (``None``: the output is a tensor)."""
+    for key, value in selectors.items():
+        if (isinstance(key, str) and fnmatch.fnmatchcase(name, key)) or (
+            isinstance(key, type) and isinstance(module, key)
+        ):
+            if isinstance(value, bool) or not isinstance(value, (int, str)):
+                raise invalid(
+                    f"output_selectors[{key!r}]",
+                    value,
+                    "an int (index into a tuple output) or a str (key of a dict output)",
+                )
+            return value
+    if isinstance(module, RECURRENT_TYPES):
+        return 0  # (output, h_n): the per-step features
+    return None
 
 
 def _norm_after(parent: nn.Module, child_name: str, traced: dict[int, dict[str, str]]) -> str | None:
@@ -205,6 +246,7 @@ def perforate(
     config: DendriteConfig | None = None,
     neuron_axes: Mapping[type[nn.Module] | str, int] | None = None,
     with_norm: bool | Mapping[str, str] = False,
+    output_selectors: Mapping[type[nn.Module] | str, OutputKey] | None = None,
 ) -> nn.Module:
     """Convert ``model`` in place so that the selected modules' neurons can grow dendrites.
 
@@ -212,19 +254,30 @@ def perforate(
     it. Until dendrites are accepted the layer computes exactly what the module did, at the cost
     of one extra Python call.
 
+    Attention blocks are converted first where their projections are selected (see
+    :mod:`pb_lightning.attention`): ``nn.MultiheadAttention`` gets ``q_proj``/``k_proj``/``v_proj``
+    ``nn.Linear`` children that it calls (with ``out_proj``), and ``nn.TransformerEncoderLayer``
+    loses its fast path, so their dendrites run in every mode. Children of modules that read their
+    weights instead of calling them (an attention block left unconverted) are never wrapped: by
+    default they are skipped, and naming them in ``include`` is an error.
+
     Args:
         model: the model to convert. Its root cannot itself be a module to wrap (wrap the model in
             a container, e.g. ``nn.Sequential(layer)``).
         include: which modules to perforate: module types, globs over qualified names
             (``"encoder.*"``), or filters ``filter(module, name) -> bool``; a module is selected if
-            any of them matches. Default: every ``nn.Linear`` and ``nn.Conv1d/2d/3d``. A selected
-            module is wrapped whole; modules inside it are not visited. A type may also be given
-            as a string, ``"type:torch.nn.Linear"`` (for configuration files and checkpoints).
+            any of them matches. Default: every ``nn.Linear`` and ``nn.Conv1d/2d/3d``, attention
+            projections included. A selected module is wrapped whole; modules inside it are not
+            visited. A type may also be given as a string, ``"type:torch.nn.Linear"`` (for
+            configuration files and checkpoints). Recurrent layers (``nn.LSTM``, ``nn.GRU``,
+            ``nn.RNN``) are perforated only when included; their dendrites are fresh copies of the
+            layer, added to its per-step output.
         exclude: modules never to perforate, in the same forms (it wins over ``include``).
         config: the engine configuration shared by all layers (default :class:`DendriteConfig()`).
-        neuron_axes: for modules other than Linear and Conv, the axis of their output that indexes
-            neurons, keyed by module type or name glob (e.g. ``{MyMixer: -1}``). Such a module's
-            dendrites are fresh copies of it, run together with ``torch.func.vmap``.
+        neuron_axes: for modules other than Linear, Conv and recurrent layers, the axis of their
+            output that indexes neurons, keyed by module type or name glob (e.g. ``{MyMixer: -1}``).
+            Such a module's dendrites are fresh copies of it, run together with ``torch.func.vmap``
+            (one after another where vmap cannot batch the module).
         with_norm: wrap a module together with the normalisation layer that follows it, so that
             dendrites are added after the norm. ``True`` pairs a module with a norm layer directly
             after it in the same ``nn.Sequential``, and a module held as an attribute with the
@@ -233,13 +286,18 @@ def perforate(
             ``torch.fx``; a forward that cannot be traced gets no pairs. A mapping
             ``{"conv1": "bn1"}`` names pairs by qualified name. The norm's old place becomes an
             ``nn.Identity``. ``True`` that pairs nothing warns.
+        output_selectors: for modules whose output is a tuple (or dict), which entry holds the
+            neurons, keyed by module type or name glob: ``{MyBlock: 0}``. Dendrites are added to
+            that entry; the others pass through unchanged. Recurrent layers default to ``0``
+            (``output``, not ``h_n``): a model that reads ``h_n`` would not see the dendrites; read
+            ``output[:, -1]`` instead, or, for a GRU, select ``1``.
 
     Returns:
         ``model`` itself, converted.
 
     Raises:
-        PerforationError: if nothing new matched, the root itself matched, or a selected module
-            cannot carry dendrites.
+        PerforationError: if nothing new matched, the root itself matched, a selected module
+            cannot carry dendrites, or ``include`` names a module whose parent reads its weights.
 
     Example::
 
@@ -253,7 +311,11 @@ def perforate(
     config = DendriteConfig() if config is None else config
     if not isinstance(config, DendriteConfig):
         raise invalid("config", config, "a pb_lightning.DendriteConfig")
-    axes: dict[type[nn.Module] | str, int] = dict(neuron_axes or {})
+    for argument, value in (("neuron_axes", neuron_axes), ("output_selectors", output_selectors)):
+        if value is not None and not isinstance(value, Mapping):
+            raise invalid(argument, value, "a mapping {module type or name glob: value}")
+    axes: dict[type[nn.Module] | str, int] = _resolve_keys(neuron_axes, "neuron_axes")
+    outputs: dict[type[nn.Module] | str, OutputKey] = _resolve_keys(output_selectors, "output_selectors")
     inc = _as_list(include, "include") or list(DEFAULT_NEURON_AXES)
     inc += [k for k in axes if k not in inc]
     exc = _as_list(exclude, "exclude")
@@ -265,6 +327,13 @@ def perforate(
             "converts in place by replacing children. Wrap it in a container first, e.g. "
             "perforate(torch.nn.Sequential(model))."
         )
+
+    def selected(module: nn.Module, name: str) -> bool:
+        return (
+            not isinstance(module, PerforatedLayer) and _matches(module, name, inc) and not _matches(module, name, exc)
+        )
+
+    converted = prepare_attention(model, selected, lambda module, name: _matches(module, name, exc))
     modules = dict(model.named_modules())
     norm_pairs = dict(with_norm) if isinstance(with_norm, Mapping) else {}
     for target, norm_name in norm_pairs.items():
@@ -275,20 +344,30 @@ def perforate(
             raise invalid(f"with_norm[{target!r}]", norm_name, "the name of a normalisation layer")
 
     already = [m for m in model.modules() if isinstance(m, PerforatedLayer)]
+    readers = weight_reading_parents(model)
     wrapped: list[str] = []
     paired: list[str] = []
+    paired_norms: set[str] = set()
     traced: dict[int, dict[str, str]] = {}
+    skipped: dict[str, str] = {}
 
-    def visit(parent: nn.Module, prefix: str) -> None:
+    def visit(parent: nn.Module, prefix: str, read_by: str | None) -> None:
         for child_name, child in list(parent.named_children()):
             name = f"{prefix}{child_name}"
             if isinstance(child, PerforatedLayer):
                 continue  # never wrap twice
-            if isinstance(child, nn.MultiheadAttention) and include is None:
-                # MultiheadAttention reads its projections' weights directly instead of calling
-                # them: wrapped, they would carry dendrites that never run.
-                continue
+            reader = read_by or (f"`{prefix[:-1]}`: {readers[id(parent)]}" if id(parent) in readers else None)
             if _matches(child, name, inc) and not _matches(child, name, exc):
+                if reader is not None:
+                    if include is not None:
+                        raise PerforationError(
+                            f"Module `{name}` matched `include`, but its parent {reader}: its dendrites would "
+                            "never run. Exclude it, or use torch's own nn.MultiheadAttention / "
+                            "nn.TransformerEncoderLayer (perforate() converts those so that they call their "
+                            "projections)."
+                        )
+                    skipped[name] = f"its parent {reader}"
+                    continue
                 axis, neurons = _neuron_axis(child, name, axes)
                 norm = None
                 norm_name = norm_pairs.get(name) or (
@@ -301,15 +380,24 @@ def perforate(
                     holder = model.get_submodule(holder_name) if holder_name else model
                     setattr(holder, attr, nn.Identity())
                     paired.append(f"{name} + {full}")
+                    paired_norms.add(full)
                 layer = PerforatedLayer(
-                    child, config=config, neuron_axis=axis, num_neurons=neurons, norm=norm, name=name
+                    child,
+                    config=config,
+                    neuron_axis=axis,
+                    num_neurons=neurons,
+                    norm=norm,
+                    name=name,
+                    output_key=_output_key(child, name, outputs),
                 )
                 setattr(parent, child_name, layer)
                 wrapped.append(name)
             else:
-                visit(child, f"{name}.")
+                if _matches(child, name, exc) and _matches(child, name, inc):
+                    skipped[name] = "matched `exclude`"
+                visit(child, f"{name}.", reader)
 
-    visit(model, "")
+    visit(model, "", None)
     if not wrapped:
         hint = (
             f" It already has {len(already)} perforated layers; perforate() does not wrap a module twice."
@@ -317,6 +405,7 @@ def perforate(
             else " By default pb_lightning wraps nn.Linear and nn.Conv1d/2d/3d; pass `include=` for other modules."
         )
         raise PerforationError(f"perforate() found no module to wrap in {type(model).__name__}.{hint}")
+    _record(model, wrapped, skipped, paired_norms, converted)
     log.info("Perforated %d modules: %s", len(wrapped), ", ".join(wrapped))
     if paired:
         log.info("Wrapped together with their norms: %s", ", ".join(paired))
@@ -329,6 +418,71 @@ def perforate(
             stacklevel=2,
         )
     return model
+
+
+_RECORD = "_pb_conversion"
+
+
+def _skip_reason(module: nn.Module) -> str | None:
+    """Why a module with parameters of its own that ``include`` did not select was left alone."""
+    if isinstance(module, NORM_TYPES):
+        return "normalisation layer (kept as is; `with_norm` adds dendrites after it instead of before)"
+    if isinstance(module, nn.Embedding):
+        return "embedding (a lookup table: no neurons to grow dendrites on)"
+    if isinstance(module, RECURRENT_TYPES):
+        return (
+            f"recurrent layer (not perforated by default; include=[nn.{type(module).__name__}] grows dendrites on "
+            "its per-step output)"
+        )
+    return None
+
+
+def _record(
+    model: nn.Module, wrapped: list[str], skipped: dict[str, str], paired: set[str], converted: list[str]
+) -> None:
+    """Remember what ``perforate()`` did, for :func:`perforation_summary` (not part of the state)."""
+    inside = {id(m) for layer in perforated_layers(model) for m in layer.modules()}
+    for name, module in model.named_modules():
+        if name in skipped or id(module) in inside or not any(True for _ in module.parameters(recurse=False)):
+            continue
+        reason = _skip_reason(module)
+        if reason is not None:
+            skipped[name] = reason
+    record = model.__dict__.setdefault(_RECORD, {"skipped": {}, "paired": [], "converted": []})
+    record["skipped"].update(skipped)
+    for name in wrapped:
+        record["skipped"].pop(name, None)
+    record["paired"] += sorted(paired)
+    record["converted"] += converted
+
+
+def perforation_summary(model: nn.Module) -> str:
+    """What was perforated in ``model`` and what was skipped, and why: a multi-line text.
+
+    Shown at fit start by :class:`~pb_lightning.callback.PerforatedCallback` (like Lightning's
+    model summary), so that a layer left without dendrites is visible before training, not after.
+    """
+    records = [(prefix, m.__dict__[_RECORD]) for prefix, m in model.named_modules() if _RECORD in m.__dict__]
+    lines = []
+    layers = perforated_layers(model)
+    names = {id(layer): name for name, layer in model.named_modules()}
+    lines.append(f"pb_lightning: {len(layers)} perforated modules")
+    for layer in layers:
+        kind = type(layer.module).__name__
+        extra = f" + {type(layer.norm).__name__}" if layer.norm is not None else ""
+        output = f", dendrites added to output[{layer.output_key!r}]" if layer.output_key is not None else ""
+        lines.append(
+            f"  {names[id(layer)]:<40} {kind}{extra}: {layer.num_neurons} neurons, {layer.num_dendrites} dendrite "
+            f"sets{output}"
+        )
+    converted = [f"{p}.{n}" if p and n else p or n for p, r in records for n in r["converted"]]
+    if converted:
+        lines.append(f"  converted to call their projections as modules: {', '.join(converted)}")
+    skipped = [(f"{p}.{n}" if p else n, why) for p, r in records for n, why in r["skipped"].items()]
+    if skipped:
+        lines.append(f"skipped ({len(skipped)}):")
+        lines.extend(f"  {name:<40} {why}" for name, why in skipped)
+    return "\n".join(lines)
 
 
 def perforated_layers(model: nn.Module) -> list[PerforatedLayer]:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 
 from pb_lightning.banks import DendriteBank
 from pb_lightning.convert import perforated_layers
-from pb_lightning.layer import PerforatedLayer, accepted_activations, add_weighted
+from pb_lightning.layer import PerforatedLayer, accepted_activations, add_weighted, replace_output, select_output
 
 
 class DendriteInferenceLayer(nn.Module):
@@ -18,6 +18,9 @@ class DendriteInferenceLayer(nn.Module):
     It computes exactly what the trained :class:`~pb_lightning.layer.PerforatedLayer` computes in
     its neuron phase, with the same fused operation for all dendrites, and holds nothing else: no
     candidates, no statistics, no autograd hooks, no frozen-flag bookkeeping.
+
+    Like the training layer, it looks attributes it does not have up on the wrapped module, so
+    code that reads ``layer.weight`` or ``layer.out_features`` keeps working in deployment.
     """
 
     def __init__(self, layer: PerforatedLayer) -> None:
@@ -31,14 +34,28 @@ class DendriteInferenceLayer(nn.Module):
         self.output_weight = layer.output_weight
         self.neuron_axis = layer.neuron_axis
         self.activation = layer.config.activation
+        self.output_key = layer.output_key
+        self.name = layer.name
 
-    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
-        y = self.module(*args, **kwargs)
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            module = self.__dict__.get("_modules", {}).get("module")
+            if module is None or name.startswith("_"):
+                raise
+            return getattr(module, name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.module(*args, **kwargs)
+        key = self.output_key
+        y = out if key is None else select_output(out, key, self.name)
         if self.norm is not None:
             y = self.norm(y)
         axis = self.neuron_axis % y.dim()
         acts = accepted_activations(self.dendrites, self.cascade_weight, args, axis, self.activation, **kwargs)
-        return add_weighted(y, acts, self.output_weight, axis)
+        y = add_weighted(y, acts, self.output_weight, axis)
+        return y if key is None else replace_output(out, key, y)
 
 
 def to_inference(model: nn.Module) -> nn.Module:

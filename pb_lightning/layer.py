@@ -18,6 +18,7 @@ error from the ordinary backward pass.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -128,6 +129,46 @@ def add_weighted(y: Tensor, acts: Tensor, weight: Tensor, axis: int) -> Tensor:
     return y
 
 
+def select_output(out: Any, key: int | str, name: str) -> Tensor:
+    """The entry ``key`` of a module's tuple (or dict) output: the tensor that holds the neurons."""
+    try:
+        y = out[key]
+    except (TypeError, IndexError, KeyError):
+        raise PerforationError(
+            f"Layer `{name}`: output_selectors gives {key!r}, but its module returned {type(out).__name__} "
+            f"{_describe(out)}; give the index (tuple) or key (dict) of the tensor that holds the neurons."
+        ) from None
+    if not isinstance(y, Tensor):
+        raise PerforationError(
+            f"Layer `{name}`: output entry {key!r} is a {type(y).__name__}, not a tensor (a PackedSequence? "
+            "pad the sequences, or select the tensor that holds the neurons)."
+        )
+    return y
+
+
+def _describe(out: Any) -> str:
+    if isinstance(out, Tensor):
+        return f"of shape {tuple(out.shape)}"
+    if isinstance(out, dict):
+        return f"with keys {list(out)}"
+    if isinstance(out, (tuple, list)):
+        return f"of {len(out)} entries"
+    return ""
+
+
+def replace_output(out: Any, key: int | str, y: Tensor) -> Any:
+    """``out`` with entry ``key`` replaced by ``y`` (same container type)."""
+    if isinstance(out, dict):
+        new = copy.copy(out)  # keeps a dict subclass (e.g. a Hugging Face ModelOutput)
+        new[key] = y
+        return new
+    items = list(out)
+    items[key] = y  # type: ignore[index]
+    if isinstance(out, tuple) and hasattr(out, "_fields"):  # a named tuple
+        return type(out)(*items)
+    return type(out)(items)
+
+
 @torch._dynamo.disable
 def _tap(y: Tensor, v: Tensor, pool: CandidatePool) -> Tensor:
     """Apply the correlation tap outside torch.compile's graphs.
@@ -151,14 +192,21 @@ class CandidatePool(nn.Module):
         num_neurons: neurons of the layer.
         num_accepted: D, the accepted sets the candidates cascade from.
         config: the engine configuration.
+        output_key: for a module with a tuple output, the entry that holds the neurons.
     """
 
     def __init__(
-        self, module: nn.Module, num_candidates: int, num_neurons: int, num_accepted: int, config: DendriteConfig
+        self,
+        module: nn.Module,
+        num_candidates: int,
+        num_neurons: int,
+        num_accepted: int,
+        config: DendriteConfig,
+        output_key: int | str | None = None,
     ) -> None:
         super().__init__()
         self.config = config
-        self.bank = make_bank(module, num_candidates, config.init_scale)
+        self.bank = make_bank(module, num_candidates, config.init_scale, output_key)
         like = next(iter(self.bank.stacked().values()))
         zeros = like.new_zeros
         # Zero cascade weights: a candidate starts as a function of x̂ alone and learns how much
@@ -340,7 +388,12 @@ class PerforatedLayer(nn.Module):
         num_neurons: the size of that axis, or ``None`` to read it from the first forward pass.
         norm: a normalisation layer applied to ``module``'s output before dendrites are added.
         name: the qualified name of the wrapped module in the model (for messages and reports).
+        output_key: for a module whose output is a tuple (or dict), the index (or key) of the
+            entry that holds the neurons; dendrites are added to it and the rest passes through.
     """
+
+    #: Class-level default, so layers pickled before tuple outputs existed still load.
+    output_key: int | str | None = None
 
     def __init__(
         self,
@@ -351,9 +404,11 @@ class PerforatedLayer(nn.Module):
         num_neurons: int | None,
         norm: nn.Module | None = None,
         name: str = "",
+        output_key: int | str | None = None,
     ) -> None:
         super().__init__()
         self.module = module
+        self.output_key = output_key
         self.norm = norm
         self.config = config
         self.neuron_axis = neuron_axis
@@ -406,7 +461,7 @@ class PerforatedLayer(nn.Module):
     def _ensure_accepted(self, num: int, num_neurons: int) -> None:
         """Give the layer ``num`` accepted sets with uninitialised weights (for loading)."""
         if self.dendrites is None:
-            self.dendrites = make_bank(self.module, 0, self.config.init_scale)
+            self.dendrites = make_bank(self.module, 0, self.config.init_scale, self.output_key)
         self.dendrites.resize(num)
         like = self._like()
         if self.config.cascade:
@@ -439,7 +494,9 @@ class PerforatedLayer(nn.Module):
         return self.candidates
 
     def _new_pool(self, num_candidates: int, num_neurons: int) -> CandidatePool:
-        pool = CandidatePool(self.module, num_candidates, num_neurons, self.num_dendrites, self.config)
+        pool = CandidatePool(
+            self.module, num_candidates, num_neurons, self.num_dendrites, self.config, self.output_key
+        )
         pool.statistics.process_group = self.statistics_group
         return pool
 
@@ -460,7 +517,7 @@ class PerforatedLayer(nn.Module):
         bank, cascade, output = pool.selected()
         num, like = self.num_dendrites, self._like()
         if self.dendrites is None:
-            self.dendrites = make_bank(self.module, 0, self.config.init_scale)
+            self.dendrites = make_bank(self.module, 0, self.config.init_scale, self.output_key)
         self.dendrites.append(bank, requires_grad=False)
         if self.config.cascade:
             old = self.cascade_weight.detach() if self.cascade_weight is not None else like.new_zeros(0, scores.numel())
@@ -480,8 +537,13 @@ class PerforatedLayer(nn.Module):
             self.candidates.scaled = True
 
     # ------------------------------------------------------------------ forward
-    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
-        y = self.module(*args, **kwargs)
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        # One frame for the whole forward (it shows in small networks' steps); a tuple output's
+        # neuron entry is taken out here and put back at every return.
+        y = out = self.module(*args, **kwargs)
+        key = self.output_key
+        if key is not None:
+            y = select_output(out, key, self.name)
         if self.norm is not None:
             y = self.norm(y)
         if self._num_neurons is None:  # a custom module: its output tells the neuron count
@@ -493,7 +555,8 @@ class PerforatedLayer(nn.Module):
             self._num_neurons = y.shape[self.neuron_axis]
         pool = self.candidates
         if self.output_weight is None and pool is None:
-            return y  # no dendrites yet: the wrapped module alone, no extra work
+            # no dendrites yet: the wrapped module alone, no extra work
+            return y if key is None else replace_output(out, key, y)
         axis = self.neuron_axis % y.dim()
         if y.shape[axis] != self._num_neurons:
             raise PerforationError(
@@ -516,15 +579,18 @@ class PerforatedLayer(nn.Module):
                 )
             y = add_weighted(y, acts, self.output_weight, axis)
         if pool is None:
-            return y
+            return y if key is None else replace_output(out, key, y)
         gradient_learning = pool.output_weight is not None
         observe = self.training and torch.is_grad_enabled()
         if not (observe or gradient_learning):
-            return y  # correlation candidates do not change the output: skip them when not learning
+            # correlation candidates do not change the output: skip them when not learning
+            return y if key is None else replace_output(out, key, y)
         v = pool(detached, acts, axis, **kwargs)
         if gradient_learning:
             y = add_weighted(y, v, pool.output_weight, axis)
-        return _tap(y, v, pool) if observe else y
+        if observe:
+            y = _tap(y, v, pool)
+        return y if key is None else replace_output(out, key, y)
 
     # ------------------------------------------------------------------ checkpoints
     def _load_from_state_dict(

@@ -49,6 +49,10 @@ class PerforatedModule(pl.LightningModule):
             dendrites are added after the norm: ``True`` pairs each module with the norm that
             directly follows it (see :func:`~pb_lightning.perforate`), a mapping
             ``{"conv1": "bn1"}`` names the pairs by qualified name.
+        perforate_neuron_axes: for included modules other than Linear, Conv and recurrent
+            layers, the axis of their output that indexes neurons (see :func:`~pb_lightning.perforate`).
+        perforate_output_selectors: for included modules with tuple outputs, which entry holds
+            the neurons (recurrent layers default to ``0``, their per-step output).
 
     Example::
 
@@ -71,6 +75,8 @@ class PerforatedModule(pl.LightningModule):
         perforate_include: Sequence[str | type[nn.Module]] | None = None,
         perforate_exclude: Sequence[str | type[nn.Module]] | None = None,
         with_norm: bool | Mapping[str, str] = False,
+        perforate_neuron_axes: Mapping[type[nn.Module] | str, int] | None = None,
+        perforate_output_selectors: Mapping[type[nn.Module] | str, int | str] | None = None,
     ) -> None:
         super().__init__()
         config = DendriteConfig() if dendrite_config is None else dendrite_config
@@ -85,6 +91,16 @@ class PerforatedModule(pl.LightningModule):
             with_norm = dict(with_norm)
         elif not isinstance(with_norm, bool):
             raise invalid("with_norm", with_norm, "a bool or a mapping {module name: norm name}")
+        for name, value in (
+            ("perforate_neuron_axes", perforate_neuron_axes),
+            ("perforate_output_selectors", perforate_output_selectors),
+        ):
+            if value is not None and not isinstance(value, Mapping):
+                raise invalid(name, value, "a mapping {module type or name glob: value}")
+        self._perforate_neuron_axes = None if perforate_neuron_axes is None else dict(perforate_neuron_axes)
+        self._perforate_output_selectors = (
+            None if perforate_output_selectors is None else dict(perforate_output_selectors)
+        )
         self.dendrite_config = config
         self._perforate_include = None if perforate_include is None else list(perforate_include)
         self._perforate_exclude = None if perforate_exclude is None else list(perforate_exclude)
@@ -106,6 +122,8 @@ class PerforatedModule(pl.LightningModule):
                 exclude=self._perforate_exclude,
                 config=self.dendrite_config,
                 with_norm=self._with_norm,
+                neuron_axes=self._perforate_neuron_axes,
+                output_selectors=self._perforate_output_selectors,
             )
 
     def perforated_layers(self) -> list[PerforatedLayer]:
@@ -153,7 +171,8 @@ class PerforatedModule(pl.LightningModule):
             checkpoint[self.CHECKPOINT_HYPER_PARAMS_KEY] = self._hparams_as_plain_data(hparams)
 
     def _hparams_as_plain_data(self, hparams: dict[str, Any]) -> dict[str, Any]:
-        """Hyperparameters with the module types of ``perforate_include/exclude`` as strings.
+        """Hyperparameters with the module types of ``perforate_include/exclude`` (and the keys of
+        ``perforate_neuron_axes/output_selectors``) as strings.
 
         ``save_hyperparameters()`` keeps the classes a user passed (``[nn.Linear]``); pickled
         into the checkpoint, they make ``load_from_checkpoint`` fail under ``weights_only=True``
@@ -162,8 +181,13 @@ class PerforatedModule(pl.LightningModule):
         user's and keep their form.
         """
         ours = [s for s in (self._perforate_include, self._perforate_exclude) if s is not None]
+        mappings = [m for m in (self._perforate_neuron_axes, self._perforate_output_selectors) if m is not None]
         converted = dict(hparams)
         for key, value in hparams.items():
+            if isinstance(value, Mapping) and any(dict(value) == m for m in mappings):
+                # neuron axes / output selectors keyed by module type: the keys become strings
+                converted[key] = {(type_selector(k) or k) if isinstance(k, type) else k: v for k, v in value.items()}
+                continue
             if not isinstance(value, (list, tuple)) or not any(_same_items(value, s) for s in ours):
                 continue
             items = [type_selector(v) or v if isinstance(v, type) else v for v in value]

@@ -150,8 +150,14 @@ def test_with_norm_pairs_a_module_with_the_norm_after_it() -> None:
     assert block.head.norm is None
 
 
-def test_multihead_attention_projections_are_skipped_by_default() -> None:
+def test_multihead_attention_projections_are_perforated_by_default() -> None:
     model = nn.Sequential(nn.Linear(4, 4))
     model.attn = nn.MultiheadAttention(4, 2)
     perforate(model)
-    assert [layer.name for layer in perforated_layers(model)] == ["0"]
+    assert [layer.name for layer in perforated_layers(model)] == [
+        "0",
+        "attn.q_proj",
+        "attn.k_proj",
+        "attn.v_proj",
+        "attn.out_proj",
+    ]

@@ -604,3 +604,34 @@ def test_carry_survives_a_resume_from_a_mid_dendrite_phase_checkpoint(tmp_path: 
     # Epoch 3 ends the dendrite phase; in epoch 4 the network's Adam state goes on from its 6 steps.
     assert [s["network"] for s in resumed.steps] == [None, 9]
     assert [s["w"] for s in resumed.steps] == [None, 3]
+
+
+class _LSTMTyped(pb.PerforatedModule):
+    def __init__(self, axes: Any = None, selectors: Any = None) -> None:
+        super().__init__(
+            perforate_include=[nn.LSTM, nn.Linear],
+            perforate_neuron_axes=axes,
+            perforate_output_selectors=selectors,
+        )
+        self.save_hyperparameters()
+        self.rnn = nn.LSTM(8, 6, batch_first=True)
+        self.head = nn.Linear(6, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.rnn(x.view(-1, 8, 8))[0][:, -1])
+
+
+def test_neuron_axes_and_output_selectors_keyed_by_type_survive_a_weights_only_checkpoint(tmp_path: Path) -> None:
+    model = _LSTMTyped(axes={nn.LSTM: -1}, selectors={nn.LSTM: 0})
+    model.configure_model()
+    checkpoint: dict[str, Any] = {"hyper_parameters": dict(model.hparams)}
+    model.on_save_checkpoint(checkpoint)
+    stored = checkpoint["hyper_parameters"]
+    assert stored["axes"] == {"type:torch.nn.modules.rnn.LSTM": -1}
+    assert stored["selectors"] == {"type:torch.nn.modules.rnn.LSTM": 0}
+    # the string keys perforate the same layers, with the same output entry
+    again = _LSTMTyped(axes=stored["axes"], selectors=stored["selectors"])
+    again.configure_model()
+    assert [(layer.name, layer.output_key) for layer in again.perforated_layers()] == [
+        (layer.name, layer.output_key) for layer in model.perforated_layers()
+    ]
