@@ -75,3 +75,17 @@ def test_resume_soak_kills_resumes_and_compares(tmp_path: Path) -> None:
     markdown = _assert_render_regenerates("resume_soak.py", results)
     assert f"**{saved['exact']}/1 exact**" in markdown
     assert markdown.strip() in result.stdout
+
+
+def test_checkpoint_size_quick_run_compares_with_a_plain_checkpoint(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    result = run_benchmark("checkpoint_size.py", "--quick", "--out", str(results))
+    saved = json.loads((results / "results.json").read_text())
+    (network,) = saved["networks"]
+    assert len(network["rows"]) == 6
+    for row in network["rows"]:
+        assert row["bytes"] > row["plain_bytes"] > 0
+        assert set(row["held"]) <= {"cpu"}
+    assert network["max_ratio"] == max(row["ratio"] for row in network["rows"])
+    markdown = _assert_render_regenerates("checkpoint_size.py", results)
+    assert markdown.strip() in result.stdout
