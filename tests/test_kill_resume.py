@@ -104,6 +104,38 @@ def test_killed_and_resumed_run_ends_exactly_as_the_uninterrupted_one(
     _assert_same_run(result, uninterrupted)
 
 
+# With mode="max" on val_loss every cycle fails its verdict: epoch 5 retries (restoring the
+# global best, fresh candidates), epoch 7 accepts again, epoch 9 stops after the second failed
+# try, rolling back to the network without dendrites.
+FAILING_ACTIONS = {2: "start_dendrite_phase", 4: "accept", 6: "retry", 8: "accept", 10: "stop"}
+FAILING_POINTS = {"decided:5": 5, "saved:5": 6, "batch:6:3": 6, "decided:9": 9}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_failing(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("failing")
+    done = _run(out, "--mode", "max")
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = _result(out)
+    assert {v: a for v, a in result["history"] if a != "continue"} == FAILING_ACTIONS
+    assert result["dendrites"] == [0, 0, 0]
+    return result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", list(FAILING_POINTS))
+def test_a_run_killed_around_a_retry_or_a_failed_stop_resumes_exactly(
+    point: str, uninterrupted_failing: dict[str, Any], tmp_path: Path
+) -> None:
+    killed = _run(tmp_path, "--mode", "max", kill_at=point)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    resumed = _run(tmp_path, "--mode", "max", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    result = _result(tmp_path)
+    assert result["batches_run"] == 6 * (10 - FAILING_POINTS[point])
+    _assert_same_run(result, uninterrupted_failing)
+
+
 @pytest.mark.slow
 def test_resuming_a_finished_run_trains_nothing_and_keeps_the_weights(
     uninterrupted: dict[str, Any], tmp_path: Path

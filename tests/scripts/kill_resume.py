@@ -143,6 +143,10 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--max-dendrites", type=int, default=2)
+    parser.add_argument(
+        "--mode", default="min", help="'max' on val_loss makes every cycle fail: retries, rollbacks, a failed stop"
+    )
     parser.add_argument("--ckpt", default="last", help="the checkpoint --resume starts from")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -150,7 +154,9 @@ def main() -> None:
     pl.seed_everything(SEED, verbose=False)
     point = None if args.resume else os.environ.get("PB_KILL_AT")
     injection = FaultInjection(point)
-    callback = pb.PerforatedCallback("val_loss", "min", neuron_epochs=2, dendrite_epochs=2, max_dendrites=2)
+    callback = pb.PerforatedCallback(
+        "val_loss", args.mode, neuron_epochs=2, dendrite_epochs=2, max_dendrites=args.max_dendrites
+    )
     # A checkpoint after every epoch (save_top_k=1 without a monitor keeps the newest; Lightning
     # 2.6 writes last.ckpt only together with such a save), and last.ckpt beside it.
     checkpoint = ModelCheckpoint(dirpath=args.out / "ckpt", save_last=True, save_top_k=1, every_n_epochs=1)
