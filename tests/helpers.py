@@ -5,7 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import lightning.pytorch as pl
 import torch
 from torch import nn
 
@@ -37,3 +39,19 @@ def run_benchmark(script: str, *args: str, timeout: float = 300) -> subprocess.C
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def fast_trainer(root: Path, callbacks: list[pl.Callback], max_epochs: int, **kwargs: Any) -> pl.Trainer:
+    """A quiet Trainer for tests: no logger, bar, summary, sanity check or checkpoints unless asked."""
+    options: dict[str, Any] = {
+        "default_root_dir": root,
+        "max_epochs": max_epochs,
+        "callbacks": callbacks,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "logger": False,
+        "enable_checkpointing": False,
+        "num_sanity_val_steps": 0,
+    }
+    options.update(kwargs)
+    return pl.Trainer(**options)

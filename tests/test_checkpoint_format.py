@@ -17,6 +17,7 @@ from pb_lightning.controller import CycleController
 from pb_lightning.demo import DigitsDataModule, DigitsMLP
 from pb_lightning.module import CHECKPOINT_VERSION
 from pb_lightning.schedule import PhaseMachine, PhaseSchedule
+from tests.helpers import fast_trainer
 
 _FIXTURES = Path(__file__).resolve().parent / "fixtures"
 _OLD = _FIXTURES / "format_v0_dendrite_phase.ckpt"
@@ -25,16 +26,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 def _trainer(root: Path, callbacks: list[pl.Callback], max_epochs: int) -> pl.Trainer:
-    return pl.Trainer(
-        default_root_dir=root,
-        max_epochs=max_epochs,
-        callbacks=callbacks,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_train_batches=3,
-    )
+    return fast_trainer(root, callbacks, max_epochs, limit_train_batches=3, enable_checkpointing=True)
 
 
 def _callback(**kwargs: Any) -> pb.PerforatedCallback:

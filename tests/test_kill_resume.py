@@ -66,6 +66,16 @@ def _result(out: Path) -> dict[str, Any]:
     return torch.load(out / "result.pt", weights_only=True)
 
 
+def _kill_and_resume(out: Path, point: str, *args: str) -> dict[str, Any]:
+    """Run until SIGKILL at ``point``, resume with ``--resume``, and return the resumed run's result."""
+    killed = _run(out, *args, kill_at=point)
+    assert killed.returncode == -signal.SIGKILL, f"the run was not killed at {point}: {killed.stderr[-2000:]}"
+    assert not (out / "result.pt").exists()
+    resumed = _run(out, *args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return _result(out)
+
+
 def _assert_same_run(resumed: dict[str, Any], full: dict[str, Any]) -> None:
     assert resumed["history"] == full["history"]
     assert resumed["dendrites"] == full["dendrites"]
@@ -92,12 +102,7 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def test_killed_and_resumed_run_ends_exactly_as_the_uninterrupted_one(
     point: str, uninterrupted: dict[str, Any], tmp_path: Path
 ) -> None:
-    killed = _run(tmp_path, kill_at=point)
-    assert killed.returncode == -signal.SIGKILL, f"the run was not killed at {point}: {killed.stderr[-2000:]}"
-    assert not (tmp_path / "result.pt").exists()
-    resumed = _run(tmp_path, "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    result = _result(tmp_path)
+    result = _kill_and_resume(tmp_path, point)
     done_epochs = POINTS[point]
     assert (result["resumed_from"] is None) == (done_epochs is None)
     assert result["batches_run"] == 6 * (10 - (done_epochs or 0))
@@ -127,11 +132,7 @@ def uninterrupted_failing(tmp_path_factory: pytest.TempPathFactory) -> dict[str,
 def test_a_run_killed_around_a_retry_or_a_failed_stop_resumes_exactly(
     point: str, uninterrupted_failing: dict[str, Any], tmp_path: Path
 ) -> None:
-    killed = _run(tmp_path, "--mode", "max", kill_at=point)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    resumed = _run(tmp_path, "--mode", "max", "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    result = _result(tmp_path)
+    result = _kill_and_resume(tmp_path, point, "--mode", "max")
     assert result["batches_run"] == 6 * (10 - FAILING_POINTS[point])
     _assert_same_run(result, uninterrupted_failing)
 
@@ -176,10 +177,6 @@ def test_killed_and_resumed_ddp_run_ends_exactly_as_the_uninterrupted_one(point:
     full_dir, killed_dir = tmp_path / "full", tmp_path / "killed"
     full = _run(full_dir, "--devices", "2")
     assert full.returncode == 0, full.stderr[-3000:]
-    killed = _run(killed_dir, "--devices", "2", kill_at=point)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    resumed = _run(killed_dir, "--devices", "2", "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    result = _result(killed_dir)
+    result = _kill_and_resume(killed_dir, point, "--devices", "2")
     assert result["resumed_from"] is not None
     _assert_same_run(result, _result(full_dir))

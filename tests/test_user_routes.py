@@ -17,23 +17,12 @@ from torch.nn import functional as F
 
 import pb_lightning as pb
 from pb_lightning.demo import DigitsDataModule, DigitsMLP
+from tests.helpers import fast_trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
-def _trainer(tmp_path: Path, callbacks: list[pl.Callback], max_epochs: int, **kwargs: Any) -> pl.Trainer:
-    options: dict[str, Any] = {
-        "default_root_dir": tmp_path,
-        "max_epochs": max_epochs,
-        "callbacks": callbacks,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "logger": False,
-        "enable_checkpointing": False,
-        "num_sanity_val_steps": 0,
-    }
-    options.update(kwargs)
-    return pl.Trainer(**options)
+_trainer = fast_trainer
 
 
 def _tracker_model(tracker: pb.PerforatedTracker) -> nn.Module:
