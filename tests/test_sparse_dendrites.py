@@ -27,7 +27,7 @@ from pb_lightning.banks import SparseBank
 from pb_lightning.layer import _ACTIVATIONS
 
 _MODES = ("local", "random", "learned")
-_STRATEGIES = ("masked", "gather")
+_STRATEGIES = ("masked", "gather", "auto")
 
 
 @pytest.fixture(params=_STRATEGIES)
