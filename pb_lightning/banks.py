@@ -258,6 +258,23 @@ class SparseBank(DendriteBank):
         return math.prod(self.weight.shape[1:])
 
 
+class _ContiguousGradient(torch.autograd.Function):
+    """The identity, whose backward makes the gradient contiguous.
+
+    The gradient reaching an ``embedding_bag`` output through a transpose is strided; its
+    per-sample-weight backward then reads it column by column and was 6x slower (measured:
+    61 ms against 11 ms for 2048 dendrites of 16 inputs, batch 256).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, t: Tensor) -> Tensor:  # type: ignore[override]
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:  # type: ignore[override]
+        return grad.contiguous()
+
+
 class SparseLinearBank(SparseBank):
     """N sets of ``nn.Linear`` dendrites with ``k`` input features each."""
 
@@ -283,7 +300,7 @@ class SparseLinearBank(SparseBank):
         table = x.reshape(-1, self.in_size).t().to(dtype).contiguous()  # (in, M)
         weights = self.weight.reshape(n * out, k).to(dtype)
         y = F.embedding_bag(self.index.reshape(n * out, k), table, per_sample_weights=weights, mode="sum")
-        y = y.t().reshape(*x.shape[:-1], n, out)  # (N*out, M) → (..., N, out)
+        y = _ContiguousGradient.apply(y).t().reshape(*x.shape[:-1], n, out)  # (N*out, M) → (..., N, out)
         return y if self.bias is None else y + self.bias.to(dtype)
 
 
