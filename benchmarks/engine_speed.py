@@ -9,7 +9,7 @@ repository root on ``sys.path``)::
     python benchmarks/engine_speed.py --json out.json  # also write every number as JSON
     python benchmarks/engine_speed.py --out benchmarks/results/engine_speed  # results.json + results.md
     python benchmarks/engine_speed.py --render --out benchmarks/results/engine_speed  # re-render results.md
-    python benchmarks/engine_speed.py --fan-in 16      # also time sparse dendrites (both fused strategies)
+    python benchmarks/engine_speed.py --fan-in 16,4    # also time sparse dendrites (both fused strategies)
 
 Workloads
 ---------
@@ -69,8 +69,8 @@ reports which share of the CPUs other processes used while each network was time
 
 Sparse dendrites (``--fan-in K``)
 --------------------------------
-With ``--fan-in K`` every layer's dendrites see ``K`` inputs (``fan_in_mode="random"``; a layer with
-fewer inputs sees all of them). A sparse bank can run its one fused op two ways
+With ``--fan-in K`` (or a list such as ``16,4``) every layer's dendrites see ``K`` inputs
+(``fan_in_mode="random"``; a layer with fewer inputs sees all of them). A sparse bank can run its one fused op two ways
 (:class:`~pb_lightning.banks.SparseBank`): ``masked`` scatters the compact weights into a dense zero
 weight and runs the dense op; ``gather`` gathers each dendrite's K inputs and contracts them in one
 batched multiply (Linear: an einsum; Conv: a grouped conv with a group per dendrite). For a
@@ -518,7 +518,7 @@ class Settings:
     block_seconds: float
     threads: int
     stale_cycles: int
-    fan_in: int | None = None
+    fan_in: tuple[int, ...] = ()
     sparse_dendrites: int = 4
 
 
@@ -605,9 +605,12 @@ def _real_mac_share(network: Network, config: pb.DendriteConfig, x: Tensor) -> f
 
 def bench_sparse(network: Network, settings: Settings) -> list[SparseRow]:
     """Both sparse strategies against dense dendrites, in one neuron-phase and one dendrite-phase model."""
-    assert settings.fan_in is not None
+    return [row for fan_in in settings.fan_in for row in _bench_sparse(network, settings, fan_in)]
+
+
+def _bench_sparse(network: Network, settings: Settings, fan_in: int) -> list[SparseRow]:
     x, y = batch(network)
-    config = sparse_config(network, settings.fan_in)
+    config = sparse_config(network, fan_in)
     d = settings.sparse_dendrites
     k = max(settings.candidates)
     shapes = {
@@ -638,7 +641,7 @@ def bench_sparse(network: Network, settings: Settings) -> list[SparseRow]:
             SparseRow(
                 network=network.name,
                 configuration=label,
-                fan_in=settings.fan_in,
+                fan_in=fan_in,
                 dense_ms=1e3 * statistics.median(dense.seconds),
                 masked_ms=1e3 * statistics.median(timings["masked"].seconds),
                 gather_ms=1e3 * statistics.median(timings["gather"].seconds),
@@ -730,7 +733,7 @@ def bench_network(network: Network, settings: Settings) -> NetworkResult:
     ]
     sparse_cpu: dict[str, float] = {"others_cpu_share": float("nan")}
     sparse: list[SparseRow] = []
-    if settings.fan_in is not None:
+    if settings.fan_in:
         with others_cpu_share(sparse_cpu):
             sparse = bench_sparse(network, settings)
     return NetworkResult(
@@ -840,15 +843,16 @@ def markdown(report: dict[str, Any]) -> str:
     sparse = [row for r in nets for row in r.get("sparse", [])]
     if sparse:
         lines += [
-            f"\n### Sparse dendrites (fan_in={sparse[0]['fan_in']}, random inputs): step time of each fused "
+            "\n### Sparse dendrites (fan_in k, random inputs): step time of each fused "
             "strategy over dense dendrites of the same shape\n",
-            "| network | configuration | dense ms | masked ms | gather ms | masked / dense | gather / dense | "
+            "| network | configuration | k | dense ms | masked ms | gather ms | masked / dense | gather / dense | "
             "real MACs | dendrite params dense -> sparse |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---|",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         for row in sparse:
             lines.append(
-                f"| {row['network']} | {row['configuration']} | {row['dense_ms']:.2f} | {row['masked_ms']:.2f} | "
+                f"| {row['network']} | {row['configuration']} | {row['fan_in']} | {row['dense_ms']:.2f} | "
+                f"{row['masked_ms']:.2f} | "
                 f"{row['gather_ms']:.2f} | {row['masked_vs_dense']:.2f}x | {row['gather_vs_dense']:.2f}x | "
                 f"{row['real_macs']:.1%} | {row['dense_dendrite_parameters']} -> {row['sparse_dendrite_parameters']} |"
             )
@@ -915,7 +919,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--threads", type=int, default=None, help="torch.set_num_threads (default 2; 1 with --quick, a smoke test)"
     )
     parser.add_argument(
-        "--fan-in", type=int, default=None, help="also time sparse dendrites with this fan-in (both strategies)"
+        "--fan-in", type=_ints, default=(), help="also time sparse dendrites with these fan-ins, e.g. 16,4"
     )
     parser.add_argument("--sparse-dendrites", type=int, default=4, help="D of the sparse neuron-phase cell (default 4)")
     parser.add_argument("--fail-on-miss", action="store_true", help="exit with status 1 if a target is missed")
