@@ -541,3 +541,23 @@ def test_engine_speed_times_both_sparse_strategies(tmp_path: Any) -> None:
     assert all(r["sparse_dendrite_parameters"] < r["dense_dendrite_parameters"] for r in rows if r["network"] == "mlp")
     (out / "results.md").unlink()
     assert run_benchmark("engine_speed.py", "--render", "--out", str(out)).stdout.strip() == result.stdout.strip()
+
+
+@pytest.mark.parametrize("mode", ["local", "random"])
+def test_gradient_learning_candidates_become_the_same_accepted_sparse_dendrites(mode: str) -> None:
+    torch.manual_seed(0)
+    model = pb.perforate(
+        nn.Sequential(nn.Linear(8, 5), nn.Tanh(), nn.Linear(5, 2)),
+        config=DendriteConfig(fan_in=3, fan_in_mode=mode, learning="gradient", num_candidates=1),
+    )
+    x = torch.randn(16, 8)
+    model(x)
+    for _ in range(2):  # the second cycle's candidates cascade from the first dendrite
+        pb.start_dendrite_phase(model)
+        _train_candidates(model, x, 3)
+        model.eval()
+        before = model(x)
+        pb.accept_dendrites(model)
+        assert torch.allclose(model(x), before, atol=1e-6)
+        model.train()
+    assert model[0].dendrites.index.shape == (2, 5, 3)
