@@ -13,6 +13,10 @@ whose score improved — plain indexing on the first two axes, whatever the laye
 The output of a bank is the layer's output shape with a set axis inserted just before the
 neuron axis (``[B, N, out]`` for Linear, ``[B, N, out, *spatial]`` for Conv), so per-neuron
 scalars of shape ``[N, out]`` broadcast against it without any permutation.
+
+Sparse banks (:class:`SparseBank`, ``DendriteConfig.fan_in = k``) keep the same layout for their
+compact weights ``[N, out, k, *kernel]`` and add one stacked buffer, ``index [N, out, k]``: the
+input each connection reads. Their sets still run as one operation (see :class:`SparseBank`).
 """
 
 from __future__ import annotations
