@@ -51,10 +51,12 @@ def _module(kind: str) -> tuple[nn.Module, Tensor]:
         return nn.Conv2d(6, 4, (3, 2), groups=2, dilation=(1, 2), padding_mode="reflect", padding=1), torch.randn(
             2, 6, 5, 6
         )
+    if kind == "conv3d":
+        return nn.Conv3d(3, 2, 2), torch.randn(2, 3, 3, 3, 3)
     raise AssertionError(kind)
 
 
-_KINDS = ("linear", "linear_seq", "conv1d", "conv2d", "conv2d_grouped")
+_KINDS = ("linear", "linear_seq", "conv1d", "conv2d", "conv2d_grouped", "conv3d")
 
 
 def _train_candidates(model: nn.Module, x: Tensor, steps: int = 4) -> None:
