@@ -480,7 +480,9 @@ class PerforatedLayer(nn.Module):
         """Install each neuron's best candidate as its next dendrite; returns the accepted scores.
 
         The new output weight ``w`` is exactly 0 for correlation-trained dendrites, so the layer
-        computes the same function before and after (function preservation).
+        computes the same function before and after (function preservation). With
+        ``fan_in_mode="learned"`` the scores are those the dense candidates reached, before the
+        accepted snapshots were pruned to their ``k`` strongest inputs.
         """
         pool = self.candidates
         if pool is None:
