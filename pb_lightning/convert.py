@@ -273,7 +273,9 @@ def perforate(
             ``nn.RNN``) are perforated only when included; their dendrites are fresh copies of the
             layer, added to its per-step output.
         exclude: modules never to perforate, in the same forms (it wins over ``include``).
-        config: the engine configuration shared by all layers (default :class:`DendriteConfig()`).
+        config: the engine configuration (default :class:`DendriteConfig()`). Each layer gets
+            ``config.for_layer(name)``: the shared fields with the ``overrides`` whose globs match
+            its qualified name.
         neuron_axes: for modules other than Linear, Conv and recurrent layers, the axis of their
             output that indexes neurons, keyed by module type or name glob (e.g. ``{MyMixer: -1}``).
             Such a module's dendrites are fresh copies of it, run together with ``torch.func.vmap``
@@ -345,6 +347,9 @@ def perforate(
 
     already = [m for m in model.modules() if isinstance(m, PerforatedLayer)]
     readers = weight_reading_parents(model)
+    # Plan every replacement first and change the model only once all of them are known to be
+    # valid, so a refused layer never leaves the model half converted.
+    replacements: list[tuple[nn.Module, str, nn.Module]] = []
     wrapped: list[str] = []
     paired: list[str] = []
     paired_norms: set[str] = set()
@@ -378,19 +383,19 @@ def perforate(
                     norm = modules[full]
                     holder_name, _, attr = full.rpartition(".")
                     holder = model.get_submodule(holder_name) if holder_name else model
-                    setattr(holder, attr, nn.Identity())
+                    replacements.append((holder, attr, nn.Identity()))
                     paired.append(f"{name} + {full}")
                     paired_norms.add(full)
                 layer = PerforatedLayer(
                     child,
-                    config=config,
+                    config=config.for_layer(name),
                     neuron_axis=axis,
                     num_neurons=neurons,
                     norm=norm,
                     name=name,
                     output_key=_output_key(child, name, outputs),
                 )
-                setattr(parent, child_name, layer)
+                replacements.append((parent, child_name, layer))
                 wrapped.append(name)
             else:
                 if _matches(child, name, exc) and _matches(child, name, inc):
@@ -405,6 +410,15 @@ def perforate(
             else " By default pb_lightning wraps nn.Linear and nn.Conv1d/2d/3d; pass `include=` for other modules."
         )
         raise PerforationError(f"perforate() found no module to wrap in {type(model).__name__}.{hint}")
+    unused = [p for p in config.overrides if not any(fnmatch.fnmatchcase(n, p) for n in wrapped)]
+    if unused:
+        raise invalid(
+            "DendriteConfig.overrides",
+            unused,
+            "globs that each match a perforated layer; the layers are " + ", ".join(wrapped),
+        )
+    for holder, attr, replacement in replacements:
+        setattr(holder, attr, replacement)
     _record(model, wrapped, skipped, paired_norms, converted)
     log.info("Perforated %d modules: %s", len(wrapped), ", ".join(wrapped))
     if paired:
