@@ -33,7 +33,7 @@ from torch import nn
 from pb_lightning.capacity import CAPACITY_TEST_DENDRITES, CapacityProbe
 from pb_lightning.config import DendriteConfig
 from pb_lightning.controller import CycleController, mean_candidate_score
-from pb_lightning.convert import perforate, perforated_layers
+from pb_lightning.convert import perforate, perforated_layers, perforation_summary
 from pb_lightning.errors import PerforationError, invalid
 from pb_lightning.optimizer_state import OptimizerStateCarrier, OptimizerStateMode, check_optimizer_state
 from pb_lightning.phases import accept_dendrites, parameter_groups
@@ -142,6 +142,8 @@ class PerforatedTracker:
         """Perforate ``model`` (options as for :func:`pb_lightning.perforate`) and return it."""
         perforate_options.setdefault("config", DendriteConfig())
         model = perforate(model, **perforate_options)
+        # What was perforated and what was skipped (and why), as the callback shows at fit start.
+        log.log(logging.INFO if self.verbose else logging.DEBUG, "%s", perforation_summary(model))
         if self.capacity_test:
             self.probe.start(model)
         return model

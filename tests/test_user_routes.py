@@ -624,3 +624,13 @@ def test_neuron_axes_and_output_selectors_keyed_by_type_survive_a_weights_only_c
     assert [(layer.name, layer.output_key) for layer in again.perforated_layers()] == [
         (layer.name, layer.output_key) for layer in model.perforated_layers()
     ]
+
+
+def test_the_tracker_shows_what_it_perforated_and_skipped(caplog: pytest.LogCaptureFixture) -> None:
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 3), nn.LayerNorm(3))
+    with caplog.at_level(logging.INFO, logger="pb_lightning.tracker"):
+        pb.PerforatedTracker("max").initialize(model)
+    summary = "\n".join(r.getMessage() for r in caplog.records if r.name == "pb_lightning.tracker")
+    assert "1 perforated module" in summary
+    assert "embedding" in summary
+    assert "normalisation layer" in summary
