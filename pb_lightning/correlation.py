@@ -108,6 +108,9 @@ class CorrelationStatistics(nn.Module):
         self.register_buffer("moments", torch.zeros(5, num_candidates, num_neurons))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
+        # A host-side copy of ``steps``: reading the buffer (``int(self.steps)``) waits for the
+        # device at every step of every layer. Dropped whenever a state dict is loaded.
+        self._host_steps: int | None = 0
         #: After :meth:`update`: which candidate sets produced non-finite outputs in that batch (or None).
         self.diverged: Tensor | None = None
         #: Under data parallelism, the process group whose ranks pool their batch moments, so that
@@ -138,9 +141,20 @@ class CorrelationStatistics(nn.Module):
         return self.covariance().abs() / self.normalizer()
 
     @property
+    def num_steps(self) -> int:
+        """Batches folded in so far (``steps``), read from the device only after a state-dict load."""
+        if self._host_steps is None:
+            self._host_steps = int(self.steps)
+        return self._host_steps
+
+    @property
     def warmed_up(self) -> bool:
         """Whether enough batches have been seen to start updating candidates."""
-        return int(self.steps) > self.config.warmup_steps
+        return self.num_steps > self.config.warmup_steps
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._host_steps = None  # the loaded buffer may hold any count
+        super()._load_from_state_dict(*args, **kwargs)
 
     def update(self, v: Tensor, e: Tensor, axis: int, scale: float = 1.0) -> bool:
         """Fold one batch into the running moments; returns False (and skips) if it is not finite.
@@ -176,12 +190,13 @@ class CorrelationStatistics(nn.Module):
                 for row in (_V, _VV, _VE):
                     moments[row, diverged] = 0.0
                     self.moments[row, diverged] = 0.0
-        steps = int(self.steps)
+        steps = self.num_steps
         # Averaging with weight 1/(t+1) until the EMA's horizon is reached removes the bias of
         # zero-initialised moments, so the estimates are usable from the first batch.
         decay = min(self.config.statistics_momentum, steps / (steps + 1))
         self.moments.lerp_(moments.to(self.moments.dtype), 1 - decay)
         self.steps.add_(1)  # in place: no Module.__setattr__ on the hot path
+        self._host_steps = steps + 1
         return True
 
     def objective_gradient(
