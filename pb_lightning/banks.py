@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -46,6 +47,10 @@ class DendriteBank(nn.Module):
         """The stacked parameters by name, each with the set axis first."""
         return dict(self.named_parameters(recurse=False))
 
+    def structure(self) -> dict[str, Tensor]:
+        """Stacked buffers that describe the sets' wiring (set axis first); none for dense banks."""
+        return {}
+
     @property
     def num_sets(self) -> int:
         """N, the number of dendrite sets in the bank."""
@@ -62,7 +67,7 @@ class DendriteBank(nn.Module):
 
     def take(self, choice: Tensor) -> dict[str, Tensor]:
         """One set built by choosing, for every neuron ``i``, set ``choice[i]`` of this bank."""
-        return take_sets(self.stacked(), choice, per_neuron=self.per_neuron)
+        return take_sets(self.stacked() | self.structure(), choice, per_neuron=self.per_neuron)
 
     def append(self, tensors: dict[str, Tensor], *, requires_grad: bool) -> None:
         """Add sets at the end (the sets given must match this bank's operation)."""
@@ -70,6 +75,8 @@ class DendriteBank(nn.Module):
             {name: torch.cat([p.detach(), tensors[name].to(p)], dim=0) for name, p in self.stacked().items()},
             requires_grad=requires_grad,
         )
+        for name, b in self.structure().items():
+            setattr(self, name, torch.cat([b, tensors[name].to(b)], dim=0))
 
     def resize(self, num_sets: int) -> None:
         """Give every stacked tensor ``num_sets`` uninitialised sets (before loading weights)."""
@@ -79,6 +86,8 @@ class DendriteBank(nn.Module):
             {name: p.new_empty((num_sets, *p.shape[1:])) for name, p in self.stacked().items()},
             requires_grad=any(p.requires_grad for p in self.stacked().values()),
         )
+        for name, b in self.structure().items():
+            setattr(self, name, b.new_zeros((num_sets, *b.shape[1:])))
 
     def flops_per_position(self) -> int:
         """Multiply-accumulates of one set at one output position (for benchmarks)."""
@@ -101,6 +110,13 @@ def take_sets(tensors: dict[str, Tensor], choice: Tensor, *, per_neuron: bool) -
     return out
 
 
+def _linear_sets(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear`` of every set of ``weight [N, out, in]`` at once, as ``(..., N, out)``."""
+    n, out, _ = weight.shape
+    y = F.linear(x, weight.reshape(n * out, -1), None if bias is None else bias.reshape(n * out))  # (..., N*out)
+    return y.unflatten(-1, (n, out))
+
+
 def _uniform(shape: tuple[int, ...], bound: float, like: Tensor) -> Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device).uniform_(-bound, bound)
 
@@ -119,10 +135,7 @@ class LinearBank(DendriteBank):
         )
 
     def forward(self, x: Tensor, neuron_axis: int = -1) -> Tensor:
-        n, out, _ = self.weight.shape
-        bias = None if self.bias is None else self.bias.reshape(n * out)
-        y = F.linear(x, self.weight.reshape(n * out, -1), bias)  # (..., N*out)
-        return y.unflatten(-1, (n, out))  # (..., N, out)
+        return _linear_sets(x, self.weight, self.bias)
 
     def flops_per_position(self) -> int:
         return self.weight.shape[1] * self.weight.shape[2]
@@ -147,24 +160,151 @@ class ConvBank(DendriteBank):
         self.bias = nn.Parameter(_uniform((num_sets, w.shape[0]), bound, w)) if template.bias is not None else None
 
     def forward(self, x: Tensor, neuron_axis: int = 1) -> Tensor:
-        n, out = self.weight.shape[:2]
+        return self._conv_sets(x, self.weight, self.bias)
+
+    def _padded(self, x: Tensor) -> tuple[Tensor, Any]:
+        if self.padding_mode != "zeros":
+            return F.pad(x, self._reversed_padding, mode=self.padding_mode), 0
+        return x, self.padding
+
+    def _conv_sets(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """The conv of every set of ``weight [N, out, in/groups, *kernel]``, as ``(B, N, out, *S)``."""
+        n, out = weight.shape[:2]
         g = self.groups
         # A grouped conv connects output channel j to input group j // (channels / groups). With
         # N·out channels the sets must be interleaved inside each group: [G, N, out/G].
-        weight = self.weight.unflatten(1, (g, out // g)).transpose(0, 1).reshape(n * out, *self.weight.shape[2:])
-        bias = None
-        if self.bias is not None:
-            bias = self.bias.unflatten(1, (g, out // g)).transpose(0, 1).reshape(n * out)
-        padding: Any = self.padding
-        if self.padding_mode != "zeros":
-            x = F.pad(x, self._reversed_padding, mode=self.padding_mode)
-            padding = 0
+        weight = weight.unflatten(1, (g, out // g)).transpose(0, 1).reshape(n * out, *weight.shape[2:])
+        if bias is not None:
+            bias = bias.unflatten(1, (g, out // g)).transpose(0, 1).reshape(n * out)
+        x, padding = self._padded(x)
         y = _CONV_FUNCTIONS[self.dims](x, weight, bias, self.stride, padding, self.dilation, g)  # (B, G*N*out/G, *S)
         # (B, G, N, out/G, *S) → (B, N, out, *S); a view when G = 1.
         return y.unflatten(1, (g, n, out // g)).transpose(1, 2).flatten(2, 3)
 
     def flops_per_position(self) -> int:
         return self.weight.shape[1] * math.prod(self.weight.shape[2:])
+
+
+class SparseBank(DendriteBank):
+    """N sets of dendrites that each see only ``k`` of their layer's inputs (limited fan-in).
+
+    A dense dendrite set costs a full copy of its layer's weights, yet each dendrite feeds only
+    its own neuron; limited fan-in makes a set cost ``k/in`` of that (Chavlis & Poirazi, Nat.
+    Commun. 2025). Only the real connections are stored: ``weight [N, out, k, *kernel]`` (compact)
+    and the buffer ``index [N, out, k]``, the input feature (Linear) or input channel of the
+    group (Conv) of each connection. A state dict therefore holds exactly what the sets compute
+    with, and ``parameter_counts`` counts only real connections.
+
+    The forward pass stays one fused operation for all N sets, by one of two strategies
+    (:attr:`strategy`, chosen by ``benchmarks/engine_speed.py --fan-in``):
+
+    * ``"masked"``: scatter the compact weights into a dense zero weight and run the dense bank's
+      single ``F.linear`` / ``F.convNd``. The FLOPs are those of a dense set.
+    * ``"gather"``: gather each dendrite's ``k`` inputs and contract them with its weights in one
+      batched multiply (Linear: one ``einsum``; Conv: one grouped conv with a group per
+      dendrite). The FLOPs are the real connections', but the gathered input is ``N·out·k``
+      values per position.
+    """
+
+    #: How the forward pass is computed; see the class docstring. A class attribute (not a
+    #: config field) because it changes speed only, never the result.
+    strategy: str = "masked"
+
+    index: Tensor
+
+    def structure(self) -> dict[str, Tensor]:
+        return {"index": self.index}
+
+    @property
+    def fan_in(self) -> int:
+        """k, the inputs each dendrite sees."""
+        return self.index.shape[2]
+
+    def _init(
+        self,
+        num_sets: int,
+        out: int,
+        k: int,
+        kernel: tuple[int, ...],
+        index: Tensor | None,
+        init_scale: float,
+        like: Tensor,
+        bias: bool,
+    ) -> None:
+        if index is None:  # placeholder wiring of sets whose weights are about to be loaded
+            index = torch.zeros((num_sets, out, k), dtype=torch.long)
+        if tuple(index.shape) != (num_sets, out, k):
+            raise ValueError(f"index must have shape {(num_sets, out, k)}; got {tuple(index.shape)}")
+        self.register_buffer("index", index.to(device=like.device, dtype=torch.long))
+        # PyTorch's default initialisation bound for the dendrite's real fan-in, scaled.
+        bound = init_scale / math.sqrt(k * math.prod(kernel))
+        self.weight = nn.Parameter(_uniform((num_sets, out, k, *kernel), bound, like))
+        self.bias = nn.Parameter(_uniform((num_sets, out), bound, like)) if bias else None
+
+    def dense_weight(self) -> Tensor:
+        """The compact weights scattered into a dense ``[N, out, in, *kernel]`` zero weight."""
+        n, out, k = self.index.shape
+        kernel = self.weight.shape[3:]
+        index = self.index.view(n, out, k, *([1] * len(kernel))).expand(self.weight.shape)
+        return self.weight.new_zeros((n, out, self.in_size, *kernel)).scatter(2, index, self.weight)
+
+    def flops_per_position(self) -> int:
+        return math.prod(self.weight.shape[1:])
+
+
+class SparseLinearBank(SparseBank):
+    """N sets of ``nn.Linear`` dendrites with ``k`` input features each."""
+
+    def __init__(
+        self, template: nn.Linear, num_sets: int, init_scale: float, fan_in: int, index: Tensor | None = None
+    ) -> None:
+        super().__init__()
+        self.in_size = template.in_features
+        self._init(
+            num_sets, template.out_features, fan_in, (), index, init_scale, template.weight, template.bias is not None
+        )
+
+    def forward(self, x: Tensor, neuron_axis: int = -1) -> Tensor:
+        if self.strategy == "masked":
+            return _linear_sets(x, self.dense_weight(), self.bias)
+        # x[..., index]: (..., N, out, k), contracted over k with each dendrite's own weights.
+        y = torch.einsum("...nok,nok->...no", x[..., self.index], self.weight)
+        return y if self.bias is None else y + self.bias
+
+
+class SparseConvBank(SparseBank, ConvBank):
+    """N sets of ``nn.Conv`` dendrites with ``k`` input channels (of their group) each, full kernel."""
+
+    def __init__(
+        self,
+        template: nn.modules.conv._ConvNd,
+        num_sets: int,
+        init_scale: float,
+        fan_in: int,
+        index: Tensor | None = None,
+    ) -> None:
+        ConvBank.__init__(self, template, 0, init_scale)
+        w = template.weight
+        self.in_size = w.shape[1]
+        out = w.shape[0]
+        # The first input channel of each output channel's group, to turn group-relative indices
+        # into channel numbers (gather strategy).
+        group_start = (torch.arange(out) // (out // self.groups)) * self.in_size
+        self.register_buffer("_group_start", group_start.to(w.device).view(1, out, 1), persistent=False)
+        self._init(num_sets, out, fan_in, tuple(w.shape[2:]), index, init_scale, w, template.bias is not None)
+
+    def forward(self, x: Tensor, neuron_axis: int = 1) -> Tensor:
+        if self.strategy == "masked":
+            return self._conv_sets(x, self.dense_weight(), self.bias)
+        n, out, k = self.index.shape
+        # One group per dendrite: its k gathered channels, its own kernel.
+        channels = (self.index + self._group_start).flatten()
+        x, padding = self._padded(x)
+        gathered = x.index_select(1, channels)  # (B, N*out*k, *S)
+        bias = None if self.bias is None else self.bias.reshape(n * out)
+        weight = self.weight.reshape(n * out, k, *self.weight.shape[3:])
+        y = _CONV_FUNCTIONS[self.dims](gathered, weight, bias, self.stride, padding, self.dilation, n * out)
+        return y.unflatten(1, (n, out))
 
 
 class ModuleBank(DendriteBank):
@@ -250,13 +390,106 @@ def check_custom_module(module: nn.Module, name: str) -> None:
         raise PerforationError(f"Module `{name}` ({type(module).__name__}) has no parameters to copy into dendrites.")
 
 
-def make_bank(module: nn.Module, num_sets: int, init_scale: float) -> DendriteBank:
-    """A bank of ``num_sets`` fresh dendrite sets shaped after ``module``'s operation."""
+def make_bank(
+    module: nn.Module,
+    num_sets: int,
+    init_scale: float,
+    *,
+    fan_in: int | None = None,
+    index: Tensor | None = None,
+) -> DendriteBank:
+    """A bank of ``num_sets`` fresh dendrite sets shaped after ``module``'s operation.
+
+    With ``fan_in`` the sets are sparse (:class:`SparseBank`) and ``index [num_sets, out, k]``
+    says which inputs each dendrite sees; without ``index`` it is a placeholder of zeros, for
+    sets whose wiring is loaded or appended next.
+    """
+    if fan_in is not None:
+        if isinstance(module, nn.Linear):
+            return SparseLinearBank(module, num_sets, init_scale, fan_in, index)
+        if isinstance(module, _CONV_TYPES):
+            return SparseConvBank(module, num_sets, init_scale, fan_in, index)  # type: ignore[arg-type]
+        raise PerforationError(f"fan_in is only supported for nn.Linear and nn.Conv; got {type(module).__name__}.")
     if isinstance(module, nn.Linear):
         return LinearBank(module, num_sets, init_scale)
     if isinstance(module, _CONV_TYPES):
         return ConvBank(module, num_sets, init_scale)  # type: ignore[arg-type]
     return ModuleBank(module, num_sets, init_scale)
+
+
+def fan_in_inputs(module: nn.Module) -> int | None:
+    """How many inputs a dendrite of ``module`` can see: input features (Linear), input channels
+    of a group (Conv), ``None`` where fan-in is not defined (custom modules)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    if isinstance(module, _CONV_TYPES):
+        return module.in_channels // module.groups  # type: ignore[operator]
+    return None
+
+
+def check_fan_in(module: nn.Module, fan_in: int | None, name: str) -> None:
+    """Refuse, at conversion time, a fan-in the layer cannot have."""
+    if fan_in is None:
+        return
+    inputs = fan_in_inputs(module)
+    if inputs is None:
+        raise PerforationError(
+            f"`DendriteConfig.fan_in` is {fan_in!r} for layer `{name}` ({type(module).__name__}), but limited "
+            "fan-in is defined only for nn.Linear and nn.Conv1d/2d/3d. Give this layer dense dendrites with "
+            f"DendriteConfig(overrides={{{name!r}: {{'fan_in': None}}}})."
+        )
+    if fan_in > inputs:
+        what = "input features" if isinstance(module, nn.Linear) else "input channels per group"
+        raise PerforationError(
+            f"`DendriteConfig.fan_in` must be an int in [1, {inputs}] for layer `{name}` ({inputs} {what}), "
+            f"or None for dense dendrites; got {fan_in!r}."
+        )
+
+
+def connections(
+    module: nn.Module, num_sets: int, fan_in: int, mode: str, *, seed: int, name: str, dendrite: int
+) -> Tensor:
+    """The inputs ``[num_sets, out, k]`` (sorted per dendrite) that new sparse dendrite sets see.
+
+    ``"local"``: neuron ``i`` of ``n`` sees the window starting at ``round(i·(in−k)/(n−1))``, so the
+    windows are spread evenly over the input axis; every set shares them. ``"random"``: ``k``
+    distinct inputs per set and neuron, from a generator seeded by ``seed``, the layer's ``name``
+    and the ``dendrite`` number: the same on every rank, in every rerun, and independent of the
+    global random state (which the training loop owns).
+    """
+    inputs = fan_in_inputs(module)
+    assert inputs is not None
+    weight = next(iter(module.parameters()))
+    out = weight.shape[0]
+    if mode == "local":
+        groups = getattr(module, "groups", 1)
+        per_group = out // groups
+        position = torch.arange(out) % per_group  # windows spread over each group's channels
+        start = torch.round(position * (inputs - fan_in) / max(per_group - 1, 1)).long()
+        if per_group == 1:
+            start = torch.full_like(start, (inputs - fan_in) // 2)
+        index = (start.view(out, 1) + torch.arange(fan_in)).expand(num_sets, out, fan_in)
+    elif mode == "random":
+        generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{name}/{dendrite}".encode()))
+        index = torch.rand((num_sets, out, inputs), generator=generator).topk(fan_in, dim=-1).indices.sort(-1).values
+    else:
+        raise ValueError(f"no fixed connections for fan_in_mode={mode!r}")
+    return index.contiguous().to(weight.device)
+
+
+def prune(tensors: dict[str, Tensor], fan_in: int) -> dict[str, Tensor]:
+    """Dense sets ``{"weight": [N, out, in, *kernel], ...}`` cut to their ``k`` strongest inputs.
+
+    Strength is the weight's magnitude (for convs, the norm of the input channel's kernel). The
+    result is a sparse set — compact weights and the ``index`` of the inputs kept, in ascending
+    order — computing exactly what the dense set computes with the other weights zeroed.
+    """
+    weight = tensors["weight"]
+    n, out, inputs = weight.shape[:3]
+    strength = weight.detach().float().reshape(n, out, inputs, -1).norm(dim=-1)
+    index = strength.topk(fan_in, dim=-1).indices.sort(-1).values
+    expanded = index.view(n, out, fan_in, *([1] * (weight.dim() - 3))).expand(n, out, fan_in, *weight.shape[3:])
+    return {**tensors, "weight": weight.gather(2, expanded), "index": index}
 
 
 def iter_stacked(bank: DendriteBank | None) -> Iterator[tuple[str, nn.Parameter]]:

@@ -7,19 +7,26 @@ process can use different settings, and a LightningCLI YAML maps onto the fields
 
 from __future__ import annotations
 
+import fnmatch
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
-from pb_lightning.errors import invalid
+from pb_lightning.errors import PerforationError, invalid
 
 Activation = Literal["sigmoid", "tanh", "relu"]
 Learning = Literal["correlation", "gradient"]
 Normalization = Literal["pearson", "error_energy", "raw"]
+FanInMode = Literal["local", "random", "learned"]
 
 _ACTIVATIONS: tuple[str, ...] = ("sigmoid", "tanh", "relu")
 _LEARNINGS: tuple[str, ...] = ("correlation", "gradient")
 _NORMALIZATIONS: tuple[str, ...] = ("pearson", "error_energy", "raw")
+_FAN_IN_MODES: tuple[str, ...] = ("local", "random", "learned")
+#: Fields that must be the same in every layer: the training loop reads them from the model's
+#: one configuration (which objective the candidates follow decides what the callback monitors).
+_GLOBAL_FIELDS: tuple[str, ...] = ("learning", "overrides")
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,30 @@ class DendriteConfig:
             gathered but candidates are not updated, so that the sign and the means they follow
             are estimates rather than one batch's noise.
         eps: added to variances before they divide anything.
+        fan_in: how many of its layer's inputs each dendrite sees. ``None`` (the default): all of
+            them, a dense dendrite. An int ``k``: each dendrite of a ``nn.Linear`` sees ``k`` of
+            its input features; each dendrite of a ``nn.Conv`` sees ``k`` of its input channels
+            (of its group) with the full kernel. Why: a dense dendrite set costs a full copy of its
+            layer's weights while each dendrite feeds only its own neuron, so at equal parameter
+            count a plain wider network wins; with limited fan-in a set costs ``k/in`` of that
+            (Chavlis & Poirazi, *Nat. Commun.* 2025: each dendrite sees a small local receptive
+            field). Only real connections are stored and counted (``parameter_counts``).
+        fan_in_mode: which inputs a dendrite with limited fan-in sees. ``"local"``: a contiguous
+            window of ``k`` inputs; the windows of the layer's neurons are spread evenly over the
+            input axis (neuron ``i`` of ``n`` starts at ``round(i·(in−k)/(n−1))``), and all
+            dendrites and candidates of a neuron share its window. ``"random"``: ``k`` distinct
+            inputs drawn per candidate and neuron from a generator seeded by ``fan_in_seed``, the
+            layer's name and the dendrite's number, so they are the same on every rank and in
+            every rerun. ``"learned"``: candidates are dense; at acceptance each neuron's chosen
+            candidate keeps its ``k`` inputs of largest weight magnitude (for convs, the largest
+            kernel norm), and the accepted dendrite is that pruned snapshot (it enters with output
+            weight 0, so the network's output does not change).
+        fan_in_seed: seed of ``fan_in_mode="random"``; vary it to draw other connections.
+        overrides: per-layer changes to these fields, as ``{glob over layer names: {field:
+            value}}`` (e.g. ``{"head": {"fan_in": None}}``). A layer takes the fields of every
+            glob that matches its qualified name, later entries winning. ``learning`` cannot be
+            overridden (the training loop reads it once for the model). Every glob must match a
+            perforated layer, so a typo is an error rather than a silently ignored setting.
 
     Example::
 
@@ -78,6 +109,10 @@ class DendriteConfig:
     statistics_momentum: float = 0.99
     warmup_steps: int = 5
     eps: float = 1e-8
+    fan_in: int | None = None
+    fan_in_mode: FanInMode = "local"
+    fan_in_seed: int = 0
+    overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_int("num_candidates", self.num_candidates, minimum=1)
@@ -98,6 +133,52 @@ class DendriteConfig:
                 "1 when learning='gradient' (gradient-descent candidates all feed the network's "
                 "output, so there is no pool to choose from); use learning='correlation' for a pool",
             )
+        if self.fan_in is not None:
+            _check_int("fan_in", self.fan_in, minimum=1)
+        _check_choice("fan_in_mode", self.fan_in_mode, _FAN_IN_MODES)
+        if isinstance(self.fan_in_seed, bool) or not isinstance(self.fan_in_seed, int):
+            raise invalid("DendriteConfig.fan_in_seed", self.fan_in_seed, "an int")
+        if self.fan_in is not None and self.fan_in_mode == "learned" and self.learning == "gradient":
+            raise invalid(
+                "DendriteConfig.fan_in_mode",
+                self.fan_in_mode,
+                "'local' or 'random' when learning='gradient' (a gradient-descent candidate already "
+                "feeds the output, so pruning it at acceptance would change the network's function)",
+            )
+        self._check_overrides()
+
+    def _check_overrides(self) -> None:
+        if not isinstance(self.overrides, Mapping):
+            raise invalid("DendriteConfig.overrides", self.overrides, "a mapping {layer-name glob: {field: value}}")
+        names = {f.name for f in fields(self)} - set(_GLOBAL_FIELDS)
+        for pattern, values in self.overrides.items():
+            where = f"DendriteConfig.overrides[{pattern!r}]"
+            if not isinstance(pattern, str):
+                raise invalid("DendriteConfig.overrides", pattern, "a mapping whose keys are layer-name globs (str)")
+            if not isinstance(values, Mapping):
+                raise invalid(where, values, "a mapping {field: value}")
+            unknown = [k for k in values if k not in names]
+            if unknown:
+                raise invalid(f"{where} keys", unknown, "DendriteConfig fields other than " + ", ".join(_GLOBAL_FIELDS))
+            try:
+                replace(self, overrides={}, **values)
+            except PerforationError as error:
+                raise PerforationError(f"In {where}: {error}") from None
+        # A private copy: a frozen config must not change when the caller's dict does.
+        object.__setattr__(self, "overrides", {p: dict(v) for p, v in self.overrides.items()})
+
+    def for_layer(self, name: str) -> DendriteConfig:
+        """The configuration of the layer called ``name``: these fields with its overrides applied."""
+        values: dict[str, Any] = {}
+        for pattern, changes in self.overrides.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                values.update(changes)
+        return replace(self, overrides={}, **values) if values or self.overrides else self
+
+    def __hash__(self) -> int:
+        # The generated hash would fail on the overrides dict; hash its items instead.
+        items = tuple(sorted((p, tuple(sorted(v.items()))) for p, v in self.overrides.items()))
+        return hash(tuple(getattr(self, f.name) for f in fields(self) if f.name != "overrides") + (items,))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form, for checkpoints and loggers' hyperparameters."""

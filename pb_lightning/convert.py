@@ -128,7 +128,9 @@ def perforate(
             any of them matches. Default: every ``nn.Linear`` and ``nn.Conv1d/2d/3d``. A selected
             module is wrapped whole; modules inside it are not visited.
         exclude: modules never to perforate, in the same forms (it wins over ``include``).
-        config: the engine configuration shared by all layers (default :class:`DendriteConfig()`).
+        config: the engine configuration (default :class:`DendriteConfig()`). Each layer gets
+            ``config.for_layer(name)``: the shared fields with the ``overrides`` whose globs match
+            its qualified name.
         neuron_axes: for modules other than Linear and Conv, the axis of their output that indexes
             neurons, keyed by module type or name glob (e.g. ``{MyMixer: -1}``). Such a module's
             dendrites are fresh copies of it, run together with ``torch.func.vmap``.
@@ -179,6 +181,9 @@ def perforate(
             raise invalid(f"with_norm[{target!r}]", norm_name, "the name of a normalisation layer")
 
     already = [m for m in model.modules() if isinstance(m, PerforatedLayer)]
+    # Plan every replacement first and change the model only once all of them are known to be
+    # valid, so a refused layer never leaves the model half converted.
+    replacements: list[tuple[nn.Module, str, nn.Module]] = []
     wrapped: list[str] = []
 
     def visit(parent: nn.Module, prefix: str) -> None:
@@ -199,11 +204,11 @@ def perforate(
                     norm = modules[full]
                     holder_name, _, attr = full.rpartition(".")
                     holder = model.get_submodule(holder_name) if holder_name else model
-                    setattr(holder, attr, nn.Identity())
+                    replacements.append((holder, attr, nn.Identity()))
                 layer = PerforatedLayer(
-                    child, config=config, neuron_axis=axis, num_neurons=neurons, norm=norm, name=name
+                    child, config=config.for_layer(name), neuron_axis=axis, num_neurons=neurons, norm=norm, name=name
                 )
-                setattr(parent, child_name, layer)
+                replacements.append((parent, child_name, layer))
                 wrapped.append(name)
             else:
                 visit(child, f"{name}.")
@@ -216,6 +221,15 @@ def perforate(
             else " By default pb_lightning wraps nn.Linear and nn.Conv1d/2d/3d; pass `include=` for other modules."
         )
         raise PerforationError(f"perforate() found no module to wrap in {type(model).__name__}.{hint}")
+    unused = [p for p in config.overrides if not any(fnmatch.fnmatchcase(n, p) for n in wrapped)]
+    if unused:
+        raise invalid(
+            "DendriteConfig.overrides",
+            unused,
+            "globs that each match a perforated layer; the layers are " + ", ".join(wrapped),
+        )
+    for holder, attr, replacement in replacements:
+        setattr(holder, attr, replacement)
     log.info("Perforated %d modules: %s", len(wrapped), ", ".join(wrapped))
     return model
 

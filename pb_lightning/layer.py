@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pb_lightning.banks import DendriteBank, iter_stacked, make_bank, take_sets
+from pb_lightning.banks import DendriteBank, check_fan_in, connections, iter_stacked, make_bank, prune, take_sets
 from pb_lightning.config import DendriteConfig
 from pb_lightning.correlation import CorrelationStatistics, CorrelationTap
 from pb_lightning.errors import PerforationError
@@ -151,14 +151,22 @@ class CandidatePool(nn.Module):
         num_neurons: neurons of the layer.
         num_accepted: D, the accepted sets the candidates cascade from.
         config: the engine configuration.
+        index: for sparse candidates, the inputs ``[K, out, k]`` each one sees (``None``: dense).
     """
 
     def __init__(
-        self, module: nn.Module, num_candidates: int, num_neurons: int, num_accepted: int, config: DendriteConfig
+        self,
+        module: nn.Module,
+        num_candidates: int,
+        num_neurons: int,
+        num_accepted: int,
+        config: DendriteConfig,
+        index: Tensor | None = None,
     ) -> None:
         super().__init__()
         self.config = config
-        self.bank = make_bank(module, num_candidates, config.init_scale)
+        fan_in = None if index is None else index.shape[-1]
+        self.bank = make_bank(module, num_candidates, config.init_scale, fan_in=fan_in, index=index)
         like = next(iter(self.bank.stacked().values()))
         zeros = like.new_zeros
         # Zero cascade weights: a candidate starts as a function of x̂ alone and learns how much
@@ -258,7 +266,10 @@ class CandidatePool(nn.Module):
     @torch.no_grad()
     def _restart(self, sets: Tensor) -> None:
         """Give candidate ``sets`` fresh weights and forget their best scores and snapshots."""
-        fresh = make_bank(self._template, self.num_candidates, self.config.init_scale).stacked()
+        index = self.bank.structure().get("index")
+        fan_in = None if index is None else index.shape[-1]
+        fresh = make_bank(self._template, self.num_candidates, self.config.init_scale, fan_in=fan_in, index=index)
+        fresh = fresh.stacked()
         for name, p in self.bank.stacked().items():
             p[sets] = fresh[name][sets].to(p)
         if self.cascade_weight is not None:
@@ -312,7 +323,7 @@ class CandidatePool(nn.Module):
         snapshot = self.config.learning == "correlation"
         source = {n: (getattr(self, "best_" + n) if snapshot else t) for n, t in self._learned().items()}
         bank = take_sets(
-            {n[len("bank__") :]: t for n, t in source.items() if n.startswith("bank__")},
+            {n[len("bank__") :]: t for n, t in source.items() if n.startswith("bank__")} | self.bank.structure(),
             choice,
             per_neuron=self.bank.per_neuron,
         )
@@ -353,6 +364,7 @@ class PerforatedLayer(nn.Module):
         name: str = "",
     ) -> None:
         super().__init__()
+        check_fan_in(module, config.fan_in, name)
         self.module = module
         self.norm = norm
         self.config = config
@@ -406,13 +418,17 @@ class PerforatedLayer(nn.Module):
     def _ensure_accepted(self, num: int, num_neurons: int) -> None:
         """Give the layer ``num`` accepted sets with uninitialised weights (for loading)."""
         if self.dendrites is None:
-            self.dendrites = make_bank(self.module, 0, self.config.init_scale)
+            self.dendrites = self._empty_bank()
         self.dendrites.resize(num)
         like = self._like()
         if self.config.cascade:
             self.cascade_weight = nn.Parameter(like.new_empty(_triangle(num), num_neurons))
         self.output_weight = nn.Parameter(like.new_empty(num, num_neurons))
         self._set_neuron_phase_trainability()
+
+    def _empty_bank(self) -> DendriteBank:
+        """A bank with no sets, of the kind that holds this layer's accepted dendrites."""
+        return make_bank(self.module, 0, self.config.init_scale, fan_in=self.config.fan_in)
 
     def _set_neuron_phase_trainability(self) -> None:
         """w always learns in the neuron phase; L and c only if configured to."""
@@ -439,7 +455,18 @@ class PerforatedLayer(nn.Module):
         return self.candidates
 
     def _new_pool(self, num_candidates: int, num_neurons: int) -> CandidatePool:
-        pool = CandidatePool(self.module, num_candidates, num_neurons, self.num_dendrites, self.config)
+        config, index = self.config, None
+        if config.fan_in is not None and config.fan_in_mode != "learned":
+            index = connections(
+                self.module,
+                num_candidates,
+                config.fan_in,
+                config.fan_in_mode,
+                seed=config.fan_in_seed,
+                name=self.name,
+                dendrite=self.num_dendrites,
+            )
+        pool = CandidatePool(self.module, num_candidates, num_neurons, self.num_dendrites, config, index)
         pool.statistics.process_group = self.statistics_group
         return pool
 
@@ -458,9 +485,15 @@ class PerforatedLayer(nn.Module):
             raise RuntimeError(f"Layer `{self.name}` has no candidates to accept.")
         scores = pool.best_score.max(0).values.clamp_min(0)
         bank, cascade, output = pool.selected()
+        if self.config.fan_in is not None and "index" not in bank:
+            # fan_in_mode="learned": the chosen dense snapshot keeps its k strongest inputs, and the
+            # accepted dendrite is that pruned snapshot. It enters with w = 0 (correlation
+            # learning; gradient learning cannot be combined with "learned"), so the layer's
+            # output is exactly what it was.
+            bank = prune(bank, self.config.fan_in)
         num, like = self.num_dendrites, self._like()
         if self.dendrites is None:
-            self.dendrites = make_bank(self.module, 0, self.config.init_scale)
+            self.dendrites = self._empty_bank()
         self.dendrites.append(bank, requires_grad=False)
         if self.config.cascade:
             old = self.cascade_weight.detach() if self.cascade_weight is not None else like.new_zeros(0, scores.numel())
