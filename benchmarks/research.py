@@ -95,8 +95,9 @@ class Variant:
     note: str = ""
 
 
-#: Named dendritic variants (``--variants``). Add sparse arms here by name once
-#: ``DendriteConfig.fan_in`` exists, e.g. ``"fan4-local": Variant({"fan_in": 4, ...})``.
+#: Named dendritic variants (``--variants``). A ``fan_in`` of ``k`` applies to every layer with
+#: more than ``k`` inputs (features, or input channels for a conv); layers with at most ``k`` keep
+#: dense dendrites (see :func:`dendrite_config`).
 VARIANTS: dict[str, Variant] = {
     "pb": Variant(note="dense dendrites, default DendriteConfig"),
     "tanh": Variant({"activation": "tanh"}, note="tanh dendrite nonlinearity"),
@@ -106,7 +107,36 @@ VARIANTS: dict[str, Variant] = {
     "k1": Variant({"num_candidates": 1}, note="one candidate per neuron (default pool of 4)"),
     "converged": Variant(pretrain_patience=40, note="first neuron phase with patience 40: converge, then grow"),
     "long": Variant(schedule={"max_dendrites": 16, "max_tries": 4}, max_epochs=1000, note="longer budget"),
+    **{
+        f"fan{k}-{mode}": Variant(
+            {"fan_in": k, "fan_in_mode": mode},
+            note=f"sparse dendrites: each sees {k} inputs ({mode} {'windows' if mode == 'local' else 'choice'})",
+        )
+        for k in (2, 4, 8)
+        for mode in ("local", "random", "learned")
+    },
 }
+
+
+def _inputs(module: nn.Module) -> int | None:
+    """What ``fan_in`` counts for a perforated module: input features, or input channels per group."""
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.in_channels // module.groups
+    return None
+
+
+def dendrite_config(net: nn.Module, overrides: dict[str, Any]) -> DendriteConfig:
+    """The variant's configuration for ``net``: a ``fan_in`` larger than a layer's inputs means dense there."""
+    options = dict(overrides)
+    k = options.get("fan_in")
+    if k is not None:
+        small = {name: {"fan_in": None} for name, m in net.named_modules() if (n := _inputs(m)) is not None and n <= k}
+        if small:
+            options["overrides"] = {**small, **options.get("overrides", {})}
+    return DendriteConfig(**options)
+
 
 #: Widths of the frontiers, as multiples of the benchmark's width.
 WIDTH_MULTIPLES = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -186,7 +216,7 @@ def fit(bench: Bench, arm: Arm, seed: int, data: dict[str, tuple[Tensor, Tensor]
     pretrain = variant.pretrain_patience if arm.kind in ("dendrites", "inert") else None
     sched = schedule_for(bench, arm, quick, patience=pretrain)
     tracker = PerforatedTracker(mode, sched, candidate_lr=variant.candidate_lr * lr)
-    model = tracker.initialize(net, config=DendriteConfig(**variant.config))
+    model = tracker.initialize(net, config=dendrite_config(net, variant.config))
     if arm.kind == "inert":
         make_dendrites_inert(model)
     tracker.set_optimizer(torch.optim.Adam, lr=lr)

@@ -16,10 +16,12 @@ research = pytest.importorskip("research")
 
 
 def test_quick_run_fits_every_arm_and_renders_from_the_json(tmp_path: Path) -> None:
-    result = run_benchmark("research.py", "--quick", "--out", str(tmp_path), timeout=120)
+    args = ("--quick", "--variants", "pb", "fan4-local", "--out", str(tmp_path))
+    result = run_benchmark("research.py", *args, timeout=120)
     saved = json.loads((tmp_path / "results.json").read_text())
     arms = {r["arm"] for r in saved["runs"]}
-    assert {"base", "pb", "pb/inert", "restart@8", "restart@16", "width@12", "width@16", "width@24"} <= arms
+    expected = {"base", "pb", "pb/inert", "fan4-local", "fan4-local/inert", "restart@8", "restart@16", "width@12"}
+    assert expected | {"width@16", "width@24"} == arms
     assert {r["seed"] for r in saved["runs"]} == {0, 1}
     summary = saved["summary"]["digits MLP-8"]
     for key in ("vs_width_frontier", "vs_restart_frontier", "vs_inert"):
@@ -27,6 +29,14 @@ def test_quick_run_fits_every_arm_and_renders_from_the_json(tmp_path: Path) -> N
     inert = [r for r in saved["runs"] if r["arm"] == "pb/inert"]
     assert all(r["dendrites_per_layer"] >= 1 for r in inert)  # the control grew dendrites too
     assert all(r["dendrites_per_layer"] == 0 for r in saved["runs"] if r["kind"] in ("base", "width", "restart"))
+
+    # A sparse set (each dendrite sees 4 inputs) costs less than a dense one (64, 8 and 8 inputs).
+    def per_set(arm: str) -> list[float]:
+        rows = [r for r in saved["runs"] if r["arm"] == arm and r["dendrites_per_layer"] > 0]
+        return [(r["params"] - 682) / r["dendrites_per_layer"] for r in rows]
+
+    assert per_set("fan4-local/inert")
+    assert max(per_set("fan4-local/inert")) < min(per_set("pb/inert"))
     written = (tmp_path / "results.md").read_text()
     (tmp_path / "results.md").unlink()
     run_benchmark("research.py", "--render", "--out", str(tmp_path))
