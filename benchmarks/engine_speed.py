@@ -9,6 +9,7 @@ repository root on ``sys.path``)::
     python benchmarks/engine_speed.py --json out.json  # also write every number as JSON
     python benchmarks/engine_speed.py --out benchmarks/results/engine_speed  # results.json + results.md
     python benchmarks/engine_speed.py --render --out benchmarks/results/engine_speed  # re-render results.md
+    python benchmarks/engine_speed.py --fan-in 16,4    # also time sparse dendrites (both fused strategies)
 
 Workloads
 ---------
@@ -66,6 +67,19 @@ No statistic rescues a run that shares its cores with another busy process for i
 reports which share of the CPUs other processes used while each network was timed (from
 ``/proc/stat``) and prints a warning above 10%. Compare numbers only from quiet runs.
 
+Sparse dendrites (``--fan-in K``)
+--------------------------------
+With ``--fan-in K`` (or a list such as ``16,4``) every layer's dendrites see ``K`` inputs
+(``fan_in_mode="random"``; a layer with fewer inputs sees all of them). A sparse bank can run its one fused op two ways
+(:class:`~pb_lightning.banks.SparseBank`): ``masked`` scatters the compact weights into a dense zero
+weight and runs the dense op; ``gather`` gathers each dendrite's K inputs and contracts them in one
+batched multiply (Linear: an einsum; Conv: a grouped conv with a group per dendrite). For a
+neuron-phase model (D accepted sets) and a dendrite-phase model (D accepted, K candidates), the two
+strategies are timed interleaved against the dense model of the same shape (same A/B scheme as
+above, the dense model in the baseline's place); the table gives their step times over the dense
+step's. ``real MACs`` is the share of the dense dendrites' multiply-accumulates that sparse
+dendrites need.
+
 Memory method
 -------------
 Byte accounting rather than RSS: parameters and buffers, the activations autograd saves for
@@ -116,6 +130,7 @@ from _reference_worker import median_step as _time_block  # noqa: E402
 from machine import render_report, run_meta, save_report  # noqa: E402
 
 import pb_lightning as pb  # noqa: E402
+from pb_lightning.banks import SparseBank, fan_in_inputs  # noqa: E402
 from pb_lightning.layer import CandidatePool  # noqa: E402
 
 #: Targets of the issue: measured/ideal time ratio, and the wrapper's overhead at D = 0.
@@ -210,6 +225,29 @@ def grow(model: nn.Module, num_dendrites: int) -> nn.Module:
             if layer.output_weight is not None:
                 layer.output_weight.normal_()
     return model
+
+
+def sparse_config(network: Network, fan_in: int) -> pb.DendriteConfig:
+    """Random fan-in ``fan_in`` everywhere; a layer with fewer inputs (a first conv) sees them all."""
+    overrides = {
+        name: {"fan_in": inputs}
+        for name, m in network.build().named_modules()
+        if (inputs := fan_in_inputs(m)) is not None and inputs < fan_in
+    }
+    return pb.DendriteConfig(fan_in=fan_in, fan_in_mode="random", overrides=overrides)
+
+
+def set_strategy(model: nn.Module, strategy: str) -> None:
+    """Make every sparse bank of ``model`` run its forward with ``strategy`` (an instance attribute)."""
+    for m in model.modules():
+        if isinstance(m, SparseBank):
+            m.strategy = strategy
+
+
+def sparse_model(network: Network, num_dendrites: int, config: pb.DendriteConfig, *, seed: int = 0) -> nn.Module:
+    """Like :func:`perforated_model`, with ``config`` (sparse dendrites)."""
+    torch.manual_seed(seed)
+    return grow(pb.perforate(network.build(), config=config), num_dendrites)
 
 
 def baseline_model(network: Network, *, seed: int = 0) -> nn.Module:
@@ -480,6 +518,8 @@ class Settings:
     block_seconds: float
     threads: int
     stale_cycles: int
+    fan_in: tuple[int, ...] = ()
+    sparse_dendrites: int = 4
 
 
 @dataclass
@@ -512,6 +552,23 @@ class DendriteRow:
     ok: bool | None
 
 
+@dataclass
+class SparseRow:
+    """Sparse dendrites' step time by fused strategy, against dense dendrites of the same shape."""
+
+    network: str
+    configuration: str
+    fan_in: int
+    dense_ms: float
+    masked_ms: float
+    gather_ms: float
+    masked_vs_dense: float
+    gather_vs_dense: float
+    real_macs: float
+    dense_dendrite_parameters: int
+    sparse_dendrite_parameters: int
+
+
 def _within(measured: float, ideal: float, d: int) -> bool:
     if measured / ideal > _IDEAL_FACTOR:
         return False
@@ -529,6 +586,73 @@ class NetworkResult:
     memory: list[MemoryRow]
     baseline_ms: float
     others_cpu_share: float
+    sparse: list[SparseRow] = field(default_factory=list)
+    sparse_others_cpu_share: float = float("nan")
+
+
+def _real_mac_share(network: Network, config: pb.DendriteConfig, x: Tensor) -> float:
+    """Multiply-accumulates of one sparse dendrite set over those of a dense one."""
+    model = network.build()
+    layers = count_macs(model, x)
+    modules = dict(model.named_modules())
+    sparse = 0.0
+    for layer in layers:
+        inputs = fan_in_inputs(modules[layer.name])
+        k = config.for_layer(layer.name).fan_in
+        sparse += layer.macs * (k / inputs if k is not None and inputs else 1.0)
+    return sparse / sum(layer.macs for layer in layers)
+
+
+def bench_sparse(network: Network, settings: Settings) -> list[SparseRow]:
+    """Both sparse strategies against dense dendrites, in one neuron-phase and one dendrite-phase model."""
+    return [row for fan_in in settings.fan_in for row in _bench_sparse(network, settings, fan_in)]
+
+
+def _bench_sparse(network: Network, settings: Settings, fan_in: int) -> list[SparseRow]:
+    x, y = batch(network)
+    config = sparse_config(network, fan_in)
+    d = settings.sparse_dendrites
+    k = max(settings.candidates)
+    shapes = {
+        f"neuron D={d}": (d, None),
+        f"dendrite D={min(settings.phase_dendrites[-1], d)} K={k}": (min(settings.phase_dendrites[-1], d), k),
+    }
+    rows = []
+    for label, (num, candidates) in shapes.items():
+        models = {"dense": perforated_model(network, num)}
+        for strategy in ("masked", "gather"):
+            models[strategy] = sparse_model(network, num, config)
+        for strategy, model in models.items():
+            if candidates is not None:
+                pb.start_dendrite_phase(model, num_candidates=candidates)
+            set_strategy(model, strategy)
+        steps = {key: make_step(model, x, y) for key, model in models.items()}
+        estimates = {key: warm_up(step, pb.DendriteConfig().warmup_steps + 4) for key, step in steps.items()}
+        estimates[""] = estimates.pop("dense")
+        dense, timings = interleaved_timings(
+            steps["dense"],
+            {key: steps[key] for key in ("masked", "gather")},
+            estimates,
+            rounds=settings.rounds,
+            block_seconds=settings.block_seconds,
+        )
+        counts = {key: pb.parameter_counts(model) for key, model in models.items()}
+        rows.append(
+            SparseRow(
+                network=network.name,
+                configuration=label,
+                fan_in=fan_in,
+                dense_ms=1e3 * statistics.median(dense.seconds),
+                masked_ms=1e3 * statistics.median(timings["masked"].seconds),
+                gather_ms=1e3 * statistics.median(timings["gather"].seconds),
+                masked_vs_dense=statistics.median(timings["masked"].ratios),
+                gather_vs_dense=statistics.median(timings["gather"].ratios),
+                real_macs=_real_mac_share(network, config, x),
+                dense_dendrite_parameters=counts["dense"]["dendrites"] + counts["dense"]["candidates"],
+                sparse_dendrite_parameters=counts["masked"]["dendrites"] + counts["masked"]["candidates"],
+            )
+        )
+    return rows
 
 
 def bench_network(network: Network, settings: Settings) -> NetworkResult:
@@ -607,6 +731,11 @@ def bench_network(network: Network, settings: Settings) -> NetworkResult:
     memory = [
         step_memory(models[key], x, y, network=network.name, configuration=label) for key, label in labels.items()
     ]
+    sparse_cpu: dict[str, float] = {"others_cpu_share": float("nan")}
+    sparse: list[SparseRow] = []
+    if settings.fan_in:
+        with others_cpu_share(sparse_cpu):
+            sparse = bench_sparse(network, settings)
     return NetworkResult(
         network=network.name,
         flops=flops,
@@ -615,6 +744,8 @@ def bench_network(network: Network, settings: Settings) -> NetworkResult:
         memory=memory,
         baseline_ms=1e3 * statistics.median(base.seconds),
         others_cpu_share=cpu["others_cpu_share"],
+        sparse=sparse,
+        sparse_others_cpu_share=sparse_cpu["others_cpu_share"],
     )
 
 
@@ -643,6 +774,11 @@ def build_report(
                 "neuron_phase": [asdict(row) for row in r.neuron],
                 "dendrite_phase": [asdict(row) for row in r.dendrite],
                 "memory": [asdict(m) | {"total": m.total} for m in r.memory],
+                **(
+                    {"sparse": [asdict(row) for row in r.sparse], "sparse_others_cpu_share": r.sparse_others_cpu_share}
+                    if r.sparse
+                    else {}
+                ),
             }
             for r in results
         ],
@@ -704,6 +840,28 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {d['network']} | {d['dendrites']} | {d['candidates']} | {d['step_ms']:.2f} | {_spread(d)} | "
             f"{d['ideal']:.2f}x | {d['ratio'] / d['ideal']:.2f} | {d['vs_neuron_phase']:.2f}x | {_status(d['ok'])} |"
         )
+    sparse = [row for r in nets for row in r.get("sparse", [])]
+    if sparse:
+        lines += [
+            "\n### Sparse dendrites (fan_in k, random inputs): step time of each fused "
+            "strategy over dense dendrites of the same shape\n",
+            "| network | configuration | k | dense ms | masked ms | gather ms | masked / dense | gather / dense | "
+            "real MACs | dendrite params dense -> sparse |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for row in sparse:
+            lines.append(
+                f"| {row['network']} | {row['configuration']} | {row['fan_in']} | {row['dense_ms']:.2f} | "
+                f"{row['masked_ms']:.2f} | "
+                f"{row['gather_ms']:.2f} | {row['masked_vs_dense']:.2f}x | {row['gather_vs_dense']:.2f}x | "
+                f"{row['real_macs']:.1%} | {row['dense_dendrite_parameters']} -> {row['sparse_dendrite_parameters']} |"
+            )
+        lines += [
+            f"\n- `{r['network']}`: other processes used {r['sparse_others_cpu_share']:.0%} of the CPUs "
+            "while its sparse cells were timed."
+            for r in nets
+            if "sparse" in r
+        ]
     lines += [
         "\n### Memory held by one step (parameters + buffers, saved activations, gradients)\n",
         "| network | configuration | params+buffers MB | saved activations MB | gradients MB | total MB | x unperf. |",
@@ -760,6 +918,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch.set_num_threads (default 2; 1 with --quick, a smoke test)"
     )
+    parser.add_argument(
+        "--fan-in", type=_ints, default=(), help="also time sparse dendrites with these fan-ins, e.g. 16,4"
+    )
+    parser.add_argument("--sparse-dendrites", type=int, default=4, help="D of the sparse neuron-phase cell (default 4)")
     parser.add_argument("--fail-on-miss", action="store_true", help="exit with status 1 if a target is missed")
     args = parser.parse_args(argv)
     if args.render and args.out is None:
@@ -785,6 +947,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # threads beside other processes wait on each other for milliseconds.
         threads=args.threads or (1 if args.quick else 2),
         stale_cycles=2 if args.quick else 4,
+        fan_in=args.fan_in,
+        sparse_dendrites=args.sparse_dendrites,
     )
     torch.set_num_threads(settings.threads)
     meta["threads"] = torch.get_num_threads()

@@ -168,7 +168,14 @@ class DendriteConfig:
         object.__setattr__(self, "overrides", {p: dict(v) for p, v in self.overrides.items()})
 
     def for_layer(self, name: str) -> DendriteConfig:
-        """The configuration of the layer called ``name``: these fields with its overrides applied."""
+        """The configuration of the layer called ``name``: these fields with its overrides applied.
+
+        Example::
+
+            >>> config = DendriteConfig(fan_in=4, overrides={"head": {"fan_in": None}})
+            >>> config.for_layer("body.0").fan_in, config.for_layer("head").fan_in
+            (4, None)
+        """
         values: dict[str, Any] = {}
         for pattern, changes in self.overrides.items():
             if fnmatch.fnmatchcase(name, pattern):

@@ -8,7 +8,9 @@ normalisation layer) and ``D`` accepted dendrite sets ``L_1 … L_D``::
     y'  = y + Σ_d w_d ⊙ a_d
 
 where ``x̂`` is ``x`` detached (perforation) and ``c``, ``w`` hold one scalar per neuron. All D
-operations ``L_d`` run as one fused operation (:mod:`pb_lightning.banks`).
+operations ``L_d`` run as one fused operation (:mod:`pb_lightning.banks`). With
+``DendriteConfig.fan_in = k`` each ``L_d`` of a neuron reads only ``k`` of the inputs (a sparse
+bank), so a set costs ``k/in`` of its layer's weights instead of a full copy.
 
 During a dendrite phase the layer also holds a :class:`CandidatePool`: K candidate sets that see
 exactly what an accepted dendrite would (``x̂`` and the accepted ``a_e``) but whose outputs do not
@@ -478,7 +480,9 @@ class PerforatedLayer(nn.Module):
         """Install each neuron's best candidate as its next dendrite; returns the accepted scores.
 
         The new output weight ``w`` is exactly 0 for correlation-trained dendrites, so the layer
-        computes the same function before and after (function preservation).
+        computes the same function before and after (function preservation). With
+        ``fan_in_mode="learned"`` the scores are those the dense candidates reached, before the
+        accepted snapshots were pruned to their ``k`` strongest inputs.
         """
         pool = self.candidates
         if pool is None:

@@ -27,7 +27,7 @@ from pb_lightning.banks import SparseBank
 from pb_lightning.layer import _ACTIVATIONS
 
 _MODES = ("local", "random", "learned")
-_STRATEGIES = ("masked", "gather")
+_STRATEGIES = ("masked", "gather", "auto")
 
 
 @pytest.fixture(params=_STRATEGIES)
@@ -51,10 +51,12 @@ def _module(kind: str) -> tuple[nn.Module, Tensor]:
         return nn.Conv2d(6, 4, (3, 2), groups=2, dilation=(1, 2), padding_mode="reflect", padding=1), torch.randn(
             2, 6, 5, 6
         )
+    if kind == "conv3d":
+        return nn.Conv3d(3, 2, 2), torch.randn(2, 3, 3, 3, 3)
     raise AssertionError(kind)
 
 
-_KINDS = ("linear", "linear_seq", "conv1d", "conv2d", "conv2d_grouped")
+_KINDS = ("linear", "linear_seq", "conv1d", "conv2d", "conv2d_grouped", "conv3d")
 
 
 def _train_candidates(model: nn.Module, x: Tensor, steps: int = 4) -> None:
@@ -473,3 +475,91 @@ def test_ddp_ranks_accept_identical_sparse_dendrites(tmp_path: Any) -> None:
     assert [k for k in ranks[0] if not torch.equal(ranks[0][k], ranks[1][k])] == []
     assert ranks[0]["0.dendrites.index"].shape == (1, 5, 3)
     assert ranks[0]["2.dendrites.index"].shape == (1, 2, 3)
+
+
+# ---------------------------------------------------------------------------------- robustness
+def test_a_diverged_sparse_candidate_restarts_with_its_wiring() -> None:
+    torch.manual_seed(0)
+    model = pb.perforate(
+        nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 3)),
+        config=DendriteConfig(fan_in=2, fan_in_mode="random", num_candidates=3, warmup_steps=0),
+    )
+    x = torch.randn(32, 8)
+    model(x)
+    pb.start_dendrite_phase(model)
+    pool = model[0].candidates
+    wiring = pool.bank.index.clone()
+    _train_candidates(model, x, 2)
+    with torch.no_grad():
+        pool.bank.weight[1, 2, 0] = float("nan")  # candidate set 1 blows up
+    _train_candidates(model, x, 5)  # flagged, then restarted from fresh weights
+    assert torch.isfinite(pool.bank.weight).all()
+    assert torch.equal(pool.bank.index, wiring)
+    assert (pool.best_score[1] >= 0).all()
+    pb.accept_dendrites(model)
+    assert torch.isfinite(model[0].dendrites.weight).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_parameters_compute_what_float32_does(dtype: torch.dtype, strategy: str) -> None:
+    model, x = _grown_layer("linear", "random", num_dendrites=2, fan_in=2)
+    exact = model(x)
+    low = model.to(dtype)
+    got = low(x.to(dtype))
+    assert got.dtype == dtype
+    assert torch.allclose(got.float(), exact, atol=0.05, rtol=0.05)
+    pb.start_dendrite_phase(low)
+    _train_candidates(low, x.to(dtype), 3)
+    assert all(torch.isfinite(p).all() for p in low.parameters())
+
+
+def test_torch_compile_matches_eager() -> None:
+    model, x = _grown_cnn("random")
+    pb.start_dendrite_phase(model)
+    compiled = torch.compile(model)
+    expected, got = model(x), compiled(x)
+    assert torch.allclose(got, expected, atol=1e-5)
+    grads = torch.autograd.grad(got.square().sum(), pb.trainable_parameters(model))
+    reference = torch.autograd.grad(model(x).square().sum(), pb.trainable_parameters(model))
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, reference, strict=True))
+
+
+def test_engine_speed_times_both_sparse_strategies(tmp_path: Any) -> None:
+    from tests.helpers import run_benchmark
+
+    out = tmp_path / "results"
+    result = run_benchmark("engine_speed.py", "--quick", "--fan-in", "4", "--out", str(out))
+    assert "### Sparse dendrites (fan_in k" in result.stdout
+    saved = (out / "results.json").read_text()
+    import json
+
+    rows = [row for network in json.loads(saved)["networks"] for row in network["sparse"]]
+    assert [(r["network"], r["configuration"]) for r in rows] == [
+        ("mlp", "neuron D=4"),
+        ("mlp", "dendrite D=2 K=4"),
+        ("conv", "neuron D=4"),
+        ("conv", "dendrite D=2 K=4"),
+    ]
+    assert all(r["sparse_dendrite_parameters"] < r["dense_dendrite_parameters"] for r in rows if r["network"] == "mlp")
+    (out / "results.md").unlink()
+    assert run_benchmark("engine_speed.py", "--render", "--out", str(out)).stdout.strip() == result.stdout.strip()
+
+
+@pytest.mark.parametrize("mode", ["local", "random"])
+def test_gradient_learning_candidates_become_the_same_accepted_sparse_dendrites(mode: str) -> None:
+    torch.manual_seed(0)
+    model = pb.perforate(
+        nn.Sequential(nn.Linear(8, 5), nn.Tanh(), nn.Linear(5, 2)),
+        config=DendriteConfig(fan_in=3, fan_in_mode=mode, learning="gradient", num_candidates=1),
+    )
+    x = torch.randn(16, 8)
+    model(x)
+    for _ in range(2):  # the second cycle's candidates cascade from the first dendrite
+        pb.start_dendrite_phase(model)
+        _train_candidates(model, x, 3)
+        model.eval()
+        before = model(x)
+        pb.accept_dendrites(model)
+        assert torch.allclose(model(x), before, atol=1e-6)
+        model.train()
+    assert model[0].dendrites.index.shape == (2, 5, 3)
