@@ -397,9 +397,11 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         "# Research harness: dendrites against their controls",
         "",
-        f"- command: `{meta['command']}`",
-        f"- date: {meta['date']}; machine: {meta['machine']}, {meta['cpu_count']} CPUs, 1 torch thread",
-        f"- torch {meta['torch']}, python {meta['python']}; pb_lightning commit {meta['commit']}",
+        "- commands (each adds the fits not already in `results.json`):",
+        *[f"  - `{c}`" for c in meta.get("commands", [meta["command"]])],
+        f"- last run: {meta['date']}; machine: {meta['machine']}, {meta['cpu_count']} CPUs, 1 torch thread",
+        f"- torch {meta['torch']}, python {meta['python']}; pb_lightning commits of the fits: "
+        + ", ".join(sorted({str(r.get("commit", meta["commit"])) for r in results["runs"]})),
         f"- fits: {len(results['runs'])}; wall time of the fits {sum(r['wall_s'] for r in results['runs']):.0f} s"
         + (
             "; **quick mode** (fixed 2+1-epoch phases, 8 epochs: checks the pipeline, numbers mean nothing)"
