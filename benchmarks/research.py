@@ -420,9 +420,10 @@ def markdown(results: dict[str, Any]) -> str:
     if variants:
         lines += ["", "Variants: " + "; ".join(f"`{k}`: {v}" for k, v in variants.items()) + "."]
     for bench, arms in results["summary"].items():
+        limits = sorted({r["limit_train"] for r in results["runs"] if r["benchmark"] == bench and "limit_train" in r})
         lines += [
             "",
-            f"## {bench}",
+            f"## {bench}" + (f" (training split subsampled to the first {limits[0]} examples)" if limits else ""),
             "",
             "| arm | width | params | test acc % | vs base | vs width frontier | vs restart frontier | vs inert "
             "| D/layer | epochs | s/fit | seeds |",
