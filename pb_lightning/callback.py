@@ -85,6 +85,10 @@ class PerforatedCallback(Callback):
         max_dendrite_epochs: cap on a dendrite phase's length.
         max_dendrites: dendrite sets per layer after which training is complete.
         max_tries: failed cycles in a row after which training is complete.
+        restarts_only: the schedule without dendrites (``PhaseSchedule.restarts_only``): each
+            neuron phase that ends rolls back to its best weights and restarts with a rebuilt
+            optimizer; ``max_tries`` failed restarts in a row end training. The control that
+            measures what the restart schedule alone is worth.
         capacity_test: the first experiment on a new model (ALGORITHM.md §5): switch every epoch,
             add three dendrite sets, check the pipeline at every step, report, and stop.
         metric_kind: ``"accuracy"`` or ``"error"`` makes the final report give the reduction of
@@ -120,6 +124,7 @@ class PerforatedCallback(Callback):
         max_dendrite_epochs: int = 50,
         max_dendrites: int = 8,
         max_tries: int = 2,
+        restarts_only: bool = False,
         capacity_test: bool = False,
         metric_kind: MetricKind = "auto",
         output_dir: str | None = None,
@@ -132,6 +137,8 @@ class PerforatedCallback(Callback):
             raise invalid("monitor", monitor, "the name of a logged validation metric")
         if not isinstance(capacity_test, bool):
             raise invalid("capacity_test", capacity_test, "a bool")
+        if capacity_test and restarts_only is True:
+            raise invalid("restarts_only", restarts_only, "False with capacity_test=True (the test adds dendrites)")
         if metric_kind not in ("auto", "accuracy", "error", "other"):
             raise invalid("metric_kind", metric_kind, "one of 'auto', 'accuracy', 'error', 'other'")
         if output_dir is not None and not isinstance(output_dir, str):
@@ -153,6 +160,7 @@ class PerforatedCallback(Callback):
             max_dendrites=max_dendrites,
             max_tries=max_tries,
             require_improvement=not capacity_test,
+            restarts_only=restarts_only,
         )
         self.machine = PhaseMachine(mode, self.schedule)
         self.mode = mode

@@ -55,7 +55,7 @@ def final_report(
     """
     if not rows:
         return {"monitor": monitor, "mode": mode, "validations": 0}
-    first_cycle = next((r for r in rows if r["action"] in ("start_dendrite_phase", "stop", END)), rows[-1])
+    first_cycle = next((r for r in rows if r["action"] in ("start_dendrite_phase", "restart", "stop", END)), rows[-1])
     before = first_cycle["global_best"]
     end = rows[-1]
     after = end["global_best"]

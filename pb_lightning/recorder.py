@@ -18,7 +18,7 @@ from pb_lightning.history import END, final_report, format_report, save_history
 from pb_lightning.module import PerforatedModule
 from pb_lightning.plot import PLOT_FILE, matplotlib_available, plot_history
 from pb_lightning.report import parameter_counts
-from pb_lightning.schedule import ACCEPT, CONTINUE, RETRY, STOP, Decision, PhaseMachine
+from pb_lightning.schedule import ACCEPT, CONTINUE, RESTART, RETRY, STOP, Decision, PhaseMachine
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ class RunRecorder:
         # Events: 1 at the epoch where a cycle was accepted or rejected.
         metrics["pb/event/dendrites_accepted"] = float(decision.action == ACCEPT)
         metrics["pb/event/cycle_rejected"] = float(
-            decision.action == RETRY or (decision.action == STOP and "did not beat" in decision.reason)
+            decision.action == RETRY or (decision.action in (STOP, RESTART) and "did not beat" in decision.reason)
         )
         return metrics
 

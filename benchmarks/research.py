@@ -1,0 +1,513 @@
+#!/usr/bin/env python
+r"""Research harness: what do dendrites add once the schedule and the parameter count are controlled?
+
+A plain PyTorch loop over :class:`~pb_lightning.PerforatedTracker` (no Lightning trainer: a
+small fit takes seconds), on the data splits and models of ``benchmarks/accuracy.py``::
+
+    python benchmarks/research.py --quick --out /tmp/research          # smoke test, < 60 s
+    python benchmarks/research.py --benchmarks "MNIST-1D MLP-16" "MNIST-1D CNN-4" --seeds 5 \
+        --out benchmarks/results/research
+    python benchmarks/research.py --benchmarks "MNIST-1D MLP-16" --variants pb tanh --seeds 5 \
+        --out benchmarks/results/research     # adds to the results already there (same key: skipped)
+    python benchmarks/research.py --render --out benchmarks/results/research
+
+Arms (each benchmark, each seed; the same seed gives the same initial weights at the same width
+and the same batch order):
+
+* ``base``: no dendrites; one neuron phase until its patience, then the best validation weights
+  (``max_dendrites=0``: the first neuron phase of every dendritic run, alone).
+* ``<variant>`` (``pb`` and every name given to ``--variants``, see :data:`VARIANTS`): dendrites
+  with that :class:`~pb_lightning.DendriteConfig` (and schedule) override; ``pb`` is the default
+  dense configuration.
+* ``<variant>/inert``: the same run with :func:`pb_lightning.controls.make_dendrites_inert` —
+  identical cycles, dendrite phases and rollbacks, but every accepted dendrite's output weight is
+  held at 0, so the dendrites cannot change the function. It isolates what the dendrites add from
+  what the schedule adds.
+* ``restart@W``: the plain network of width ``W`` through ``PhaseSchedule(restarts_only=True)``:
+  the same warm restarts with rollback and retries, no dendrites (the *restart frontier*).
+* ``width@W``: the plain network of width ``W``, trained like ``base`` (the *width frontier*;
+  ``base`` is its point at the benchmark's own width).
+
+Validation decides everything (phase switches, rollbacks, the weights kept); the test split is
+evaluated once, after each fit. Each dendritic arm is judged by three paired gaps, computed per
+seed and reported as mean ± standard error over seeds (in accuracy points):
+
+* to the **width frontier**: its test accuracy minus the accuracy of that seed's ``width@W``
+  networks interpolated linearly in log(parameters) at the arm's own parameter count (outside the
+  frontier's range: extrapolated from the end segment, and counted in ``extrapolated``);
+* to the **restart frontier**: the same against that seed's ``restart@W`` networks;
+* to its **inert control**: its accuracy minus its ``/inert`` arm's.
+
+Results are written after every fit (``results.json``; ``results.md`` rendered from it), and a
+re-run skips the fits already there, so variants and benchmarks can be added to one result set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(_HERE.parent), str(_HERE)]
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from accuracy import Bench, benches  # noqa: E402
+from machine import render_report, run_meta, save_report  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+
+from pb_lightning import DendriteConfig, PerforatedTracker, PhaseSchedule, parameter_counts  # noqa: E402
+from pb_lightning.controls import make_dendrites_inert  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A dendritic arm: overrides of the default configuration, schedule and candidate LR.
+
+    Args:
+        config: :class:`~pb_lightning.DendriteConfig` fields (e.g. ``{"activation": "tanh"}``;
+            ``{"fan_in": 4}`` once sparse dendrites exist).
+        schedule: :class:`~pb_lightning.PhaseSchedule` fields on top of the benchmark's.
+        candidate_lr: the candidates' learning rate as a multiple of the network's (the
+            benchmarks' ``10``, ALGORITHM.md §7).
+        pretrain_patience: if set, the first neuron phase runs with this (longer) patience: the
+            network is trained to convergence before it grows, as users bring a trained model.
+        max_epochs: if set, the epoch budget instead of the benchmark's.
+        note: what the variant tests (for the report).
+    """
+
+    config: dict[str, Any] = field(default_factory=dict)
+    schedule: dict[str, Any] = field(default_factory=dict)
+    candidate_lr: float = 10.0
+    pretrain_patience: int | None = None
+    max_epochs: int | None = None
+    note: str = ""
+
+
+#: Named dendritic variants (``--variants``). A ``fan_in`` of ``k`` applies to every layer with
+#: more than ``k`` inputs (features, or input channels for a conv); layers with at most ``k`` keep
+#: dense dendrites (see :func:`dendrite_config`).
+VARIANTS: dict[str, Variant] = {
+    "pb": Variant(note="dense dendrites, default DendriteConfig"),
+    "tanh": Variant({"activation": "tanh"}, note="tanh dendrite nonlinearity"),
+    "relu": Variant({"activation": "relu"}, note="relu dendrite nonlinearity"),
+    "clr1": Variant(candidate_lr=1.0, note="candidate LR = network LR (default 10x)"),
+    "clr100": Variant(candidate_lr=100.0, note="candidate LR = 100x network LR"),
+    "k1": Variant({"num_candidates": 1}, note="one candidate per neuron (default pool of 4)"),
+    "converged": Variant(pretrain_patience=40, note="first neuron phase with patience 40: converge, then grow"),
+    "long": Variant(schedule={"max_dendrites": 16, "max_tries": 4}, max_epochs=1000, note="longer budget"),
+    **{
+        f"fan{k}-{mode}": Variant(
+            {"fan_in": k, "fan_in_mode": mode},
+            note=f"sparse dendrites: each sees {k} inputs ({mode} {'windows' if mode == 'local' else 'choice'})",
+        )
+        for k in (2, 4, 8)
+        for mode in ("local", "random", "learned")
+    },
+}
+
+
+def _inputs(module: nn.Module) -> int | None:
+    """What ``fan_in`` counts for a perforated module: input features, or input channels per group."""
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.in_channels // module.groups
+    return None
+
+
+def dendrite_config(net: nn.Module, overrides: dict[str, Any]) -> DendriteConfig:
+    """The variant's configuration for ``net``: a ``fan_in`` larger than a layer's inputs means dense there."""
+    options = dict(overrides)
+    k = options.get("fan_in")
+    if k is not None:
+        small = {name: {"fan_in": None} for name, m in net.named_modules() if (n := _inputs(m)) is not None and n <= k}
+        if small:
+            options["overrides"] = {**small, **options.get("overrides", {})}
+    return DendriteConfig(**options)
+
+
+#: Widths of the frontiers, as multiples of the benchmark's width.
+WIDTH_MULTIPLES = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+RESTART_MULTIPLES = (1.0, 2.0, 4.0)
+
+
+def all_benches() -> dict[str, Bench]:
+    return {b.name: b for group in benches(False).values() for b in group}
+
+
+# ---------------------------------------------------------------------------------------------- data
+def splits(bench: Bench, limit_train: int | None = None) -> dict[str, tuple[Tensor, Tensor]]:
+    """Train/val/test tensors exactly as ``accuracy.py``'s ``ArrayDataModule`` builds them."""
+    from models import ArrayDataModule
+
+    options = dict(bench.data)
+    options.pop("batch_size", None)
+    if limit_train is not None:
+        options["limit_train"] = limit_train
+    data = ArrayDataModule(bench.dataset, **options)
+    data.setup()
+    return {name: tuple(ds.tensors) for name, ds in data._splits.items()}  # type: ignore[misc]
+
+
+def batches(x: Tensor, y: Tensor, size: int, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+    order = torch.randperm(len(y), generator=generator)
+    for i in range(0, len(y), size):
+        idx = order[i : i + size]
+        yield x[idx], y[idx]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) in eval mode."""
+    model.eval()
+    correct, loss = 0, 0.0
+    for i in range(0, len(y), 2048):
+        logits = model(x[i : i + 2048])
+        correct += int((logits.argmax(1) == y[i : i + 2048]).sum())
+        loss += float(F.cross_entropy(logits, y[i : i + 2048], reduction="sum"))
+    model.train()
+    return correct / len(y), loss / len(y)
+
+
+# ----------------------------------------------------------------------------------------------- fit
+@dataclass(frozen=True)
+class Arm:
+    """One fit's recipe: ``kind`` is base | width | restart | dendrites | inert."""
+
+    name: str
+    kind: str
+    width: int
+    variant: str | None = None
+
+
+def schedule_for(bench: Bench, arm: Arm, quick: bool, patience: int | None = None) -> PhaseSchedule:
+    if quick:
+        base: dict[str, Any] = {"neuron_epochs": 2, "dendrite_epochs": 1, "max_dendrites": 2}
+    else:
+        base = {"neuron_patience": patience or bench.neuron_patience}
+    if arm.kind in ("base", "width"):
+        base["max_dendrites"] = 0
+    if arm.kind == "restart":
+        base["restarts_only"] = True
+    if arm.variant is not None:
+        base |= VARIANTS[arm.variant].schedule
+    return PhaseSchedule(**base)
+
+
+def fit(bench: Bench, arm: Arm, seed: int, data: dict[str, tuple[Tensor, Tensor]], quick: bool) -> dict[str, Any]:
+    """Train one arm with one seed; evaluate the kept weights on the test split once."""
+    variant = VARIANTS[arm.variant] if arm.variant is not None else Variant()
+    torch.manual_seed(seed)
+    template = bench.make(arm.width, None)  # the benchmark's module: its network and its learning rate
+    net, lr = template.net, template.lr
+    mode = "min" if bench.monitor == "val_loss" else "max"
+    pretrain = variant.pretrain_patience if arm.kind in ("dendrites", "inert") else None
+    sched = schedule_for(bench, arm, quick, patience=pretrain)
+    tracker = PerforatedTracker(mode, sched, candidate_lr=variant.candidate_lr * lr)
+    model = tracker.initialize(net, config=dendrite_config(net, variant.config))
+    if arm.kind == "inert":
+        make_dendrites_inert(model)
+    tracker.set_optimizer(torch.optim.Adam, lr=lr)
+    optimizer, _ = tracker.setup_optimizer(model)
+    generator = torch.Generator().manual_seed(seed)
+    (x_train, y_train), (x_val, y_val) = data["train"], data["val"]
+    batch_size = bench.data.get("batch_size", 64)
+    max_epochs = 8 if quick else (variant.max_epochs or bench.max_epochs)
+    epochs, complete, start = 0, False, time.perf_counter()
+    correlations: list[float] = []
+    while epochs < max_epochs and not complete:
+        model.train()
+        for x, y in batches(x_train, y_train, batch_size, generator):
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        epochs += 1
+        acc, loss = evaluate(model, x_val, y_val)
+        before = tracker.machine.state.phase
+        model, restructured, complete = tracker.add_validation_score(loss if mode == "min" else acc, model)
+        if before == "dendrite" and tracker.machine.state.phase == "neuron" and tracker.machine.state.candidate_best:
+            correlations.append(float(tracker.machine.state.candidate_best))
+        if pretrain is not None and tracker.machine.state.validations and tracker.machine.state.baseline is not None:
+            # Once the network has converged, the dendritic cycles run with the benchmark's patience.
+            tracker.machine.schedule = schedule_for(bench, arm, quick)
+            pretrain = None
+        if restructured and not complete:
+            optimizer, _ = tracker.setup_optimizer(model)
+    if not complete:
+        tracker.finish(model)
+    wall = time.perf_counter() - start
+    test_acc, _ = evaluate(model, *data["test"])
+    val_acc, val_loss = evaluate(model, x_val, y_val)
+    counts = parameter_counts(model)
+    state = tracker.machine.state
+    return {
+        "benchmark": bench.name,
+        "arm": arm.name,
+        "kind": arm.kind,
+        "variant": arm.variant,
+        "width": arm.width,
+        "seed": seed,
+        "test_acc": test_acc,
+        "val_acc": val_acc,
+        "val_loss": val_loss,
+        "params": counts["total"],
+        "dendrites_per_layer": max((layer.num_dendrites for layer in _layers(model)), default=0),
+        "accepted_cycles": state.accepted_cycles,
+        "rejected_cycles": state.rejected_cycles,
+        "accept_correlation": statistics.fmean(correlations) if correlations else None,
+        "epochs": epochs,
+        "wall_s": wall,
+    }
+
+
+def _layers(model: nn.Module) -> list[Any]:
+    from pb_lightning import perforated_layers
+
+    return perforated_layers(model)
+
+
+def arms_for(bench: Bench, variants: list[str], quick: bool) -> list[Arm]:
+    """Every arm of one benchmark: base, the variants and their inert controls, both frontiers."""
+    w = bench.width
+    widths = sorted({max(1, round(w * m)) for m in (WIDTH_MULTIPLES[:4] if quick else WIDTH_MULTIPLES)})
+    restart = sorted({max(1, round(w * m)) for m in (RESTART_MULTIPLES[:2] if quick else RESTART_MULTIPLES)})
+    arms = [Arm("base", "base", w)]
+    for v in variants:
+        arms += [Arm(v, "dendrites", w, v), Arm(f"{v}/inert", "inert", w, v)]
+    arms += [Arm(f"restart@{r}", "restart", r) for r in restart]
+    # ``base`` is the frontier's point at the benchmark's own width (the same training).
+    arms += [Arm(f"width@{x}", "width", x) for x in widths if x != w]
+    return arms
+
+
+# ------------------------------------------------------------------------------------------- summary
+def _mean_se(values: list[float]) -> tuple[float, float, int]:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan, 0
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
+    return statistics.fmean(values), se, len(values)
+
+
+def interpolate(points: list[tuple[float, float]], params: float) -> tuple[float, bool]:
+    """Accuracy of a frontier of (params, acc) points at ``params``, linear in log(params).
+
+    Returns the value and whether it was extrapolated (outside the frontier's parameter range).
+    """
+    pts = sorted(points)
+    xs = [math.log(p) for p, _ in pts]
+    ys = [a for _, a in pts]
+    x = math.log(params)
+    if len(pts) == 1:
+        return ys[0], x != xs[0]
+    if xs[0] <= x <= xs[-1]:
+        return float(np.interp(x, xs, ys)), False
+    i, j = (0, 1) if x < xs[0] else (-2, -1)
+    slope = (ys[j] - ys[i]) / (xs[j] - xs[i]) if xs[j] != xs[i] else 0.0
+    return ys[j] + slope * (x - xs[j]), True
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per benchmark: every arm's mean ± SE, and each dendritic arm's paired gaps."""
+    out: dict[str, Any] = {}
+    for bench in dict.fromkeys(r["benchmark"] for r in rows):
+        brows = [r for r in rows if r["benchmark"] == bench]
+        by_arm: dict[str, dict[int, dict[str, Any]]] = {}
+        for r in brows:
+            by_arm.setdefault(r["arm"], {})[r["seed"]] = r
+        base = by_arm.get("base", {})
+        frontier = {k: v for k, v in by_arm.items() if k.startswith("width@") or k == "base"}
+        restart = {k: v for k, v in by_arm.items() if k.startswith("restart@")}
+
+        def front(arms: dict[str, dict[int, dict[str, Any]]], seed: int) -> list[tuple[float, float]]:
+            return [(a[seed]["params"], a[seed]["test_acc"]) for a in arms.values() if seed in a]
+
+        arms: dict[str, Any] = {}
+        for name, seeds in by_arm.items():
+            kind = next(iter(seeds.values()))["kind"]
+            stats: dict[str, Any] = {
+                "kind": kind,
+                "width": next(iter(seeds.values()))["width"],
+                "seeds": sorted(seeds),
+            }
+            for key in ("test_acc", "params", "epochs", "wall_s", "dendrites_per_layer", "accept_correlation"):
+                stats[key] = _mean_se([r[key] for r in seeds.values() if r[key] is not None])
+            stats["vs_base"] = _mean_se([r["test_acc"] - base[s]["test_acc"] for s, r in seeds.items() if s in base])
+            if kind in ("dendrites", "inert", "restart", "base"):
+                for label, arms_ in (("vs_width_frontier", frontier), ("vs_restart_frontier", restart)):
+                    gaps, extrapolated = [], 0
+                    for s, r in seeds.items():
+                        pts = front(arms_, s)
+                        if len(pts) >= 2:
+                            value, extra = interpolate(pts, r["params"])
+                            gaps.append(r["test_acc"] - value)
+                            extrapolated += extra
+                    stats[label] = (*_mean_se(gaps), extrapolated)
+            if kind == "dendrites":
+                inert = by_arm.get(f"{name}/inert", {})
+                stats["vs_inert"] = _mean_se(
+                    [r["test_acc"] - inert[s]["test_acc"] for s, r in seeds.items() if s in inert]
+                )
+            arms[name] = stats
+        out[bench] = arms
+    return out
+
+
+def _gap(stats: dict[str, Any], key: str) -> str:
+    if key not in stats:
+        return "–"
+    text = _pm(stats[key][:2], sign=True)
+    extra = stats[key][3] if len(stats[key]) > 3 else 0
+    return text + (f" ({extra} extrapolated)" if extra else "")
+
+
+def _order(name: str) -> tuple[int, int, str]:
+    if name == "base":
+        return (0, 0, name)
+    if name.startswith("restart@"):
+        return (2, int(name.split("@")[1]), name)
+    if name.startswith("width@"):
+        return (3, int(name.split("@")[1]), name)
+    return (1, 0, name)
+
+
+def _pm(t: Any, scale: float = 100.0, digits: int = 2, sign: bool = False) -> str:
+    if t is None or t[0] is None or (isinstance(t[0], float) and math.isnan(t[0])):
+        return "–"
+    mean, se = t[0] * scale, t[1] * scale
+    text = f"{mean:+.{digits}f}" if sign else f"{mean:.{digits}f}"
+    return text + ("" if math.isnan(se) else f" ± {se:.{digits}f}")
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The Markdown report, generated from the JSON alone."""
+    meta = results["meta"]
+    lines = [
+        "# Research harness: dendrites against their controls",
+        "",
+        "- commands (each adds the fits not already in `results.json`):",
+        *[f"  - `{c}`" for c in meta.get("commands", [meta["command"]])],
+        f"- last run: {meta['date']}; machine: {meta['machine']}, {meta['cpu_count']} CPUs, 1 torch thread",
+        f"- torch {meta['torch']}, python {meta['python']}; pb_lightning commits of the fits: "
+        + ", ".join(sorted({str(r.get("commit", meta["commit"])) for r in results["runs"]})),
+        f"- fits: {len(results['runs'])}; wall time of the fits {sum(r['wall_s'] for r in results['runs']):.0f} s"
+        + (
+            "; **quick mode** (fixed 2+1-epoch phases, 8 epochs: checks the pipeline, numbers mean nothing)"
+            if meta.get("quick")
+            else ""
+        ),
+        "",
+        "Test accuracy (%), mean ± standard error over seeds. Gaps are in accuracy points, computed per seed "
+        "and then averaged: *vs width frontier* / *vs restart frontier*: the arm's accuracy minus that seed's "
+        "plain (`width@W`) / restart-schedule (`restart@W`) networks interpolated in log(parameters) at the arm's "
+        "parameter count (`n` extrapolated: seeds outside the frontier's range); *vs inert*: minus its own inert "
+        "control (same cycles, dendrite output weights held at 0). Validation decides everything; test is "
+        "evaluated once per fit.",
+    ]
+    variants = meta.get("variant_notes", {})
+    if variants:
+        lines += ["", "Variants: " + "; ".join(f"`{k}`: {v}" for k, v in variants.items()) + "."]
+    for bench, arms in results["summary"].items():
+        limits = sorted({r["limit_train"] for r in results["runs"] if r["benchmark"] == bench and "limit_train" in r})
+        lines += [
+            "",
+            f"## {bench}" + (f" (training split subsampled to the first {limits[0]} examples)" if limits else ""),
+            "",
+            "| arm | width | params | test acc % | vs base | vs width frontier | vs restart frontier | vs inert "
+            "| D/layer | epochs | s/fit | seeds |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name in sorted(arms, key=_order):
+            s = arms[name]
+
+            lines.append(
+                f"| {name} | {s['width']} | {_pm(s['params'], 1, 0)} | {_pm(s['test_acc'])} | "
+                f"{_pm(s['vs_base'], sign=True) if name != 'base' else '–'} | {_gap(s, 'vs_width_frontier')} | "
+                f"{_gap(s, 'vs_restart_frontier')} | {_gap(s, 'vs_inert')} | {_pm(s['dendrites_per_layer'], 1, 1)} | "
+                f"{_pm(s['epochs'], 1, 0)} | {_pm(s['wall_s'], 1, 1)} | {len(s['seeds'])} |"
+            )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- main
+def _quiet() -> None:
+    for name in ("pb_lightning", "lightning", "lightning.pytorch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--benchmarks", nargs="+", default=None, help="benchmark names of accuracy.py")
+    parser.add_argument("--variants", nargs="+", default=["pb"], choices=sorted(VARIANTS), help="dendritic arms")
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--arms", nargs="+", default=None, help="only these arm names (default: all)")
+    parser.add_argument("--limit-train", type=int, default=None, help="subsample the training split")
+    parser.add_argument("--quick", action="store_true", help="smoke test: digits MLP-8, 2 seeds, short phases")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/research"))
+    parser.add_argument("--render", action="store_true", help="only regenerate OUT/results.md from results.json")
+    args = parser.parse_args(argv)
+    if args.render:
+        print(render_report(args.out, markdown))
+        return 0
+    _quiet()
+    torch.set_num_threads(1)
+    quick = args.quick
+    names = args.benchmarks or (["digits MLP-8"] if quick else ["MNIST-1D MLP-16", "MNIST-1D CNN-4"])
+    seeds = 2 if quick and "--seeds" not in (argv or sys.argv) else args.seeds
+    table = all_benches()
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        parser.error(f"unknown benchmarks {unknown}; valid: {sorted(table)}")
+    previous: dict[str, Any] = {}
+    if (args.out / "results.json").is_file() and not quick:
+        previous = json.loads((args.out / "results.json").read_text())
+    rows: list[dict[str, Any]] = list(previous.get("runs", []))
+    done = {(r["benchmark"], r["arm"], r["seed"]) for r in rows}
+    meta = run_meta(argv)
+    meta["quick"] = quick
+    commands = previous.get("meta", {}).get("commands", [])
+    meta["commands"] = [*commands, meta["command"]] if meta["command"] not in commands else commands
+    notes = previous.get("meta", {}).get("variant_notes", {})
+    meta["variant_notes"] = {**notes, **{v: VARIANTS[v].note for v in args.variants}}
+    start = time.perf_counter()
+    for name in names:
+        bench = table[name]
+        data = splits(bench, args.limit_train)
+        for seed in range(args.first_seed, args.first_seed + seeds):
+            for arm in arms_for(bench, args.variants, quick):
+                if (args.arms and arm.name not in args.arms) or (name, arm.name, seed) in done:
+                    continue
+                row = fit(bench, arm, seed, data, quick)
+                row["commit"] = meta["commit"]
+                if args.limit_train is not None:
+                    row["limit_train"] = args.limit_train
+                rows.append(row)
+                done.add((name, arm.name, seed))
+                print(
+                    f"{name:<22} {arm.name:<16} seed {seed}: test {row['test_acc']:.4f} params {row['params']:>6} "
+                    f"D {row['dendrites_per_layer']} epochs {row['epochs']:>4} {row['wall_s']:6.1f} s",
+                    flush=True,
+                )
+                save_report(args.out, {"meta": meta, "runs": rows, "summary": summarize(rows)}, markdown)
+    rendered = save_report(args.out, {"meta": meta, "runs": rows, "summary": summarize(rows)}, markdown)
+    print(rendered)
+    print(f"done in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,97 @@
+"""``benchmarks/research.py``: the quick run end to end, and the frontier arithmetic against a reference."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import run_benchmark
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+research = pytest.importorskip("research")
+
+
+def test_quick_run_fits_every_arm_and_renders_from_the_json(tmp_path: Path) -> None:
+    args = ("--quick", "--variants", "pb", "fan4-local", "--out", str(tmp_path))
+    result = run_benchmark("research.py", *args, timeout=120)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    arms = {r["arm"] for r in saved["runs"]}
+    expected = {"base", "pb", "pb/inert", "fan4-local", "fan4-local/inert", "restart@8", "restart@16", "width@12"}
+    assert expected | {"width@16", "width@24"} == arms
+    assert {r["seed"] for r in saved["runs"]} == {0, 1}
+    summary = saved["summary"]["digits MLP-8"]
+    for key in ("vs_width_frontier", "vs_restart_frontier", "vs_inert"):
+        assert math.isfinite(summary["pb"][key][0]), key
+    inert = [r for r in saved["runs"] if r["arm"] == "pb/inert"]
+    assert all(r["dendrites_per_layer"] >= 1 for r in inert)  # the control grew dendrites too
+    assert all(r["dendrites_per_layer"] == 0 for r in saved["runs"] if r["kind"] in ("base", "width", "restart"))
+
+    # A sparse set (each dendrite sees 4 inputs) costs less than a dense one (64, 8 and 8 inputs).
+    def per_set(arm: str) -> list[float]:
+        rows = [r for r in saved["runs"] if r["arm"] == arm and r["dendrites_per_layer"] > 0]
+        return [(r["params"] - 682) / r["dendrites_per_layer"] for r in rows]
+
+    assert per_set("fan4-local/inert")
+    assert max(per_set("fan4-local/inert")) < min(per_set("pb/inert"))
+    written = (tmp_path / "results.md").read_text()
+    (tmp_path / "results.md").unlink()
+    run_benchmark("research.py", "--render", "--out", str(tmp_path))
+    assert (tmp_path / "results.md").read_text() == written
+    assert "| pb/inert |" in written
+    assert written.strip() in result.stdout
+
+
+def test_the_frontier_is_interpolated_in_log_parameters() -> None:
+    points = [(400.0, 0.7), (100.0, 0.5), (1600.0, 0.8)]
+    # Halfway between 100 and 400 in log space is 200.
+    value, extrapolated = research.interpolate(points, 200.0)
+    assert value == pytest.approx(0.6)
+    assert not extrapolated
+    value, _ = research.interpolate(points, 800.0)
+    assert value == pytest.approx(0.75)
+    # Beyond the range: the end segment's slope (0.1 per factor 4), flagged.
+    value, extrapolated = research.interpolate(points, 6400.0)
+    assert value == pytest.approx(0.9)
+    assert extrapolated
+    value, extrapolated = research.interpolate(points, 25.0)
+    assert value == pytest.approx(0.3)
+    assert extrapolated
+
+
+def test_gaps_are_paired_by_seed() -> None:
+    def row(arm: str, kind: str, seed: int, acc: float, params: int) -> dict:
+        return {
+            "benchmark": "b",
+            "arm": arm,
+            "kind": kind,
+            "seed": seed,
+            "test_acc": acc,
+            "params": params,
+            "width": 1,
+            "epochs": 1,
+            "wall_s": 0.0,
+            "dendrites_per_layer": 0,
+            "accept_correlation": None,
+        }
+
+    rows = []
+    for seed, shift in ((0, 0.0), (1, 0.1)):
+        rows += [
+            row("base", "base", seed, 0.5 + shift, 100),
+            row("width@2", "width", seed, 0.7 + shift, 400),
+            row("restart@1", "restart", seed, 0.55 + shift, 100),
+            row("restart@2", "restart", seed, 0.75 + shift, 400),
+            row("pb", "dendrites", seed, 0.62 + shift, 200),
+            row("pb/inert", "inert", seed, 0.6 + shift, 200),
+        ]
+    pb = research.summarize(rows)["b"]["pb"]
+    # Each seed's frontier at 200 params is 0.6 + shift (width) and 0.65 + shift (restart).
+    assert pb["vs_width_frontier"][0] == pytest.approx(0.02)
+    assert pb["vs_width_frontier"][1] == pytest.approx(0.0, abs=1e-12)  # the same gap on both seeds
+    assert pb["vs_restart_frontier"][0] == pytest.approx(-0.03)
+    assert pb["vs_inert"][0] == pytest.approx(0.02)
+    assert pb["vs_base"][0] == pytest.approx(0.12)
