@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import pb_lightning as pb
 from pb_lightning.capacity import CapacityProbe
 from pb_lightning.layer import PerforatedLayer
+from tests.helpers import fast_trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
@@ -444,16 +445,7 @@ def _capacity_fit(model: pl.LightningModule, tmp_path: Path) -> pb.PerforatedCal
     ids, y = torch.randint(0, 10, (8, 5)), torch.randint(0, 2, (8,))
     loader = DataLoader(TensorDataset(ids, y), batch_size=4)
     callback = pb.PerforatedCallback("val_loss", "min", capacity_test=True)
-    trainer = pl.Trainer(
-        default_root_dir=tmp_path,
-        max_epochs=7,
-        callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    trainer = fast_trainer(tmp_path, [callback], max_epochs=7)
     trainer.fit(model, loader, loader)
     return callback
 

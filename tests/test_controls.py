@@ -18,6 +18,7 @@ from pb_lightning.controls import InertPerforatedLayer, is_inert, make_dendrites
 from pb_lightning.demo import DigitsDataModule, DigitsMLP
 from pb_lightning.errors import PerforationError
 from pb_lightning.schedule import RESTART, STOP, PhaseSchedule
+from tests.helpers import fast_trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
@@ -142,16 +143,7 @@ def test_the_callback_runs_the_restart_schedule_without_dendrites(tmp_path: Path
     pl.seed_everything(0)
     model = _Counting()
     callback = pb.PerforatedCallback("val_loss", "min", neuron_epochs=3, max_dendrites=2, restarts_only=True)
-    trainer = pl.Trainer(
-        default_root_dir=tmp_path,
-        max_epochs=30,
-        callbacks=[callback],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-    )
+    trainer = fast_trainer(tmp_path, [callback], max_epochs=30)
     trainer.fit(model, DigitsDataModule())
     history = callback.machine.state.history
     actions = [h["action"] for h in history if h["action"] != "continue"]

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import pb_lightning as pb
+from tests.helpers import fast_trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
@@ -285,17 +286,7 @@ def test_the_capacity_test_inside_fit_accepts_dendrites_and_finds_no_problem(nam
         target = torch.randn_like(copy.deepcopy(model.net).eval()(*inputs))
     loader = DataLoader(TensorDataset(*inputs, target), batch_size=B // 2)
     callback = pb.PerforatedCallback("val_loss", "min", capacity_test=True)
-    trainer = pl.Trainer(
-        default_root_dir=tmp_path,
-        max_epochs=7,
-        callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=1,
-    )
+    trainer = fast_trainer(tmp_path, [callback], max_epochs=7, limit_val_batches=1)
     trainer.fit(model, loader, loader)
     assert callback.capacity_problems == []
     assert all(layer.num_dendrites >= 1 for layer in model.perforated_layers())
