@@ -50,7 +50,7 @@ LARGE_SIZES = (784, 512, 512, 10)
 
 # ---------------------------------------------------------------------------- shared pieces
 def digits_splits(seed: int = 0) -> dict[str, tuple[Tensor, Tensor]]:
-    """scikit-learn's digits split 60/20/20 exactly as ``pb_lightning.demo.DigitsDataModule`` does.
+    """scikit-learn's digits split 60/20/20 exactly as ``pb_lightning.demos.digits.DigitsDataModule`` does.
 
     The split logic is repeated here (not imported) because this worker cannot import
     ``pb_lightning``; the orchestrator checks that both give the same split.

@@ -78,7 +78,7 @@ import torch  # noqa: E402
 from machine import run_meta  # noqa: E402
 
 from pb_lightning import DendriteConfig, PerforatedCallback  # noqa: E402
-from pb_lightning.report import parameter_counts  # noqa: E402
+from pb_lightning.engine.params import parameter_counts  # noqa: E402
 
 VARIANTS = ("base", "pb", "grad", "wide")
 DENDRITIC = ("pb", "grad")

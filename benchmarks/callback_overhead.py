@@ -39,7 +39,7 @@ import torch  # noqa: E402
 from machine import render_report, run_meta, save_report  # noqa: E402
 
 import pb_lightning as pb  # noqa: E402
-from pb_lightning.demo import DigitsDataModule, DigitsMLP  # noqa: E402
+from pb_lightning.demos.digits import DigitsDataModule, DigitsMLP  # noqa: E402
 
 _HOOKS = (
     "on_fit_start",

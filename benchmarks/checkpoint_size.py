@@ -36,7 +36,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from machine import render_report, run_meta, save_report  # noqa: E402
 
 import pb_lightning as pb  # noqa: E402
-from pb_lightning.demo import DigitsDataModule, DigitsMLP  # noqa: E402
+from pb_lightning.demos.digits import DigitsDataModule, DigitsMLP  # noqa: E402
 
 
 class _HeldMemory(pl.Callback):

@@ -71,7 +71,7 @@ Sparse dendrites (``--fan-in K``)
 --------------------------------
 With ``--fan-in K`` (or a list such as ``16,4``) every layer's dendrites see ``K`` inputs
 (``fan_in_mode="random"``; a layer with fewer inputs sees all of them). A sparse bank can run its one fused op two ways
-(:class:`~pb_lightning.banks.SparseBank`): ``masked`` scatters the compact weights into a dense zero
+(:class:`~pb_lightning.engine.sparse_banks.SparseBank`): ``masked`` scatters the compact weights into a dense zero
 weight and runs the dense op; ``gather`` gathers each dendrite's K inputs and contracts them in one
 batched multiply (Linear: an einsum; Conv: a grouped conv with a group per dendrite). For a
 neuron-phase model (D accepted sets) and a dendrite-phase model (D accepted, K candidates), the two
@@ -130,8 +130,8 @@ from _reference_worker import median_step as _time_block  # noqa: E402
 from machine import render_report, run_meta, save_report  # noqa: E402
 
 import pb_lightning as pb  # noqa: E402
-from pb_lightning.banks import SparseBank, fan_in_inputs  # noqa: E402
-from pb_lightning.layer import CandidatePool  # noqa: E402
+from pb_lightning.engine.candidates import CandidatePool  # noqa: E402
+from pb_lightning.engine.sparse_banks import SparseBank, fan_in_inputs  # noqa: E402
 
 #: Targets of the issue: measured/ideal time ratio, and the wrapper's overhead at D = 0.
 _IDEAL_FACTOR = 1.25

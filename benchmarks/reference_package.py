@@ -17,7 +17,7 @@ What it does
    reused. If the installation fails (no registry, no wheel for this Python) the script prints a
    ``skipped: <reason>`` line and exits 0: a smoke test must not fail because a registry is down.
 2. **Training.** The digits MLP of ``configs/digits.yaml`` (64-8-8-10, Adam lr 0.01, batch 64,
-   the 60/20/20 split of ``pb_lightning.demo.DigitsDataModule``) is trained
+   the 60/20/20 split of ``pb_lightning.demos.digits.DigitsDataModule``) is trained
 
    * with ``perforatedai``'s free version (gradient-descent dendrites) by a worker script,
      ``_reference_worker.py``, run with the reference environment's Python, stdin closed and a
@@ -188,7 +188,7 @@ def train_pb_lightning(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     """The digits job of ``configs/digits.yaml`` without logger or checkpoints, timed."""
     import lightning.pytorch as pl
 
-    from pb_lightning.demo import DigitsDataModule, DigitsMLP
+    from pb_lightning.demos.digits import DigitsDataModule, DigitsMLP
 
     _quiet_lightning()
     torch.set_num_threads(args.threads)
@@ -472,7 +472,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     common += [f"--batch-size={args.batch_size}", f"--split-seed={args.split_seed}"]
 
     # The two packages must see the same data: compare the split with pb_lightning's own.
-    from pb_lightning.demo import DigitsDataModule
+    from pb_lightning.demos.digits import DigitsDataModule
 
     dm = DigitsDataModule(seed=args.split_seed)
     dm.setup()

@@ -19,7 +19,7 @@ and the same batch order):
 * ``<variant>`` (``pb`` and every name given to ``--variants``, see :data:`VARIANTS`): dendrites
   with that :class:`~pb_lightning.DendriteConfig` (and schedule) override; ``pb`` is the default
   dense configuration.
-* ``<variant>/inert``: the same run with :func:`pb_lightning.controls.make_dendrites_inert` —
+* ``<variant>/inert``: the same run with :func:`pb_lightning.engine.controls.make_dendrites_inert` —
   identical cycles, dendrite phases and rollbacks, but every accepted dendrite's output weight is
   held at 0, so the dendrites cannot change the function. It isolates what the dendrites add from
   what the schedule adds.
@@ -68,7 +68,7 @@ from torch import Tensor, nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from pb_lightning import DendriteConfig, PerforatedTracker, PhaseSchedule, parameter_counts  # noqa: E402
-from pb_lightning.controls import make_dendrites_inert  # noqa: E402
+from pb_lightning.engine.controls import make_dendrites_inert  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
 
 import pb_lightning as pb
-from pb_lightning.demo import DigitsConvNet, DigitsDataModule
+from pb_lightning.demos.digits import DigitsConvNet, DigitsDataModule
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

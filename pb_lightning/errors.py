@@ -7,6 +7,8 @@ the argument, the value it got and what would have been valid.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Any
 
 
@@ -21,3 +23,26 @@ def invalid(argument: str, value: Any, valid: str) -> PerforationError:
     ``argument`` and ``valid`` without depending on punctuation.
     """
     return PerforationError(f"`{argument}` must be {valid}; got {value!r}.")
+
+
+def check_int(argument: str, value: object, *, minimum: int) -> None:
+    """Raise unless ``value`` is an int ``>= minimum``.
+
+    ``bool`` is an ``int`` subclass, but ``True`` as a pool size or a patience is almost certainly a
+    mistake, so it is rejected.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise invalid(argument, value, f"an int >= {minimum}")
+
+
+def check_choice(argument: str, value: object, choices: tuple[str, ...]) -> None:
+    """Raise unless ``value`` is one of ``choices``, listing them in the message."""
+    if value not in choices:
+        raise invalid(argument, value, "one of " + ", ".join(repr(c) for c in choices))
+
+
+def check_float(argument: str, value: object, valid: str, ok: Callable[[float], bool]) -> None:
+    """Raise ``invalid(argument, value, valid)`` unless ``value`` is a finite real number (not a bool)
+    for which ``ok`` holds."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+        raise invalid(argument, value, valid)

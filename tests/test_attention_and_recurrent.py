@@ -19,8 +19,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import pb_lightning as pb
-from pb_lightning.capacity import CapacityProbe
-from pb_lightning.layer import PerforatedLayer
+from pb_lightning.cycle.capacity import CapacityProbe
+from pb_lightning.engine.layer import PerforatedLayer
 from tests.helpers import fast_trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
@@ -87,7 +87,7 @@ _MHA_SETTINGS = {
 @pytest.mark.parametrize("setting", list(_MHA_SETTINGS))
 @pytest.mark.parametrize("mode", ["train", "eval + no_grad"])
 def test_the_converted_attention_computes_what_torch_computes(setting: str, mode: str) -> None:
-    from pb_lightning.attention import PerforatableMultiheadAttention
+    from pb_lightning.engine.attention import PerforatableMultiheadAttention
 
     options, call = _MHA_SETTINGS[setting]
     original = nn.MultiheadAttention(8, 2, **options)
@@ -127,7 +127,7 @@ def test_the_converted_attention_computes_what_torch_computes(setting: str, mode
 
 @pytest.mark.parametrize("options", [{}, {"kdim": 6, "vdim": 5}])
 def test_a_state_dict_of_the_unconverted_attention_still_loads(options: dict[str, int]) -> None:
-    from pb_lightning.attention import PerforatableMultiheadAttention
+    from pb_lightning.engine.attention import PerforatableMultiheadAttention
 
     original = nn.MultiheadAttention(8, 2, **options)
     converted = nn.MultiheadAttention(8, 2, **options)  # other weights
@@ -143,7 +143,7 @@ def test_a_state_dict_of_the_unconverted_attention_still_loads(options: dict[str
 
 
 def test_an_encoder_over_converted_layers_keeps_its_outputs_and_skips_nested_tensors() -> None:
-    from pb_lightning.attention import PerforatableTransformerEncoderLayer
+    from pb_lightning.engine.attention import PerforatableTransformerEncoderLayer
 
     layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
     original = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True)
@@ -391,7 +391,7 @@ def test_a_module_vmap_cannot_batch_runs_its_copies_one_after_another(caplog: An
     model = nn.Sequential(_Wrapped(), nn.Linear(6, 2))
     pb.perforate(model, include=[_Wrapped], neuron_axes={_Wrapped: -1})
     x = torch.randn(3, 5, 4)
-    with caplog.at_level(logging.INFO, logger="pb_lightning.banks"):
+    with caplog.at_level(logging.INFO, logger="pb_lightning.engine.banks"):
         _grow(model, x)
         model(x).sum().backward()
         model.eval()

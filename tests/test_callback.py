@@ -12,8 +12,8 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.demos.boring_classes import BoringModel
 
 import pb_lightning as pb
-from pb_lightning.demo import DigitsDataModule, DigitsMLP
-from pb_lightning.schedule import ACCEPT, START_DENDRITE_PHASE, STOP
+from pb_lightning.cycle.machine import ACCEPT, START_DENDRITE_PHASE, STOP
+from pb_lightning.demos.digits import DigitsDataModule, DigitsMLP
 from tests.helpers import fast_trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")

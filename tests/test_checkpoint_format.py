@@ -13,10 +13,11 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 import pb_lightning as pb
-from pb_lightning.controller import CycleController
-from pb_lightning.demo import DigitsDataModule, DigitsMLP
-from pb_lightning.module import CHECKPOINT_VERSION
-from pb_lightning.schedule import PhaseMachine, PhaseSchedule
+from pb_lightning.cycle.controller import CycleController
+from pb_lightning.cycle.machine import PhaseMachine
+from pb_lightning.cycle.schedule import PhaseSchedule
+from pb_lightning.demos.digits import DigitsDataModule, DigitsMLP
+from pb_lightning.lightning.module import CHECKPOINT_VERSION
 from tests.helpers import fast_trainer
 
 _FIXTURES = Path(__file__).resolve().parent / "fixtures"

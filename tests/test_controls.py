@@ -14,10 +14,11 @@ from torch import nn
 from torch.nn import functional as F
 
 import pb_lightning as pb
-from pb_lightning.controls import InertPerforatedLayer, is_inert, make_dendrites_inert
-from pb_lightning.demo import DigitsDataModule, DigitsMLP
+from pb_lightning.cycle.machine import RESTART, STOP
+from pb_lightning.cycle.schedule import PhaseSchedule
+from pb_lightning.demos.digits import DigitsDataModule, DigitsMLP
+from pb_lightning.engine.controls import InertPerforatedLayer, is_inert, make_dendrites_inert
 from pb_lightning.errors import PerforationError
-from pb_lightning.schedule import RESTART, STOP, PhaseSchedule
 from tests.helpers import fast_trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
@@ -118,7 +119,7 @@ def test_the_inert_control_is_explicit_and_loud(caplog: Any) -> None:
         make_dendrites_inert(grown)
     model = pb.perforate(_net())
     assert not is_inert(model)
-    with caplog.at_level(logging.WARNING, logger="pb_lightning.controls"):
+    with caplog.at_level(logging.WARNING, logger="pb_lightning.engine.controls"):
         make_dendrites_inert(model)
     assert "INERT CONTROL" in caplog.text
     assert is_inert(model)

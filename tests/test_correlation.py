@@ -4,7 +4,7 @@ The package hands the candidates ``−∂J/∂V`` from inside the ordinary backw
 autograd function at the layer output). That is easy to get subtly wrong — a wrong sign, a mean
 taken over the wrong axis, statistics updated after instead of before the gradient, a loss scale
 applied twice — and none of those mistakes crash. So these tests rebuild the objective of
-:mod:`pb_lightning.correlation` from its definition, using only the model's public tensors as
+:mod:`pb_lightning.engine.correlation` from its definition, using only the model's public tensors as
 inputs, and compare gradients, running moments, scores and snapshots with what the package did.
 The last tests check that the learning actually helps on a task where the residual is learnable.
 """
@@ -33,7 +33,7 @@ from pb_lightning import (
     start_dendrite_phase,
     trainable_parameters,
 )
-from pb_lightning.correlation import CorrelationStatistics, batch_moments
+from pb_lightning.engine.correlation import CorrelationStatistics, batch_moments
 
 _F: dict[str, Callable[[Tensor], Tensor]] = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu}
 _NORMALIZATIONS = ("raw", "error_energy", "pearson")

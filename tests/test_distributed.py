@@ -14,9 +14,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import pb_lightning as pb
-from pb_lightning.correlation import CorrelationStatistics
-from pb_lightning.demo import DigitsDataModule, DigitsMLP
-from pb_lightning.schedule import ACCEPT
+from pb_lightning.cycle.machine import ACCEPT
+from pb_lightning.demos.digits import DigitsDataModule, DigitsMLP
+from pb_lightning.engine.correlation import CorrelationStatistics
 
 _SCRIPT = Path(__file__).resolve().parent / "scripts" / "ddp_cycle.py"
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")

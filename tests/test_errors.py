@@ -19,8 +19,8 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 from torch import nn
 
 import pb_lightning as pb
-from pb_lightning.cli import main as cli_main
-from pb_lightning.demo import DigitsDataModule, DigitsMLP
+from pb_lightning.demos.digits import DigitsDataModule, DigitsMLP
+from pb_lightning.lightning.cli import main as cli_main
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 _REPO = Path(__file__).resolve().parents[1]

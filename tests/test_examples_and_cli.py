@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from pb_lightning.cli import main
+from pb_lightning.lightning.cli import main
 
 _REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")

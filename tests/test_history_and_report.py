@@ -12,10 +12,10 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import pb_lightning as pb
-from pb_lightning import recorder
-from pb_lightning.cli import console
-from pb_lightning.demo import DigitsDataModule, DigitsMLP
-from pb_lightning.history import final_report, load_history
+from pb_lightning.demos.digits import DigitsDataModule, DigitsMLP
+from pb_lightning.lightning import recorder
+from pb_lightning.lightning.cli import console
+from pb_lightning.reporting.history import final_report, load_history
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 

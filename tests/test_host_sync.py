@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import pb_lightning as pb
-from pb_lightning.layer import PerforatedLayer
+from pb_lightning.engine.layer import PerforatedLayer
 
 _READS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist")
 

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.plugins import MixedPrecision
 
 import pb_lightning as pb
-from pb_lightning.demo import DigitsDataModule, DigitsMLP
+from pb_lightning.demos.digits import DigitsDataModule, DigitsMLP
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 

@@ -8,7 +8,8 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pb_lightning.schedule import RETRY, START_DENDRITE_PHASE, STOP, PhaseMachine, PhaseSchedule
+from pb_lightning.cycle.machine import RETRY, START_DENDRITE_PHASE, STOP, PhaseMachine
+from pb_lightning.cycle.schedule import PhaseSchedule
 
 scores = st.one_of(
     st.floats(min_value=-10, max_value=10, allow_nan=False),

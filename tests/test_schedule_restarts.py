@@ -6,8 +6,7 @@ import random
 
 import pytest
 
-from pb_lightning.errors import PerforationError
-from pb_lightning.schedule import (
+from pb_lightning.cycle.machine import (
     ACCEPT,
     CONTINUE,
     RESTART,
@@ -17,8 +16,9 @@ from pb_lightning.schedule import (
     START_DENDRITE_PHASE,
     STOP,
     PhaseMachine,
-    PhaseSchedule,
 )
+from pb_lightning.cycle.schedule import PhaseSchedule
+from pb_lightning.errors import PerforationError
 
 
 def _machine(**kwargs: object) -> PhaseMachine:

@@ -4,7 +4,7 @@ A sparse dendrite set stores compact weights ``weight [D, out, k, *kernel]`` and
 connect to, ``index [D, out, k]``. The reference below scatters them into a dense zero weight one
 connection at a time (Python loops, no vectorised indexing), runs one ``F.linear``/``F.convNd`` per
 set and rebuilds the layer's output ``y + Σ_d w_d f(z_d + Σ_{e<d} c_{d,e} a_e)`` one dendrite at a
-time. Both fused strategies of :class:`~pb_lightning.banks.SparseBank` must agree with it in the
+time. Both fused strategies of :class:`~pb_lightning.engine.sparse_banks.SparseBank` must agree with it in the
 forward pass and in every gradient (input, compact weights, bias).
 """
 
@@ -23,8 +23,8 @@ from torch import Tensor, nn
 
 import pb_lightning as pb
 from pb_lightning import DendriteConfig, PerforatedLayer, PerforationError
-from pb_lightning.banks import SparseBank
-from pb_lightning.layer import _ACTIVATIONS
+from pb_lightning.engine.cascade import _ACTIVATIONS
+from pb_lightning.engine.sparse_banks import SparseBank
 
 _MODES = ("local", "random", "learned")
 _STRATEGIES = ("masked", "gather", "auto")

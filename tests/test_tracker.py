@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import pb_lightning as pb
-from pb_lightning.demo import DigitsDataModule, DigitsMLP
+from pb_lightning.demos.digits import DigitsDataModule, DigitsMLP
 
 _REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")

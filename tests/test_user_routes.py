@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 import pb_lightning as pb
-from pb_lightning.demo import DigitsDataModule, DigitsMLP
+from pb_lightning.demos.digits import DigitsDataModule, DigitsMLP
 from tests.helpers import fast_trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -420,7 +420,7 @@ def test_optimizer_state_is_checked_early(bad: Any) -> None:
 
 
 def test_the_carrier_starts_a_replaced_parameter_fresh_and_continues_reduce_on_plateau() -> None:
-    from pb_lightning.optimizer_state import OptimizerStateCarrier
+    from pb_lightning.engine.optimizer_state import OptimizerStateCarrier
 
     torch.manual_seed(0)
     model = nn.Linear(3, 2)
@@ -628,9 +628,9 @@ def test_neuron_axes_and_output_selectors_keyed_by_type_survive_a_weights_only_c
 
 def test_the_tracker_shows_what_it_perforated_and_skipped(caplog: pytest.LogCaptureFixture) -> None:
     model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 3), nn.LayerNorm(3))
-    with caplog.at_level(logging.INFO, logger="pb_lightning.tracker"):
+    with caplog.at_level(logging.INFO, logger="pb_lightning.loops.tracker"):
         pb.PerforatedTracker("max").initialize(model)
-    summary = "\n".join(r.getMessage() for r in caplog.records if r.name == "pb_lightning.tracker")
+    summary = "\n".join(r.getMessage() for r in caplog.records if r.name == "pb_lightning.loops.tracker")
     assert "1 perforated module" in summary
     assert "embedding" in summary
     assert "normalisation layer" in summary

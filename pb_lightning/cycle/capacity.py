@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pb_lightning.convert import perforated_layers
-from pb_lightning.phases import load_perforation_state, perforation_state
+from pb_lightning.engine.convert import perforated_layers
+from pb_lightning.engine.state import load_perforation_state, perforation_state
 
 CAPACITY_TEST_DENDRITES = 3
 

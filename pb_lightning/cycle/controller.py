@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pb_lightning.phases import accept_dendrites, candidate_scores, discard_candidates, in_dendrite_phase
-from pb_lightning.phases import start_dendrite_phase as start_phase
-from pb_lightning.schedule import ACCEPT, RESTORE_GLOBAL_BEST, RETRY, START_DENDRITE_PHASE, Decision, PhaseMachine
+from pb_lightning.cycle.machine import ACCEPT, RESTORE_GLOBAL_BEST, RETRY, START_DENDRITE_PHASE, Decision, PhaseMachine
+from pb_lightning.engine.transitions import accept_dendrites, candidate_scores, discard_candidates, in_dendrite_phase
+from pb_lightning.engine.transitions import start_dendrite_phase as start_phase
 
 
 def snapshot(model: nn.Module) -> dict[str, Tensor]:
@@ -39,7 +39,7 @@ def mean_candidate_score(model: nn.Module) -> float | None:
 
 
 class CycleController:
-    """Applies :class:`~pb_lightning.schedule.Decision`\\ s to a perforated model.
+    """Applies :class:`~pb_lightning.cycle.machine.Decision`\\ s to a perforated model.
 
     It keeps the two weight snapshots the decisions refer to — the best validation point of the
     current neuron phase and the global best — and restores them when asked. Restoring a

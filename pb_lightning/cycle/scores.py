@@ -4,7 +4,7 @@ Shared by the Lightning callback and the plain-PyTorch tracker so that both trea
 the same way: a value that is not a real number is a caller's mistake and is refused with an
 error naming ``score``; a NaN or infinite score is a training problem (a diverged loss, an empty
 metric) and is reported, then counted as "no improvement" — the phase machine never takes it as
-a new best (see :meth:`~pb_lightning.schedule.PhaseMachine.is_improvement`).
+a new best (see :meth:`~pb_lightning.cycle.machine.PhaseMachine.is_improvement`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Ready-made models and data for the main job, the examples and the tests.
 
 scikit-learn's handwritten digits (1,797 8×8 images, bundled with scikit-learn, no download)
-with an MLP and a small conv net, both :class:`~pb_lightning.module.PerforatedModule`\\ s.
+with an MLP and a small conv net, both :class:`~pb_lightning.lightning.module.PerforatedModule`\\ s.
 scikit-learn is imported only when the data is set up (``pip install pb_lightning[examples]``).
 """
 
@@ -16,9 +16,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from pb_lightning.config import DendriteConfig
+from pb_lightning.engine.config import DendriteConfig
 from pb_lightning.errors import invalid
-from pb_lightning.module import PerforatedModule
+from pb_lightning.lightning.module import PerforatedModule
 
 
 class DigitsDataModule(pl.LightningDataModule):

@@ -3,7 +3,7 @@
 ``nn.MultiheadAttention`` never calls its projections: it passes the packed ``in_proj_weight``
 and ``out_proj.weight`` to a functional kernel. ``nn.TransformerEncoderLayer`` does the same with
 ``linear1``/``linear2`` on its "fast path" (eval mode, no gradients, the usual settings — exactly
-a validation loop). A :class:`~pb_lightning.layer.PerforatedLayer` around any of these modules
+a validation loop). A :class:`~pb_lightning.engine.layer.PerforatedLayer` around any of these modules
 would learn in training and be bypassed in validation and deployment.
 
 :func:`prepare_attention` therefore changes, in place and before wrapping, the class of each such

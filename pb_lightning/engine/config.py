@@ -8,12 +8,11 @@ process can use different settings, and a LightningCLI YAML maps onto the fields
 from __future__ import annotations
 
 import fnmatch
-import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
-from pb_lightning.errors import PerforationError, invalid
+from pb_lightning.errors import PerforationError, check_choice, check_float, check_int, invalid
 
 Activation = Literal["sigmoid", "tanh", "relu"]
 Learning = Literal["correlation", "gradient"]
@@ -115,17 +114,19 @@ class DendriteConfig:
     overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _check_int("num_candidates", self.num_candidates, minimum=1)
-        _check_choice("activation", self.activation, _ACTIVATIONS)
-        _check_choice("learning", self.learning, _LEARNINGS)
-        _check_choice("normalization", self.normalization, _NORMALIZATIONS)
+        check_int("DendriteConfig.num_candidates", self.num_candidates, minimum=1)
+        check_choice("DendriteConfig.activation", self.activation, _ACTIVATIONS)
+        check_choice("DendriteConfig.learning", self.learning, _LEARNINGS)
+        check_choice("DendriteConfig.normalization", self.normalization, _NORMALIZATIONS)
         for name in ("perforation", "cascade", "train_accepted_dendrites"):
             if not isinstance(getattr(self, name), bool):
                 raise invalid(f"DendriteConfig.{name}", getattr(self, name), "a bool")
-        _check_float("init_scale", self.init_scale, "a finite float > 0", lambda v: v > 0)
-        _check_float("statistics_momentum", self.statistics_momentum, "a float in [0, 1)", lambda v: 0 <= v < 1)
-        _check_int("warmup_steps", self.warmup_steps, minimum=0)
-        _check_float("eps", self.eps, "a finite float > 0", lambda v: v > 0)
+        check_float("DendriteConfig.init_scale", self.init_scale, "a finite float > 0", lambda v: v > 0)
+        check_float(
+            "DendriteConfig.statistics_momentum", self.statistics_momentum, "a float in [0, 1)", lambda v: 0 <= v < 1
+        )
+        check_int("DendriteConfig.warmup_steps", self.warmup_steps, minimum=0)
+        check_float("DendriteConfig.eps", self.eps, "a finite float > 0", lambda v: v > 0)
         if self.learning == "gradient" and self.num_candidates != 1:
             raise invalid(
                 "DendriteConfig.num_candidates",
@@ -134,8 +135,8 @@ class DendriteConfig:
                 "output, so there is no pool to choose from); use learning='correlation' for a pool",
             )
         if self.fan_in is not None:
-            _check_int("fan_in", self.fan_in, minimum=1)
-        _check_choice("fan_in_mode", self.fan_in_mode, _FAN_IN_MODES)
+            check_int("DendriteConfig.fan_in", self.fan_in, minimum=1)
+        check_choice("DendriteConfig.fan_in_mode", self.fan_in_mode, _FAN_IN_MODES)
         if isinstance(self.fan_in_seed, bool) or not isinstance(self.fan_in_seed, int):
             raise invalid("DendriteConfig.fan_in_seed", self.fan_in_seed, "an int")
         if self.fan_in is not None and self.fan_in_mode == "learned" and self.learning == "gradient":
@@ -190,19 +191,3 @@ class DendriteConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form, for checkpoints and loggers' hyperparameters."""
         return asdict(self)
-
-
-def _check_int(name: str, value: object, *, minimum: int) -> None:
-    # bool is an int subclass; True as a pool size is almost certainly a mistake.
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise invalid(f"DendriteConfig.{name}", value, f"an int >= {minimum}")
-
-
-def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise invalid(f"DendriteConfig.{name}", value, "one of " + ", ".join(repr(c) for c in choices))
-
-
-def _check_float(name: str, value: object, valid: str, ok: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
-        raise invalid(f"DendriteConfig.{name}", value, valid)

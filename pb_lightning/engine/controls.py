@@ -10,7 +10,7 @@ optimizer and retries when it does not improve). To separate the two, a benchmar
   the same rollbacks, but every accepted dendrite's output weight ``w`` is held at exactly 0 and
   never trained, so the dendrites cannot change the network's function. Whatever an inert run
   gains over the baseline is the schedule's doing, not the dendrites'.
-* ``PhaseSchedule(restarts_only=True)`` (:mod:`pb_lightning.schedule`) — the plain network put
+* ``PhaseSchedule(restarts_only=True)`` (:mod:`pb_lightning.cycle.schedule`) — the plain network put
   through the restart schedule without any dendrite phase.
 
 An inert model is useless in practice, so this switch is deliberately not a
@@ -26,9 +26,9 @@ import logging
 import torch
 from torch import nn
 
-from pb_lightning.convert import perforated_layers
+from pb_lightning.engine.convert import perforated_layers
+from pb_lightning.engine.layer import PerforatedLayer
 from pb_lightning.errors import PerforationError
-from pb_lightning.layer import PerforatedLayer
 
 log = logging.getLogger(__name__)
 

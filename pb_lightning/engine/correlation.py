@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from pb_lightning.config import DendriteConfig
+from pb_lightning.engine.config import DendriteConfig
 
 log = logging.getLogger(__name__)
 

@@ -7,15 +7,17 @@ from typing import Any
 
 from torch import nn
 
-from pb_lightning.banks import DendriteBank
-from pb_lightning.convert import perforated_layers
-from pb_lightning.layer import PerforatedLayer, accepted_activations, add_weighted, replace_output, select_output
+from pb_lightning.engine.banks import DendriteBank
+from pb_lightning.engine.cascade import accepted_activations, add_weighted
+from pb_lightning.engine.convert import perforated_layers
+from pb_lightning.engine.layer import PerforatedLayer
+from pb_lightning.engine.outputs import replace_output, select_output
 
 
 class DendriteInferenceLayer(nn.Module):
     """A module plus its accepted dendrites, for deployment.
 
-    It computes exactly what the trained :class:`~pb_lightning.layer.PerforatedLayer` computes in
+    It computes exactly what the trained :class:`~pb_lightning.engine.layer.PerforatedLayer` computes in
     its neuron phase, with the same fused operation for all dendrites, and holds nothing else: no
     candidates, no statistics, no autograd hooks, no frozen-flag bookkeeping.
 

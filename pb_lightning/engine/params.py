@@ -1,10 +1,70 @@
-"""Parameter counts split the way the compression use needs them (ALGORITHM.md §6)."""
+"""Parameters by role: what the current phase trains, optimizer groups, and counts (ALGORITHM.md §6)."""
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 from torch import nn
 
-from pb_lightning.convert import perforated_layers
+from pb_lightning.engine.convert import perforated_layers
+
+log = logging.getLogger(__name__)
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters the current phase trains (``requires_grad``), without duplicates."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def parameter_groups(
+    model: nn.Module, *, weight_decay: float = 0.0, candidate_lr: float | None = None
+) -> list[dict[str, Any]]:
+    """Optimizer parameter groups for the current phase, each named by its ``"name"`` key.
+
+    * ``"network"``: the original weights (neuron phase).
+    * ``"dendrite_output_weights"``: the ``w`` of accepted dendrites, always with weight decay 0
+      — decay would hold freshly accepted dendrites at their initial ``w = 0`` (ALGORITHM.md §9).
+    * ``"dendrites"``: accepted dendrite weights, if configured to keep training.
+    * ``"candidates"``: the candidate pool (dendrite phase), with ``lr=candidate_lr`` if given.
+
+    Only trainable parameters appear, every one exactly once; empty groups are left out.
+
+    Example::
+
+        >>> import torch
+        >>> from pb_lightning import perforate
+        >>> net = perforate(torch.nn.Sequential(torch.nn.Linear(4, 2)))
+        >>> opt = torch.optim.AdamW(parameter_groups(net, weight_decay=0.01), lr=1e-3)
+        >>> [g["name"] for g in opt.param_groups]
+        ['network']
+    """
+    layers = perforated_layers(model)
+    output_ids = {id(layer.output_weight) for layer in layers if layer.output_weight is not None}
+    candidate_ids = {id(p) for layer in layers if layer.candidates is not None for p in layer.candidates.parameters()}
+    dendrite_ids = {id(p) for layer in layers for p in layer.dendrite_parameters()} - output_ids
+    groups: dict[str, list[nn.Parameter]] = {
+        "network": [],
+        "dendrite_output_weights": [],
+        "dendrites": [],
+        "candidates": [],
+    }
+    for p in trainable_parameters(model):
+        if id(p) in output_ids:
+            groups["dendrite_output_weights"].append(p)
+        elif id(p) in candidate_ids:
+            groups["candidates"].append(p)
+        elif id(p) in dendrite_ids:
+            groups["dendrites"].append(p)
+        else:
+            groups["network"].append(p)
+    options: dict[str, dict[str, Any]] = {
+        "network": {"weight_decay": weight_decay},
+        "dendrite_output_weights": {"weight_decay": 0.0},
+        "dendrites": {"weight_decay": weight_decay},
+        "candidates": {"weight_decay": weight_decay} | ({} if candidate_lr is None else {"lr": candidate_lr}),
+    }
+    return [{"name": name, "params": params, **options[name]} for name, params in groups.items() if params]
+
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:

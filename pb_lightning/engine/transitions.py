@@ -18,9 +18,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from pb_lightning.convert import perforated_layers
+from pb_lightning.engine.convert import perforated_layers
+from pb_lightning.engine.layer import PerforatedLayer
 from pb_lightning.errors import PerforationError
-from pb_lightning.layer import PerforatedLayer
 
 log = logging.getLogger(__name__)
 
@@ -184,88 +184,3 @@ def set_statistics_group(model: nn.Module, group: Any) -> None:
         layer.statistics_group = group
         if layer.candidates is not None:
             layer.candidates.statistics.process_group = group
-
-
-def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters the current phase trains (``requires_grad``), without duplicates."""
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def parameter_groups(
-    model: nn.Module, *, weight_decay: float = 0.0, candidate_lr: float | None = None
-) -> list[dict[str, Any]]:
-    """Optimizer parameter groups for the current phase, each named by its ``"name"`` key.
-
-    * ``"network"``: the original weights (neuron phase).
-    * ``"dendrite_output_weights"``: the ``w`` of accepted dendrites, always with weight decay 0
-      — decay would hold freshly accepted dendrites at their initial ``w = 0`` (ALGORITHM.md §9).
-    * ``"dendrites"``: accepted dendrite weights, if configured to keep training.
-    * ``"candidates"``: the candidate pool (dendrite phase), with ``lr=candidate_lr`` if given.
-
-    Only trainable parameters appear, every one exactly once; empty groups are left out.
-
-    Example::
-
-        >>> import torch
-        >>> from pb_lightning import perforate
-        >>> net = perforate(torch.nn.Sequential(torch.nn.Linear(4, 2)))
-        >>> opt = torch.optim.AdamW(parameter_groups(net, weight_decay=0.01), lr=1e-3)
-        >>> [g["name"] for g in opt.param_groups]
-        ['network']
-    """
-    layers = perforated_layers(model)
-    output_ids = {id(layer.output_weight) for layer in layers if layer.output_weight is not None}
-    candidate_ids = {id(p) for layer in layers if layer.candidates is not None for p in layer.candidates.parameters()}
-    dendrite_ids = {id(p) for layer in layers for p in layer.dendrite_parameters()} - output_ids
-    groups: dict[str, list[nn.Parameter]] = {
-        "network": [],
-        "dendrite_output_weights": [],
-        "dendrites": [],
-        "candidates": [],
-    }
-    for p in trainable_parameters(model):
-        if id(p) in output_ids:
-            groups["dendrite_output_weights"].append(p)
-        elif id(p) in candidate_ids:
-            groups["candidates"].append(p)
-        elif id(p) in dendrite_ids:
-            groups["dendrites"].append(p)
-        else:
-            groups["network"].append(p)
-    options: dict[str, dict[str, Any]] = {
-        "network": {"weight_decay": weight_decay},
-        "dendrite_output_weights": {"weight_decay": 0.0},
-        "dendrites": {"weight_decay": weight_decay},
-        "candidates": {"weight_decay": weight_decay} | ({} if candidate_lr is None else {"lr": candidate_lr}),
-    }
-    return [{"name": name, "params": params, **options[name]} for name, params in groups.items() if params]
-
-
-def perforation_state(model: nn.Module) -> dict[str, Any]:
-    """The phase bookkeeping that ``state_dict()`` does not hold, as plain data.
-
-    Structure (accepted sets, candidates, statistics, snapshots) lives in the state dict and is
-    rebuilt by ``load_state_dict``; this adds which parameters the dendrite phase froze. Save it
-    beside the state dict and give it to :func:`load_perforation_state` after loading.
-    """
-    return {"dendrite_phase": in_dendrite_phase(model), "frozen": list(getattr(model, _FROZEN, []))}
-
-
-def load_perforation_state(model: nn.Module, state: dict[str, Any]) -> None:
-    """Re-apply :func:`perforation_state` after ``model.load_state_dict``."""
-    if bool(state.get("dendrite_phase")) != in_dendrite_phase(model):
-        raise PerforationError(
-            f"The perforation state says dendrite_phase={state.get('dendrite_phase')!r}, but the loaded "
-            f"model {'holds' if in_dendrite_phase(model) else 'holds no'} candidates; load the state "
-            "dict saved with it first."
-        )
-    if not state.get("dendrite_phase"):
-        return
-    params = dict(model.named_parameters())
-    missing = [n for n in state.get("frozen", []) if n not in params]
-    if missing:
-        raise PerforationError(f"The perforation state names parameters the model does not have: {missing}.")
-    for name in state.get("frozen", []):
-        params[name].requires_grad_(False)
-    setattr(model, _FROZEN, list(state.get("frozen", [])))
-    _hold_norms_in_eval(model)

@@ -1,8 +1,8 @@
 r"""PerforatedCallback: runs the Perforated Backpropagation cycle inside ``trainer.fit``.
 
 After every end-of-epoch validation it feeds the monitored score to a
-:class:`~pb_lightning.schedule.PhaseMachine` and carries out its decision through the
-:class:`~pb_lightning.module.PerforatedModule`: snapshot or restore weights, start a dendrite
+:class:`~pb_lightning.cycle.machine.PhaseMachine` and carries out its decision through the
+:class:`~pb_lightning.lightning.module.PerforatedModule`: snapshot or restore weights, start a dendrite
 phase, accept dendrites, retry, or stop. After every change of the trainable parameter set it
 re-wraps the model under DDP, re-runs the user's ``configure_optimizers`` (schedulers included)
 and checks that every trainable parameter is in the new optimizer.
@@ -34,30 +34,24 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from pb_lightning.capacity import CAPACITY_TEST_DENDRITES, CapacityProbe
-from pb_lightning.controller import CycleController, mean_candidate_score
-from pb_lightning.convert import perforation_summary
-from pb_lightning.errors import PerforationError, invalid
-from pb_lightning.history import END, MetricKind, resolve_metric_kind
-from pb_lightning.module import CHECKPOINT_VERSION, PerforatedModule, check_checkpoint_version
-from pb_lightning.optimizer_state import OptimizerStateCarrier, OptimizerStateMode, check_optimizer_state
-from pb_lightning.phases import (
+from pb_lightning.cycle.capacity import CAPACITY_TEST_DENDRITES, CapacityProbe
+from pb_lightning.cycle.controller import CycleController, mean_candidate_score
+from pb_lightning.cycle.machine import ACCEPT, HISTORY_KEYS, STOP, Decision, PhaseMachine
+from pb_lightning.cycle.schedule import PhaseSchedule
+from pb_lightning.cycle.scores import as_score, nonfinite_message
+from pb_lightning.engine.convert import perforation_summary
+from pb_lightning.engine.optimizer_state import OptimizerStateCarrier, OptimizerStateMode, check_optimizer_state
+from pb_lightning.engine.transitions import (
     accept_dendrites,
     candidate_scores,
     in_dendrite_phase,
     set_loss_scale,
     set_statistics_group,
 )
-from pb_lightning.recorder import RunRecorder
-from pb_lightning.schedule import (
-    ACCEPT,
-    HISTORY_KEYS,
-    STOP,
-    Decision,
-    PhaseMachine,
-    PhaseSchedule,
-)
-from pb_lightning.scores import as_score, nonfinite_message
+from pb_lightning.errors import PerforationError, invalid
+from pb_lightning.lightning.module import CHECKPOINT_VERSION, PerforatedModule, check_checkpoint_version
+from pb_lightning.lightning.recorder import RunRecorder
+from pb_lightning.reporting.history import END, MetricKind, resolve_metric_kind
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +94,7 @@ class PerforatedCallback(Callback):
             at zero — and schedulers from their first epoch, so a cosine schedule over
             ``max_epochs`` restarts at every switch. ``"carry"``: parameters that persist keep
             their optimizer state (by name), new parameters start fresh, and each scheduler
-            continues where it was (see :mod:`pb_lightning.optimizer_state`).
+            continues where it was (see :mod:`pb_lightning.engine.optimizer_state`).
 
     Example::
 
@@ -172,7 +166,7 @@ class PerforatedCallback(Callback):
         self._statistics_group: Any = None
         self._before_validation: Any = None
         self._module: PerforatedModule | None = None
-        #: The final report (see :func:`pb_lightning.history.final_report`), set when fit ends.
+        #: The final report (see :func:`pb_lightning.reporting.history.final_report`), set when fit ends.
         self.report: dict[str, Any] | None = None
 
     @property

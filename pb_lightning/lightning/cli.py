@@ -1,7 +1,7 @@
 """``pb-lightning`` (and ``python -m pb_lightning``): a LightningCLI for perforated training runs.
 
 ``pb-lightning fit --config configs/digits.yaml`` trains (models and data modules are chosen by
-``class_path`` in the YAML; any :class:`~pb_lightning.module.PerforatedModule` works), and
+``class_path`` in the YAML; any :class:`~pb_lightning.lightning.module.PerforatedModule` works), and
 ``pb-lightning plot RUN_DIR`` redraws a run's history plot from its ``pb_history.json``.
 """
 
@@ -22,7 +22,7 @@ def main(args: list[str] | None = None) -> LightningCLI:
 
 def plot_command(args: list[str]) -> None:
     """``pb-lightning plot RUN_DIR [--output PNG] [--monitor NAME]``."""
-    from pb_lightning.plot import plot_run
+    from pb_lightning.reporting.plot import plot_run
 
     parser = argparse.ArgumentParser(prog="pb-lightning plot", description="Redraw a run's history plot.")
     parser.add_argument("run_dir", help="a run's log directory (holding pb_history.json) or the file itself")

@@ -2,7 +2,7 @@
 
 Subclass it instead of ``LightningModule``. It perforates your network in ``configure_model``
 (after your ``__init__`` built it, before optimizers exist), exposes the phase controls that
-:class:`~pb_lightning.callback.PerforatedCallback` drives, and makes every checkpoint
+:class:`~pb_lightning.lightning.callback.PerforatedCallback` drives, and makes every checkpoint
 self-describing: a checkpoint taken at any point of the cycle — mid-dendrite-phase included —
 loads with ``Model.load_from_checkpoint(path)`` and resumes with ``trainer.fit(ckpt_path=...)``.
 """
@@ -15,11 +15,14 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import Tensor, nn
 
-from pb_lightning import phases
-from pb_lightning.config import DendriteConfig
-from pb_lightning.convert import perforate, perforated_layers, type_selector
+from pb_lightning.engine import params as _params
+from pb_lightning.engine import state as _state
+from pb_lightning.engine import transitions as _transitions
+from pb_lightning.engine.config import DendriteConfig
+from pb_lightning.engine.convert import perforate, perforated_layers
+from pb_lightning.engine.layer import PerforatedLayer
+from pb_lightning.engine.selectors import type_selector
 from pb_lightning.errors import PerforationError, invalid
-from pb_lightning.layer import PerforatedLayer
 
 _CHECKPOINT_KEY = "pb_lightning"
 
@@ -133,24 +136,24 @@ class PerforatedModule(pl.LightningModule):
     # ------------------------------------------------------------------ phase controls
     def start_dendrite_phase(self) -> None:
         """Add candidates to every perforated layer and freeze the network."""
-        phases.start_dendrite_phase(self)
+        _transitions.start_dendrite_phase(self)
 
     def accept_dendrites(self) -> dict[str, Tensor]:
         """Install every neuron's best candidate and return to the neuron phase."""
-        return phases.accept_dendrites(self)
+        return _transitions.accept_dendrites(self)
 
     def discard_candidates(self) -> None:
         """Drop the candidates and return to the neuron phase."""
-        phases.discard_candidates(self)
+        _transitions.discard_candidates(self)
 
     @property
     def in_dendrite_phase(self) -> bool:
         """Whether the perforated layers currently hold candidates."""
-        return phases.in_dendrite_phase(self)
+        return _transitions.in_dendrite_phase(self)
 
     def dendrite_parameter_groups(self, *, weight_decay: float = 0.0, candidate_lr: float | None = None) -> list[dict]:
         """Optimizer parameter groups for the current phase (see :func:`pb_lightning.parameter_groups`)."""
-        return phases.parameter_groups(self, weight_decay=weight_decay, candidate_lr=candidate_lr)
+        return _params.parameter_groups(self, weight_decay=weight_decay, candidate_lr=candidate_lr)
 
     # ------------------------------------------------------------------ checkpoints
     def perforation_record(self) -> dict[str, Any]:
@@ -161,7 +164,7 @@ class PerforatedModule(pl.LightningModule):
                 {"name": layer.name, "dendrites": layer.num_dendrites, "candidates": layer.num_candidates}
                 for layer in self.perforated_layers()
             ],
-            **phases.perforation_state(self),
+            **_state.perforation_state(self),
         }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -231,7 +234,7 @@ def _apply_pending_perforation_state(module: nn.Module, incompatible_keys: Any) 
     if pending is not None:
         module._pending_perforation_state = None
         _check_rebuilt_structure(module, pending["layers"])
-        phases.load_perforation_state(module, pending)
+        _state.load_perforation_state(module, pending)
 
 
 def _check_rebuilt_structure(module: PerforatedModule, recorded: list[dict[str, Any]]) -> None:

@@ -14,11 +14,11 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from pb_lightning.history import END, final_report, format_report, save_history
-from pb_lightning.module import PerforatedModule
-from pb_lightning.plot import PLOT_FILE, matplotlib_available, plot_history
-from pb_lightning.report import parameter_counts
-from pb_lightning.schedule import ACCEPT, CONTINUE, RESTART, RETRY, STOP, Decision, PhaseMachine
+from pb_lightning.cycle.machine import ACCEPT, CONTINUE, RESTART, RETRY, STOP, Decision, PhaseMachine
+from pb_lightning.engine.params import parameter_counts
+from pb_lightning.lightning.module import PerforatedModule
+from pb_lightning.reporting.history import END, final_report, format_report, save_history
+from pb_lightning.reporting.plot import PLOT_FILE, matplotlib_available, plot_history
 
 log = logging.getLogger(__name__)
 

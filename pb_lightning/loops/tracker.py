@@ -9,14 +9,14 @@ The five steps of the user's source document, with Pythonic names:
 5. after each validation: ``model, restructured, complete = tracker.add_validation_score(score, model)``;
    rebuild the optimizer with ``setup_optimizer`` when ``restructured``, stop when ``complete``.
 
-It drives the same :class:`~pb_lightning.controller.CycleController` as the Lightning callback,
+It drives the same :class:`~pb_lightning.cycle.controller.CycleController` as the Lightning callback,
 so given the same scores both take the same decisions.
 
-Its decisions are logged to the ``pb_lightning.tracker`` logger at INFO. A plain loop usually
+Its decisions are logged to the ``pb_lightning.loops.tracker`` logger at INFO. A plain loop usually
 configures no logging, and INFO records would then go nowhere, so that logger carries a handler
 that writes them to stderr while the root logger has no handler; once the application
 configures logging, records reach its handlers instead (never both). Silence it with
-``PerforatedTracker(verbose=False)`` or ``logging.getLogger("pb_lightning.tracker").setLevel("WARNING")``.
+``PerforatedTracker(verbose=False)`` or ``logging.getLogger("pb_lightning.loops.tracker").setLevel("WARNING")``.
 """
 
 from __future__ import annotations
@@ -30,15 +30,17 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from pb_lightning.capacity import CAPACITY_TEST_DENDRITES, CapacityProbe
-from pb_lightning.config import DendriteConfig
-from pb_lightning.controller import CycleController, mean_candidate_score
-from pb_lightning.convert import perforate, perforated_layers, perforation_summary
+from pb_lightning.cycle.capacity import CAPACITY_TEST_DENDRITES, CapacityProbe
+from pb_lightning.cycle.controller import CycleController, mean_candidate_score
+from pb_lightning.cycle.machine import Decision, PhaseMachine
+from pb_lightning.cycle.schedule import PhaseSchedule
+from pb_lightning.cycle.scores import as_score, nonfinite_message
+from pb_lightning.engine.config import DendriteConfig
+from pb_lightning.engine.convert import perforate, perforated_layers, perforation_summary
+from pb_lightning.engine.optimizer_state import OptimizerStateCarrier, OptimizerStateMode, check_optimizer_state
+from pb_lightning.engine.params import parameter_groups
+from pb_lightning.engine.transitions import accept_dendrites
 from pb_lightning.errors import PerforationError, invalid
-from pb_lightning.optimizer_state import OptimizerStateCarrier, OptimizerStateMode, check_optimizer_state
-from pb_lightning.phases import accept_dendrites, parameter_groups
-from pb_lightning.schedule import Decision, PhaseMachine, PhaseSchedule
-from pb_lightning.scores import as_score, nonfinite_message
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,7 @@ class PerforatedTracker:
 
     Args:
         mode: ``"max"`` if a higher score is better (accuracy), ``"min"`` if lower is (loss).
-        schedule: the switching rules (default :class:`~pb_lightning.schedule.PhaseSchedule()`).
+        schedule: the switching rules (default :class:`~pb_lightning.cycle.schedule.PhaseSchedule()`).
         capacity_test: the first experiment (ALGORITHM.md §5): switch every validation, add three
             dendrite sets, check function preservation, optimizer coverage, a state round trip and
             finite scores, then report (:attr:`capacity_report`).

@@ -2,7 +2,7 @@
 
 Framework-free and plain data: the Lightning callback appends a row after every end-of-epoch
 validation, writes ``pb_history.json`` (a list of records, so ``pandas.read_json`` loads it as a
-table) and ``pb_report.json``, and :mod:`pb_lightning.plot` draws the picture from the same rows.
+table) and ``pb_report.json``, and :mod:`pb_lightning.reporting.plot` draws the picture from the same rows.
 """
 
 from __future__ import annotations

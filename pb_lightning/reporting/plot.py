@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from pb_lightning.history import END, REPORT_FILE, load_history
+from pb_lightning.reporting.history import END, REPORT_FILE, load_history
 
 PLOT_FILE = "pb_history.png"
 
@@ -28,7 +28,7 @@ def matplotlib_available() -> bool:
 def plot_history(
     rows: list[dict[str, Any]], path: str | Path, *, monitor: str = "score", mode: str | None = None
 ) -> Path:
-    """Draw ``rows`` (from :mod:`pb_lightning.history`) into the PNG file ``path``.
+    """Draw ``rows`` (from :mod:`pb_lightning.reporting.history`) into the PNG file ``path``.
 
     The monitored score against epoch, dendrite phases shaded, accepted cycles (▲) and rejected
     ones (✕) marked, the global best as a step line, and the parameter count on a second axis.

@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, Sampler
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import pb_lightning as pb
-from pb_lightning.demo import DigitsDataModule, DigitsMLP
+from pb_lightning.demos.digits import DigitsDataModule, DigitsMLP
 
 SEED = 0
 

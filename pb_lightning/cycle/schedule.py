@@ -1,0 +1,81 @@
+"""When to switch phases, accept, retry and stop: the :class:`PhaseSchedule` (ALGORITHM.md §4)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from pb_lightning.errors import check_int, invalid
+
+Mode = Literal["min", "max"]
+
+
+@dataclass(frozen=True)
+class PhaseSchedule:
+    """When to switch phases, accept, retry and stop.
+
+    Args:
+        neuron_patience: validations without improvement that end a neuron phase.
+        dendrite_patience: validations without improvement of the candidates' score that end a
+            dendrite phase.
+        improvement_threshold: relative margin a score must beat the best by to count as an
+            improvement (``|best| · threshold``).
+        improvement_threshold_abs: absolute margin, required as well.
+        candidate_improvement_threshold: relative margin for the candidates' score.
+        warmup_epochs: validations before the first dendrite phase may start.
+        neuron_epochs: if set, every neuron phase lasts exactly this many validations (no patience).
+        dendrite_epochs: if set, every dendrite phase lasts exactly this many validations.
+        max_dendrite_epochs: cap on a dendrite phase's length.
+        max_dendrites: dendrite sets per layer after which training is complete.
+        max_tries: failed cycles in a row (each retried with fresh candidates) after which training
+            is complete.
+        require_improvement: keep a cycle's dendrites only if its neuron phase beat the global
+            best (the method's rule). ``False`` keeps every cycle (the capacity test).
+        restarts_only: the same cycle without dendrites: a neuron phase that ends rolls back to its
+            best weights and restarts with a fresh optimizer instead of starting a dendrite phase
+            (see the module docstring). ``max_dendrites`` then caps the improving restarts and
+            ``max_tries`` the failed ones in a row; the dendrite-phase settings are unused. This is
+            the control a dendritic run must beat once the schedule is accounted for: on the
+            benchmarks, most of what dendrites seemed to add came from these warm restarts.
+
+    Example::
+
+        >>> PhaseSchedule(neuron_patience=3).neuron_patience
+        3
+    """
+
+    neuron_patience: int = 5
+    dendrite_patience: int = 3
+    improvement_threshold: float = 1e-4
+    improvement_threshold_abs: float = 0.0
+    candidate_improvement_threshold: float = 0.01
+    warmup_epochs: int = 0
+    neuron_epochs: int | None = None
+    dendrite_epochs: int | None = None
+    max_dendrite_epochs: int = 50
+    max_dendrites: int = 8
+    max_tries: int = 2
+    require_improvement: bool = True
+    restarts_only: bool = False
+
+    def __post_init__(self) -> None:
+        for name, minimum in (
+            ("neuron_patience", 1),
+            ("dendrite_patience", 1),
+            ("warmup_epochs", 0),
+            ("max_dendrite_epochs", 1),
+            ("max_dendrites", 0),
+            ("max_tries", 1),
+        ):
+            check_int(f"PhaseSchedule.{name}", getattr(self, name), minimum=minimum)
+        for name in ("require_improvement", "restarts_only"):
+            if not isinstance(getattr(self, name), bool):
+                raise invalid(f"PhaseSchedule.{name}", getattr(self, name), "a bool")
+        for name in ("neuron_epochs", "dendrite_epochs"):
+            if getattr(self, name) is not None:
+                check_int(f"PhaseSchedule.{name}", getattr(self, name), minimum=1)
+        for name in ("improvement_threshold", "improvement_threshold_abs", "candidate_improvement_threshold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise invalid(f"PhaseSchedule.{name}", value, "a finite float >= 0")

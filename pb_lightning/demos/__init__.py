@@ -1,0 +1,1 @@
+"""Small ready-made data modules and models (like ``lightning.pytorch.demos``)."""

@@ -1,0 +1,229 @@
+"""The candidate pool of a dendrite phase: K candidate sets trained by correlation learning
+(ALGORITHM.md §3), and the tap that hands them the neuron's error."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from pb_lightning.engine.banks import take_sets
+from pb_lightning.engine.cascade import _ACTIVATIONS, _per_neuron
+from pb_lightning.engine.config import DendriteConfig
+from pb_lightning.engine.correlation import CorrelationStatistics, CorrelationTap
+from pb_lightning.engine.sparse_banks import make_bank
+
+log = logging.getLogger(__name__)
+
+
+@torch._dynamo.disable
+def _tap(y: Tensor, v: Tensor, pool: CandidatePool) -> Tensor:
+    """Apply the correlation tap outside torch.compile's graphs.
+
+    Its backward updates running statistics and snapshots with data-dependent Python control
+    flow; compiled code calls it as an opaque eager function instead of failing to trace it.
+    """
+    return CorrelationTap.apply(y, v, pool)
+
+
+class CandidatePool(nn.Module):
+    """K candidate dendrite sets of one layer, with their correlation statistics and snapshots.
+
+    Per neuron and candidate the pool keeps the best score reached (:attr:`best_score`) and a
+    snapshot of the candidate's weights at that point (the ``best_*`` buffers); acceptance installs
+    the snapshots of each neuron's best candidate.
+
+    Args:
+        module: the wrapped module, template of the candidates' operation.
+        num_candidates: K.
+        num_neurons: neurons of the layer.
+        num_accepted: D, the accepted sets the candidates cascade from.
+        config: the engine configuration.
+        output_key: for a module with a tuple output, the entry that holds the neurons.
+        index: for sparse candidates, the inputs ``[K, out, k]`` each one sees (``None``: dense).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        num_candidates: int,
+        num_neurons: int,
+        num_accepted: int,
+        config: DendriteConfig,
+        output_key: int | str | None = None,
+        index: Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        fan_in = None if index is None else index.shape[-1]
+        self.bank = make_bank(module, num_candidates, config.init_scale, output_key, fan_in=fan_in, index=index)
+        like = next(iter(self.bank.stacked().values()))
+        zeros = like.new_zeros
+        # Zero cascade weights: a candidate starts as a function of x̂ alone and learns how much
+        # of the earlier dendrites to use.
+        self.cascade_weight = (
+            nn.Parameter(zeros(num_candidates, num_accepted, num_neurons)) if config.cascade and num_accepted else None
+        )
+        # Gradient-descent candidates feed the output through w, starting at 0 (function-preserving).
+        self.output_weight = nn.Parameter(zeros(num_candidates, num_neurons)) if config.learning == "gradient" else None
+        self.statistics = CorrelationStatistics(num_candidates, num_neurons, config)
+        self.register_buffer("best_score", torch.full((num_candidates, num_neurons), -1.0, device=like.device))
+        for name, t in self._learned().items():
+            self.register_buffer("best_" + name, t.detach().clone())
+        #: The loss scale the errors arriving in backward carry (a GradScaler's scale). Statistics
+        #: are kept in unscaled units and the gradient handed back is scaled by it.
+        self.loss_scale: float = 1.0
+        #: Whether a loss scaler is in use (set by ``set_loss_scale``); see :meth:`observe`.
+        self.scaled: bool = False
+        #: Candidate sets whose outputs went non-finite in the last backward: their gradients are
+        #: zeroed (so the optimizer's state stays finite) and they restart from fresh weights at
+        #: the next forward.
+        self._diverged: Tensor | None = None
+        self.__dict__["_template"] = module  # not a submodule: the layer owns it
+        self._initial_checksum = self._checksum()
+        for p in self.parameters():
+            p.register_hook(self._zero_diverged)
+        self.neuron_axis: int = -1
+
+    def _learned(self) -> dict[str, Tensor]:
+        """Every tensor a candidate learns, by buffer-name suffix (bank params and cascade)."""
+        tensors: dict[str, Tensor] = {"bank__" + n: p for n, p in self.bank.stacked().items()}
+        if self.cascade_weight is not None:
+            tensors["cascade_weight"] = self.cascade_weight
+        return tensors
+
+    @property
+    def num_candidates(self) -> int:
+        """K."""
+        return self.best_score.shape[0]
+
+    def forward(self, inputs: tuple[Any, ...], accepted: Tensor | None, axis: int, **kwargs: Any) -> Tensor:
+        """Candidate outputs ``V`` shaped ``(..., K, out, ...)``."""
+        if self._diverged is not None:
+            self._restart(self._diverged)
+            self._diverged = None
+        self.neuron_axis = axis
+        z = self.bank(*inputs, neuron_axis=axis, **kwargs)  # (..., K, out, ...)
+        if self.cascade_weight is not None and accepted is not None:
+            trailing = z.dim() - axis - 2
+            accepted = accepted.detach()
+            # One multiply-add per accepted dendrite; a single broadcast would materialise a
+            # (..., K, D, out, ...) temporary in forward and again in backward.
+            for a, c in zip(accepted.unbind(axis), self.cascade_weight.unbind(1), strict=True):
+                z = torch.addcmul(z, a.unsqueeze(axis), _per_neuron(c, trailing))  # c: (K, out)
+        return _ACTIVATIONS[self.config.activation](z)
+
+    def observe(self, v: Tensor, e: Tensor) -> Tensor | None:
+        """Fold a batch into the statistics, snapshot improved candidates, return ``∂(−J)/∂V``."""
+        scale, axis, stats = self.loss_scale, self.neuron_axis, self.statistics
+        finite = stats.update(v, e, axis, scale)
+        if stats.diverged is not None:
+            self._diverged = stats.diverged
+            log.warning(
+                "pb_lightning: %d candidate set(s) produced non-finite outputs and restart from fresh weights.",
+                int(stats.diverged.sum()),
+            )
+        if not finite or not stats.warmed_up:
+            if not self.scaled:
+                return None
+            # A GradScaler learns about the step only through these gradients (the candidates are
+            # all that trains): it refuses a step with no gradient at all, and must see an overflow
+            # as a non-finite gradient to skip the step and lower its scale.
+            return torch.zeros_like(v) if finite else torch.full_like(v, float("nan"))
+        cov, norm = stats.covariance(), stats.normalizer()
+        self._record_best(cov.abs() / norm)  # = stats.score(), computed once for both uses
+        if self.config.learning != "correlation":
+            return None
+        return stats.objective_gradient(e, axis, scale, covariance=cov, normalizer=norm).to(v.dtype)
+
+    @torch.no_grad()
+    def _checksum(self) -> float:
+        return float(sum(float(p.double().abs().sum()) for p in self.parameters()))
+
+    def moved(self) -> bool:
+        """Whether training changed the candidates' weights at all since they were created."""
+        return self._checksum() != self._initial_checksum
+
+    def _zero_diverged(self, grad: Tensor) -> Tensor:
+        # Every candidate tensor has the set axis first. Only diverged sets are touched: a
+        # GradScaler must still see the overflow of a whole batch as non-finite gradients.
+        if self._diverged is None:
+            return grad
+        grad = grad.clone()
+        grad[self._diverged] = 0.0
+        return grad
+
+    @torch.no_grad()
+    def _restart(self, sets: Tensor) -> None:
+        """Give candidate ``sets`` fresh weights and forget their best scores and snapshots."""
+        index = self.bank.structure().get("index")
+        fan_in = None if index is None else index.shape[-1]
+        fresh = make_bank(self._template, self.num_candidates, self.config.init_scale, fan_in=fan_in, index=index)
+        fresh = fresh.stacked()
+        for name, p in self.bank.stacked().items():
+            p[sets] = fresh[name][sets].to(p)
+        if self.cascade_weight is not None:
+            self.cascade_weight[sets] = 0.0
+        if self.output_weight is not None:
+            self.output_weight[sets] = 0.0
+        self.best_score[sets] = -1.0
+        for name, current in self._learned().items():
+            getattr(self, "best_" + name)[sets] = current[sets]
+
+    @torch.no_grad()
+    def _record_best(self, score: Tensor) -> None:
+        if not self.bank.per_neuron:
+            # One custom-module copy serves every neuron, so it is judged by its mean score.
+            score = score.mean(1, keepdim=True).expand_as(score)
+        improved = score > self.best_score
+        num_improved = int(improved.sum())
+        if num_improved == 0:
+            return
+        if num_improved == improved.numel():
+            # While candidates are learning, every score usually rises at every step: whole-tensor
+            # copies then do the same as the masked ones below without building index lists.
+            self.best_score.copy_(score)
+            for name, current in self._learned().items():
+                getattr(self, "best_" + name).copy_(current.detach())
+            return
+        self.best_score[improved] = score[improved]
+        set_improved = improved[:, 0]
+        for name, current in self._learned().items():
+            best = getattr(self, "best_" + name)
+            if name == "cascade_weight":  # (K, D, out): the neuron axis is last
+                best.transpose(1, 2)[improved] = current.detach().transpose(1, 2)[improved]
+            elif self.bank.per_neuron:
+                best[improved] = current.detach()[improved]
+            else:
+                best[set_improved] = current.detach()[set_improved]
+
+    def choice(self) -> Tensor:
+        """For every neuron, the index of the candidate to accept."""
+        if self.config.learning == "gradient":
+            return torch.zeros(self.best_score.shape[1], dtype=torch.long, device=self.best_score.device)
+        return self.best_score.argmax(0)
+
+    def selected(self) -> tuple[dict[str, Tensor], Tensor | None, Tensor | None]:
+        """The set to accept: bank tensors ``[1, ...]``, cascade ``[D, out]`` and output weight ``[out]``.
+
+        Correlation candidates give their snapshot at the best score; gradient-descent candidates
+        (no correlation objective to snapshot on) give their final weights and output weight.
+        """
+        choice = self.choice()
+        snapshot = self.config.learning == "correlation"
+        source = {n: (getattr(self, "best_" + n) if snapshot else t) for n, t in self._learned().items()}
+        bank = take_sets(
+            {n[len("bank__") :]: t for n, t in source.items() if n.startswith("bank__")} | self.bank.structure(),
+            choice,
+            per_neuron=self.bank.per_neuron,
+        )
+        cascade = None
+        if self.cascade_weight is not None:
+            c = source["cascade_weight"].detach()  # (K, D, out)
+            cascade = c.gather(0, choice.view(1, 1, -1).expand(1, *c.shape[1:]))[0]
+        output = None
+        if self.output_weight is not None:
+            output = self.output_weight.detach().gather(0, choice.view(1, -1))[0]
+        return bank, cascade, output

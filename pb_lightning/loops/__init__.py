@@ -1,0 +1,1 @@
+"""Plain PyTorch training loops: :class:`~pb_lightning.loops.tracker.PerforatedTracker`."""

@@ -1,0 +1,1 @@
+"""Run history rows and files, the final report, and the plot of a run."""
