@@ -1,4 +1,4 @@
-"""Checks of the capacity test (ALGORITHM.md §5), shared by the Lightning callback and the tracker.
+"""Checks of the capacity test (docs/ALGORITHM.md §5), shared by the Lightning callback and the tracker.
 
 The probe records, for every perforated layer, the input of its latest training forward pass;
 a check then re-runs each layer on that input. Accepting dendrites changes only perforated

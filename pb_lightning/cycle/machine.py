@@ -1,4 +1,4 @@
-"""The phase state machine: validation scores in, decisions out (ALGORITHM.md §4).
+"""The phase state machine: validation scores in, decisions out (docs/ALGORITHM.md §4).
 
 Pure Python, no torch and no Lightning, so the rules can be tested over synthetic score sequences
 and the same machine drives the Lightning callback and plain PyTorch loops. It holds no weights:

@@ -1,4 +1,4 @@
-"""When to switch phases, accept, retry and stop: the :class:`PhaseSchedule` (ALGORITHM.md §4)."""
+"""When to switch phases, accept, retry and stop: the :class:`PhaseSchedule` (docs/ALGORITHM.md §4)."""
 
 from __future__ import annotations
 

@@ -67,7 +67,7 @@ class DigitsDataModule(pl.LightningDataModule):
 class DigitsClassifier(PerforatedModule):
     """Shared training logic: cross-entropy, accuracy, Adam over the current phase's groups.
 
-    Candidates train with ``candidate_lr`` (default ten times ``lr``, as ALGORITHM.md §7 found).
+    Candidates train with ``candidate_lr`` (default ten times ``lr``, as docs/ALGORITHM.md §7 found).
     """
 
     def __init__(
@@ -117,7 +117,7 @@ class DigitsClassifier(PerforatedModule):
 
 
 class DigitsMLP(DigitsClassifier):
-    """64 → hidden → hidden → 10 MLP. Narrow widths are where dendrites help most (ALGORITHM.md §7).
+    """64 → hidden → hidden → 10 MLP. Narrow widths are where dendrites help most (docs/ALGORITHM.md §7).
 
     Args:
         hidden: width of the two hidden layers.

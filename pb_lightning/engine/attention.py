@@ -1,10 +1,10 @@
 """Attention and Transformer blocks whose projections can carry dendrites in every mode.
 
-``nn.MultiheadAttention`` never calls its projections: it passes the packed ``in_proj_weight``
-and ``out_proj.weight`` to a functional kernel. ``nn.TransformerEncoderLayer`` does the same with
-``linear1``/``linear2`` on its "fast path" (eval mode, no gradients, the usual settings — exactly
-a validation loop). A :class:`~pb_lightning.engine.layer.PerforatedLayer` around any of these modules
-would learn in training and be bypassed in validation and deployment.
+``nn.MultiheadAttention`` never calls its projections: it passes the packed ``in_proj_weight`` and
+``out_proj.weight`` to a functional kernel. ``nn.TransformerEncoderLayer`` does the same with
+``linear1``/``linear2`` on its "fast path" (eval mode, no gradients, the usual settings — exactly a validation
+loop). A :class:`~pb_lightning.engine.layer.PerforatedLayer` around any of these modules would learn in training and
+be bypassed in validation and deployment.
 
 :func:`prepare_attention` therefore changes, in place and before wrapping, the class of each such
 block whose projections are to be perforated to a subclass defined here:
@@ -110,8 +110,8 @@ class PerforatableMultiheadAttention(nn.MultiheadAttention):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
-        # A state dict of the unconverted module: split its packed (or separate) projection
-        # weights into the keys of the q/k/v children, wherever those now keep their weights.
+        # An unconverted module's state dict: split its packed (or separate) projection weights
+        # into the q/k/v children's keys, wherever those now keep their weights.
         packed_w = state_dict.pop(prefix + "in_proj_weight", None)
         packed_b = state_dict.pop(prefix + "in_proj_bias", None)
         weights = packed_w.chunk(3) if packed_w is not None else None
@@ -359,8 +359,7 @@ def prepare_attention(
         The qualified names of the converted modules.
     """
     converted: list[str] = []
-    # Attention inside an encoder-layer subclass that keeps torch's fast path stays as it is: the
-    # subclass's children are not perforated (see weight_reading_parents).
+    # Attention in an encoder-layer subclass that keeps torch's fast path stays as it is (see weight_reading_parents).
     held = {
         id(m.self_attn)
         for m in model.modules()

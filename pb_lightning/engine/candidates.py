@@ -1,5 +1,5 @@
 """The candidate pool of a dendrite phase: K candidate sets trained by correlation learning
-(ALGORITHM.md §3), and the tap that hands them the neuron's error."""
+(docs/ALGORITHM.md §3), and the tap that hands them the neuron's error."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The accepted dendrites' forward: cascade inputs, activations and the weighted sum into the
-neuron's output (ALGORITHM.md §2), as plain functions shared by the layer, its candidates and
+neuron's output (docs/ALGORITHM.md §2), as plain functions shared by the layer, its candidates and
 the inference layer."""
 
 from __future__ import annotations

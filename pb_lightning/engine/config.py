@@ -38,7 +38,7 @@ class DendriteConfig:
             the reference package; Cascade-Correlation used up to 8.
         activation: the dendrite nonlinearity ``f`` in ``a = f(z)``.
         learning: ``"correlation"`` trains candidates to correlate with their neuron's error
-            (ALGORITHM.md §3, the default). ``"gradient"`` adds the candidate's output to the
+            (docs/ALGORITHM.md §3, the default). ``"gradient"`` adds the candidate's output to the
             network (through a trainable output weight) and trains it by ordinary gradient
             descent on the task loss: the reference package's free behaviour, for ablations.
             It needs ``num_candidates=1`` because every candidate then changes the output.
@@ -48,7 +48,7 @@ class DendriteConfig:
             precision, a loss multiplied by a constant); it is the default. ``"error_energy"``
             divides by the mean of ``E²`` (Cascade-Correlation). ``"raw"`` does not normalise.
         perforation: detach a dendrite's input so that no error flows through dendrites into
-            earlier layers (ALGORITHM.md §2). ``False`` is for ablations and only changes the
+            earlier layers (docs/ALGORITHM.md §2). ``False`` is for ablations and only changes the
             neuron phase: candidates always see a detached input, because the network is frozen
             during the dendrite phase and their objective must not leak into other layers'
             errors.

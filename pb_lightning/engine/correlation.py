@@ -114,7 +114,7 @@ class CorrelationStatistics(nn.Module):
         #: After :meth:`update`: which candidate sets produced non-finite outputs in that batch (or None).
         self.diverged: Tensor | None = None
         #: Under data parallelism, the process group whose ranks pool their batch moments, so that
-        #: every replica holds the same statistics of all the data (ALGORITHM.md §8).
+        #: every replica holds the same statistics of all the data (docs/ALGORITHM.md §8).
         self.process_group: Any = None
 
     def covariance(self) -> Tensor:

@@ -1,4 +1,4 @@
-"""Parameters by role: what the current phase trains, optimizer groups, and counts (ALGORITHM.md §6)."""
+"""Parameters by role: what the current phase trains, optimizer groups, and counts (docs/ALGORITHM.md §6)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def parameter_groups(
 
     * ``"network"``: the original weights (neuron phase).
     * ``"dendrite_output_weights"``: the ``w`` of accepted dendrites, always with weight decay 0
-      — decay would hold freshly accepted dendrites at their initial ``w = 0`` (ALGORITHM.md §9).
+      — decay would hold freshly accepted dendrites at their initial ``w = 0`` (docs/ALGORITHM.md §9).
     * ``"dendrites"``: accepted dendrite weights, if configured to keep training.
     * ``"candidates"``: the candidate pool (dendrite phase), with ``lr=candidate_lr`` if given.
 

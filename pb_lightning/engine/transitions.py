@@ -1,6 +1,6 @@
 """Phase control: what the training loop (Lightning or plain PyTorch) calls between phases.
 
-The cycle of ALGORITHM.md §3::
+The cycle of docs/ALGORITHM.md §3::
 
     neuron phase ──start_dendrite_phase──► dendrite phase ──accept_dendrites──► neuron phase
                                                        └──discard_candidates──┘
@@ -177,7 +177,7 @@ def set_statistics_group(model: nn.Module, group: Any) -> None:
 
     Each rank sees its own batches; with the moments averaged across ranks before they enter the
     running estimates, every replica keeps the same statistics, signs, best scores and snapshots,
-    and so accepts the same dendrites (ALGORITHM.md §8). ``None`` switches pooling off. Every
+    and so accepts the same dendrites (docs/ALGORITHM.md §8). ``None`` switches pooling off. Every
     rank must call it, and the group must exist on every rank (``torch.distributed.new_group``).
     """
     for layer in _layers(model):

@@ -7,7 +7,7 @@ phase, accept dendrites, retry, or stop. After every change of the trainable par
 re-wraps the model under DDP, re-runs the user's ``configure_optimizers`` (schedulers included)
 and checks that every trainable parameter is in the new optimizer.
 
-Timing follows ``../shared/LIGHTNING_NOTES.md``: the score is read in ``on_validation_end``
+Timing follows ``docs/LIGHTNING_NOTES.md``: the score is read in ``on_validation_end``
 (where ``callback_metrics`` hold the current values; the sanity check and ``trainer.validate``
 are skipped) and the decision is taken in ``on_train_epoch_end``, from the epoch's last
 validation. That hook runs before the monitoring callbacks (EarlyStopping, ModelCheckpoint), so
@@ -83,7 +83,7 @@ class PerforatedCallback(Callback):
             neuron phase that ends rolls back to its best weights and restarts with a rebuilt
             optimizer; ``max_tries`` failed restarts in a row end training. The control that
             measures what the restart schedule alone is worth.
-        capacity_test: the first experiment on a new model (ALGORITHM.md §5): switch every epoch,
+        capacity_test: the first experiment on a new model (docs/ALGORITHM.md §5): switch every epoch,
             add three dendrite sets, check the pipeline at every step, report, and stop.
         metric_kind: ``"accuracy"`` or ``"error"`` makes the final report give the reduction of
             the remaining error; ``"auto"`` guesses from the monitor's name (``*acc*``, ``*err*``).

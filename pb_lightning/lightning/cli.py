@@ -16,7 +16,7 @@ from lightning.pytorch.cli import LightningCLI
 def main(args: list[str] | None = None) -> LightningCLI:
     """Run the LightningCLI (``args`` defaults to ``sys.argv[1:]``)."""
     # overwrite=True: re-running a config into the same log directory must not fail on the saved
-    # config.yaml (LIGHTNING_NOTES.md §5).
+    # config.yaml (docs/LIGHTNING_NOTES.md §5).
     return LightningCLI(save_config_kwargs={"overwrite": True}, args=args)
 
 

@@ -75,7 +75,7 @@ class PerforatedTracker:
     Args:
         mode: ``"max"`` if a higher score is better (accuracy), ``"min"`` if lower is (loss).
         schedule: the switching rules (default :class:`~pb_lightning.cycle.schedule.PhaseSchedule()`).
-        capacity_test: the first experiment (ALGORITHM.md §5): switch every validation, add three
+        capacity_test: the first experiment (docs/ALGORITHM.md §5): switch every validation, add three
             dendrite sets, check function preservation, optimizer coverage, a state round trip and
             finite scores, then report (:attr:`capacity_report`).
         weight_decay: weight decay of the optimizer's parameter groups (never on dendrite output weights).
