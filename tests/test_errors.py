@@ -25,7 +25,7 @@ from pb_lightning.lightning.cli import main as cli_main
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 _REPO = Path(__file__).resolve().parents[1]
 
-# Covered elsewhere (file: test):
+# Covered elsewhere (file under tests/engine, tests/cycle or tests/lightning: test):
 #   invalid DendriteConfig fields ......... test_config.py::test_invalid_fields_are_refused_with_a_named_message
 #   invalid PhaseSchedule fields .......... test_schedule.py::test_schedule_misconfiguration
 #   invalid callback arguments ............ test_callback.py::test_callback_misconfiguration

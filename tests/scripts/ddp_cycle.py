@@ -1,4 +1,4 @@
-"""Two-process DDP run of a full dendrite cycle, for tests/test_distributed.py.
+"""Two-process DDP run of a full dendrite cycle, for tests/lightning/test_distributed.py.
 
     python tests/scripts/ddp_cycle.py OUT_DIR [--resume CKPT] [--max-epochs N]
 

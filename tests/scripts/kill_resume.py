@@ -1,4 +1,4 @@
-"""A deterministic training run that kills itself at a named point, for tests/test_kill_resume.py.
+"""A deterministic training run that kills itself at a named point, for tests/lightning/test_kill_resume.py.
 
     PB_KILL_AT=POINT python tests/scripts/kill_resume.py OUT_DIR [--resume] [--devices N]
 

@@ -11,7 +11,7 @@ import pytest
 
 from tests.helpers import run_benchmark
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 research = pytest.importorskip("research")
 
 

@@ -18,7 +18,7 @@ from pb_lightning.cycle.machine import ACCEPT
 from pb_lightning.demos.digits import DigitsDataModule, DigitsMLP
 from pb_lightning.engine.correlation import CorrelationStatistics
 
-_SCRIPT = Path(__file__).resolve().parent / "scripts" / "ddp_cycle.py"
+_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ddp_cycle.py"
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
 

@@ -20,7 +20,7 @@ from pb_lightning.demos.digits import DigitsDataModule, DigitsMLP
 from pb_lightning.lightning.module import CHECKPOINT_VERSION
 from tests.helpers import fast_trainer
 
-_FIXTURES = Path(__file__).resolve().parent / "fixtures"
+_FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 _OLD = _FIXTURES / "format_v0_dendrite_phase.ckpt"
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

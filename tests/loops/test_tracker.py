@@ -16,7 +16,7 @@ from torch.nn import functional as F
 import pb_lightning as pb
 from pb_lightning.demos.digits import DigitsDataModule, DigitsMLP
 
-_REPO = Path(__file__).resolve().parents[1]
+_REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
 # A score sequence that exercises every decision: baseline, an accepted cycle that improves,

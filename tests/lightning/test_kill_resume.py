@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-_SCRIPT = Path(__file__).resolve().parent / "scripts" / "kill_resume.py"
+_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "kill_resume.py"
 
 # The uninterrupted run (neuron_epochs=2, dendrite_epochs=2, max_dendrites=2; 6 batches an epoch):
 # epochs 0-1 neuron phase (decision at 1: start_dendrite_phase), 2-3 dendrite phase (3: accept),

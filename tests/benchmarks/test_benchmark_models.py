@@ -19,7 +19,7 @@ import torch
 
 import pb_lightning as pb
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 models = pytest.importorskip("models")
 
