@@ -4,7 +4,6 @@ the inference layer."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -12,9 +11,6 @@ import torch
 from torch import Tensor
 
 from pb_lightning.engine.banks import DendriteBank
-
-log = logging.getLogger(__name__)
-
 
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "sigmoid": torch.sigmoid,

@@ -20,7 +20,6 @@ error from the ordinary backward pass.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -33,8 +32,6 @@ from pb_lightning.engine.config import DendriteConfig
 from pb_lightning.engine.outputs import replace_output, select_output
 from pb_lightning.engine.sparse_banks import check_fan_in, connections, make_bank, prune
 from pb_lightning.errors import PerforationError
-
-log = logging.getLogger(__name__)
 
 
 class PerforatedLayer(nn.Module):

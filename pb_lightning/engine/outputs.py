@@ -6,14 +6,11 @@ the entry whose neurons carry dendrites."""
 from __future__ import annotations
 
 import copy
-import logging
 from typing import Any
 
 from torch import Tensor
 
 from pb_lightning.errors import PerforationError
-
-log = logging.getLogger(__name__)
 
 
 def select_output(out: Any, key: int | str, name: str) -> Tensor:

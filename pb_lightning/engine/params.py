@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from torch import nn
 
 from pb_lightning.engine.convert import perforated_layers
 
-log = logging.getLogger(__name__)
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters the current phase trains (``requires_grad``), without duplicates."""
@@ -64,7 +62,6 @@ def parameter_groups(
         "candidates": {"weight_decay": weight_decay} | ({} if candidate_lr is None else {"lr": candidate_lr}),
     }
     return [{"name": name, "params": params, **options[name]} for name, params in groups.items() if params]
-
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:

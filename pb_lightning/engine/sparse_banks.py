@@ -7,7 +7,6 @@ The layout is that of :mod:`pb_lightning.engine.banks` plus one stacked buffer `
 
 from __future__ import annotations
 
-import logging
 import math
 import zlib
 from typing import Any
@@ -27,9 +26,6 @@ from pb_lightning.engine.banks import (
     _uniform,
 )
 from pb_lightning.errors import PerforationError
-
-log = logging.getLogger(__name__)
-
 
 
 class SparseBank(DendriteBank):
@@ -184,7 +180,6 @@ class SparseConvBank(SparseBank, ConvBank):
         weight = self.weight.reshape(n * out, k, *self.weight.shape[3:])
         y = _CONV_FUNCTIONS[self.dims](gathered, weight, bias, self.stride, padding, self.dilation, n * out)
         return y.unflatten(1, (n, out))
-
 
 
 def make_bank(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from torch import nn
@@ -10,7 +9,6 @@ from torch import nn
 from pb_lightning.engine.transitions import _FROZEN, _hold_norms_in_eval, in_dendrite_phase
 from pb_lightning.errors import PerforationError
 
-log = logging.getLogger(__name__)
 
 def perforation_state(model: nn.Module) -> dict[str, Any]:
     """The phase bookkeeping that ``state_dict()`` does not hold, as plain data.
