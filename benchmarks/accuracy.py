@@ -102,6 +102,7 @@ class Bench:
     full_width: int | None = None  # compression: the full width this one is a fraction of
     monitor: str = "val_loss"  # what PerforatedCallback decides on ("val_loss": min, "val_acc": max)
     neuron_patience: int = 5
+    task: str = "classification"  # or "regression" (research.py only: MSE loss, R² reported)
 
 
 def _mlp(in_features: int, num_classes: int, lr: float) -> Callable[[int, DendriteConfig | None], Any]:
