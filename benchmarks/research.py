@@ -471,7 +471,8 @@ def markdown(results: dict[str, Any]) -> str:
             f"## {bench}" + (f" (training split subsampled to the first {limits[0]} examples)" if limits else ""),
             *(["", "Regression: the score is the test R² × 100; gaps are points of explained variance."] * regression),
             "",
-            f"| arm | width | params | {'test R² ×100' if regression else 'test acc %'} | vs base | vs width frontier | vs restart frontier | vs inert "
+            f"| arm | width | params | {'test R² ×100' if regression else 'test acc %'} "
+            "| vs base | vs width frontier | vs restart frontier | vs inert "
             "| D/layer | epochs | s/fit | seeds |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
