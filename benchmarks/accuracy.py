@@ -32,7 +32,7 @@ Variants (each benchmark, each seed)
   trained like ``base``. Dendrites add parameters; this is the baseline that says whether they
   are better spent on dendrites than on width.
 * ``inert`` (with ``--controls``): ``pb``'s run with
-  :func:`pb_lightning.controls.make_dendrites_inert` — the same cycles and rollbacks through the
+  :func:`pb_lightning.engine.controls.make_dendrites_inert` — the same cycles and rollbacks through the
   Lightning callback, dendrite output weights held at 0. What it gains over ``base`` is the schedule's.
 * ``restart`` (with ``--controls``): the plain network through ``PerforatedCallback(restarts_only=True)``.
   ``benchmarks/research.py`` runs these controls at several widths (the frontiers); here they check
