@@ -103,6 +103,14 @@ VARIANTS: dict[str, Variant] = {
     "pb": Variant(note="dense dendrites, default DendriteConfig"),
     "tanh": Variant({"activation": "tanh"}, note="tanh dendrite nonlinearity"),
     "relu": Variant({"activation": "relu"}, note="relu dendrite nonlinearity"),
+    "relu-fan2": Variant(
+        {"activation": "relu", "fan_in": 2, "fan_in_mode": "local"},
+        note="relu dendrites, each seeing 2 inputs (local windows)",
+    ),
+    "relu-fan4": Variant(
+        {"activation": "relu", "fan_in": 4, "fan_in_mode": "local"},
+        note="relu dendrites, each seeing 4 inputs (local windows)",
+    ),
     "clr1": Variant(candidate_lr=1.0, note="candidate LR = network LR (default 10x)"),
     "clr100": Variant(candidate_lr=100.0, note="candidate LR = 100x network LR"),
     "k1": Variant({"num_candidates": 1}, note="one candidate per neuron (default pool of 4)"),
