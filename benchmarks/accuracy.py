@@ -31,6 +31,12 @@ Variants (each benchmark, each seed)
   close as possible to the *same seed's* final ``pb`` model (``parameter_counts()["total"]``),
   trained like ``base``. Dendrites add parameters; this is the baseline that says whether they
   are better spent on dendrites than on width.
+* ``inert`` (with ``--controls``): ``pb``'s run with
+  :func:`pb_lightning.engine.controls.make_dendrites_inert` — the same cycles and rollbacks through the
+  Lightning callback, dendrite output weights held at 0. What it gains over ``base`` is the schedule's.
+* ``restart`` (with ``--controls``): the plain network through ``PerforatedCallback(restarts_only=True)``.
+  ``benchmarks/research.py`` runs these controls at several widths (the frontiers); here they check
+  that the Lightning path agrees with it.
 
 Validation decides everything (phase switches, the restored best weights); the test split is only
 evaluated once, at the end of each fit. Reported per variant: mean ± std over seeds of test
@@ -78,10 +84,14 @@ import torch  # noqa: E402
 from machine import run_meta  # noqa: E402
 
 from pb_lightning import DendriteConfig, PerforatedCallback  # noqa: E402
+from pb_lightning.engine.controls import is_inert, make_dendrites_inert  # noqa: E402
 from pb_lightning.engine.params import parameter_counts  # noqa: E402
 
-VARIANTS = ("base", "pb", "grad", "wide")
+VARIANTS = ("base", "pb", "grad", "wide", "inert", "restart")
 DENDRITIC = ("pb", "grad")
+#: ``--controls``: the same seed's ``pb`` run with its dendrites held inert, and the plain network
+#: through the restart schedule (see ``research.py`` for the frontiers built from them).
+CONTROLS = ("inert", "restart")
 
 
 @dataclass(frozen=True)
@@ -102,6 +112,7 @@ class Bench:
     full_width: int | None = None  # compression: the full width this one is a fraction of
     monitor: str = "val_loss"  # what PerforatedCallback decides on ("val_loss": min, "val_acc": max)
     neuron_patience: int = 5
+    task: str = "classification"  # or "regression" (research.py only: MSE loss, R² reported)
 
 
 def _mlp(in_features: int, num_classes: int, lr: float) -> Callable[[int, DendriteConfig | None], Any]:
@@ -225,10 +236,19 @@ def train_one(bench: Bench, variant: str, width: int, seed: int, quick: bool) ->
     data = ArrayDataModule(bench.dataset, **bench.data)
     data.setup()  # generates the data (MNIST-1D reseeds global RNGs) before the run is seeded
     pl.seed_everything(seed, workers=True, verbose=False)
-    dendrites = {"pb": DendriteConfig(), "grad": DendriteConfig(learning="gradient", num_candidates=1)}.get(variant)
+    dendrites = {
+        "pb": DendriteConfig(),
+        "inert": DendriteConfig(),
+        "grad": DendriteConfig(learning="gradient", num_candidates=1),
+    }.get(variant)
     model = bench.make(width, dendrites)
     sched = schedule(bench, quick)
-    if variant not in DENDRITIC:
+    if variant == "inert":
+        model.configure_model()  # perforate now (fit's own call then finds it done) ...
+        make_dendrites_inert(model)  # ... so the control applies before the first dendrite phase
+    elif variant == "restart":
+        sched["restarts_only"] = True
+    elif variant not in DENDRITIC:
         sched["max_dendrites"] = 0
     callback = PerforatedCallback(**sched)
     trainer = pl.Trainer(
@@ -261,13 +281,16 @@ def train_one(bench: Bench, variant: str, width: int, seed: int, quick: bool) ->
         "params_original": counts["original"],
         "params_dendrites": counts["dendrites"],
         "dendrites_per_layer": max((layer.num_dendrites for layer in layers), default=0),
+        "inert": is_inert(model),
+        "restarts_only": callback.machine.schedule.restarts_only,
         "epochs": trainer.current_epoch,
         "wall_s": fit_seconds,
     }
 
 
 def run_unit(args: tuple[str, int, str, bool, int, int | None]) -> list[dict[str, Any]]:
-    """One (benchmark, seed) unit: base, pb, grad, then wide matched to this seed's pb model.
+    """One (benchmark, seed) unit: base, pb, grad, then wide matched to this seed's pb model
+    (and with ``kind == "controls"`` the ``inert`` and ``restart`` controls).
 
     ``kind == "full"`` trains only the full-width dendrite-free network (compression).
     """
@@ -282,6 +305,8 @@ def run_unit(args: tuple[str, int, str, bool, int, int | None]) -> list[dict[str
     rows = [train_one(bench, v, bench.width, seed, quick) for v in ("base", "pb", "grad")]
     wide = matched_width(bench, rows[1]["params"])
     rows.append(train_one(bench, "wide", wide, seed, quick))
+    if kind == "controls":
+        rows += [train_one(bench, v, bench.width, seed, quick) for v in CONTROLS]
     return rows
 
 
@@ -508,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         help="benchmarks to run (default: digits spirals mnist1d; --quick: digits spirals)",
     )
     parser.add_argument("--no-compression", action="store_true", help="skip the full-width baselines")
+    parser.add_argument("--controls", action="store_true", help="also run the inert and restart controls")
     parser.add_argument("--jobs", type=int, default=None, help="parallel processes (1 or 2; default 2, 1 with --quick)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/accuracy"), help="output directory")
     parser.add_argument("--max-dendrites", type=int, default=None, help="cap dendrite sets per layer (default 8)")
@@ -526,7 +552,8 @@ def main(argv: list[str] | None = None) -> int:
     units: list[tuple[str, int, str, bool, int, int | None]] = []
     cap = args.max_dendrites
     for seed in range(seeds):
-        units += [(b.name, seed, "variants", quick, threads, cap) for b in selected]
+        kind = "controls" if args.controls else "variants"
+        units += [(b.name, seed, kind, quick, threads, cap) for b in selected]
         if not args.no_compression:
             fams = {b.family: b for b in selected if b.full_width is not None}
             units += [(b.name, seed, "full", quick, threads, cap) for b in fams.values()]

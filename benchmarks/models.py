@@ -127,8 +127,25 @@ def digits_arrays() -> Arrays:
     return x[n_test:], y[n_test:], x[:n_test], y[:n_test]
 
 
+@cache
+def friedman_arrays(n: int = 3000, noise: float = 1.0, seed: int = 1234) -> Arrays:
+    """Friedman #1 regression (``sklearn.datasets.make_friedman1``): 10 uniform inputs, 5 of them used.
+
+    ``y = 10 sin(pi x1 x2) + 20 (x3 - 0.5)^2 + 10 x4 + 5 x5 + noise``: a multiplicative interaction,
+    a quadratic and linear terms, the classic test of adaptive regression methods (MARS). The
+    targets stay real numbers (float32); the test part is the first 20%; the seed is the data's own.
+    """
+    from sklearn.datasets import make_friedman1
+
+    x, y = make_friedman1(n_samples=n, n_features=10, noise=noise, random_state=seed)
+    x, y = x.astype(np.float32), y.astype(np.float32)
+    n_test = n // 5
+    return x[n_test:], y[n_test:], x[:n_test], y[:n_test]
+
+
 LOADERS: dict[str, Callable[[], Arrays]] = {
     "digits": digits_arrays,
+    "friedman": friedman_arrays,
     "spirals": spirals_arrays,
     "mnist1d": mnist1d_arrays,
     "fashion": fashion_arrays,
@@ -141,7 +158,8 @@ class ArrayDataModule(pl.LightningDataModule):
     The validation part is the last ``val_fraction`` of the training arrays (their order is
     already a fixed permutation, or the data set's own fixed order), so it never changes with
     the training seed. Inputs are standardised with the training part's statistics (per feature
-    for vectors, one global mean/std for images).
+    for vectors, one global mean/std for images); real-valued (regression) targets are
+    standardised the same way, integer class labels are kept.
 
     Args:
         name: a key of :data:`LOADERS`.
@@ -181,10 +199,15 @@ class ArrayDataModule(pl.LightningDataModule):
         else:
             mean, std = x_fit.mean(), x_fit.std() + 1e-6
 
+        regression = np.issubdtype(np.asarray(y_fit).dtype, np.floating)
+        y_mean, y_std = (float(y_fit.mean()), float(y_fit.std())) if regression else (0.0, 1.0)
+
         def tensors(x: np.ndarray, y: np.ndarray) -> TensorDataset:
             inputs = torch.from_numpy(((x - mean) / std).astype(np.float32))
             if self.image_shape is not None:
                 inputs = inputs.reshape(-1, *self.image_shape)
+            if regression:
+                return TensorDataset(inputs, torch.from_numpy(((y - y_mean) / y_std).astype(np.float32)))
             return TensorDataset(inputs, torch.from_numpy(np.asarray(y, dtype=np.int64)))
 
         self._splits = {

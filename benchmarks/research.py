@@ -55,6 +55,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 _HERE = Path(__file__).resolve().parent
@@ -102,6 +103,14 @@ VARIANTS: dict[str, Variant] = {
     "pb": Variant(note="dense dendrites, default DendriteConfig"),
     "tanh": Variant({"activation": "tanh"}, note="tanh dendrite nonlinearity"),
     "relu": Variant({"activation": "relu"}, note="relu dendrite nonlinearity"),
+    "relu-fan2": Variant(
+        {"activation": "relu", "fan_in": 2, "fan_in_mode": "local"},
+        note="relu dendrites, each seeing 2 inputs (local windows)",
+    ),
+    "relu-fan4": Variant(
+        {"activation": "relu", "fan_in": 4, "fan_in_mode": "local"},
+        note="relu dendrites, each seeing 4 inputs (local windows)",
+    ),
     "clr1": Variant(candidate_lr=1.0, note="candidate LR = network LR (default 10x)"),
     "clr100": Variant(candidate_lr=100.0, note="candidate LR = 100x network LR"),
     "k1": Variant({"num_candidates": 1}, note="one candidate per neuron (default pool of 4)"),
@@ -143,8 +152,36 @@ WIDTH_MULTIPLES = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 RESTART_MULTIPLES = (1.0, 2.0, 4.0)
 
 
+def _regression_mlp(in_features: int, lr: float) -> Any:
+    """``in_features → width → width → 1`` with ReLU, as the classification MLPs but one real output."""
+
+    def make(width: int, dendrites: DendriteConfig | None) -> Any:
+        layers = [nn.Linear(in_features, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 1)]
+        return SimpleNamespace(net=nn.Sequential(*layers), lr=lr)
+
+    return make
+
+
+#: Regression targets (a regime the accuracy benchmark does not have): trained on the mean squared
+#: error of standardised targets, decided on the validation loss, judged by the test R² (× 100 in
+#: the tables, so the gaps read as points of explained variance).
+REGRESSION_BENCHES = (
+    Bench(
+        "Friedman-1 MLP-4",
+        "friedman",
+        "Friedman MLP",
+        4,
+        _regression_mlp(10, 3e-3),
+        {"batch_size": 64},
+        max_epochs=400,
+        neuron_patience=10,
+        task="regression",
+    ),
+)
+
+
 def all_benches() -> dict[str, Bench]:
-    return {b.name: b for group in benches(False).values() for b in group}
+    return {b.name: b for group in [*benches(False).values(), REGRESSION_BENCHES] for b in group}
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -168,17 +205,30 @@ def batches(x: Tensor, y: Tensor, size: int, generator: torch.Generator) -> Iter
         yield x[idx], y[idx]
 
 
+def loss_fn(task: str) -> Any:
+    """The training loss: cross-entropy for classification, mean squared error for regression."""
+    if task == "regression":
+        return lambda out, y: F.mse_loss(out.squeeze(-1), y)
+    return F.cross_entropy
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) in eval mode."""
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, task: str = "classification") -> tuple[float, float]:
+    """(score, mean loss) in eval mode: accuracy and cross-entropy, or R² and squared error."""
     model.eval()
-    correct, loss = 0, 0.0
+    score, loss = 0.0, 0.0
     for i in range(0, len(y), 2048):
-        logits = model(x[i : i + 2048])
-        correct += int((logits.argmax(1) == y[i : i + 2048]).sum())
-        loss += float(F.cross_entropy(logits, y[i : i + 2048], reduction="sum"))
+        out, target = model(x[i : i + 2048]), y[i : i + 2048]
+        if task == "regression":
+            loss += float(((out.squeeze(-1) - target) ** 2).sum())
+        else:
+            score += int((out.argmax(1) == target).sum())
+            loss += float(F.cross_entropy(out, target, reduction="sum"))
     model.train()
-    return correct / len(y), loss / len(y)
+    if task == "regression":
+        score = 1.0 - loss / float(((y - y.mean()) ** 2).sum())  # R²: the share of the variance explained
+        return score, loss / len(y)
+    return score / len(y), loss / len(y)
 
 
 # ----------------------------------------------------------------------------------------------- fit
@@ -226,15 +276,16 @@ def fit(bench: Bench, arm: Arm, seed: int, data: dict[str, tuple[Tensor, Tensor]
     batch_size = bench.data.get("batch_size", 64)
     max_epochs = 8 if quick else (variant.max_epochs or bench.max_epochs)
     epochs, complete, start = 0, False, time.perf_counter()
+    criterion = loss_fn(bench.task)
     correlations: list[float] = []
     while epochs < max_epochs and not complete:
         model.train()
         for x, y in batches(x_train, y_train, batch_size, generator):
             optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
+            criterion(model(x), y).backward()
             optimizer.step()
         epochs += 1
-        acc, loss = evaluate(model, x_val, y_val)
+        acc, loss = evaluate(model, x_val, y_val, bench.task)
         before = tracker.machine.state.phase
         model, restructured, complete = tracker.add_validation_score(loss if mode == "min" else acc, model)
         if before == "dendrite" and tracker.machine.state.phase == "neuron" and tracker.machine.state.candidate_best:
@@ -248,12 +299,13 @@ def fit(bench: Bench, arm: Arm, seed: int, data: dict[str, tuple[Tensor, Tensor]
     if not complete:
         tracker.finish(model)
     wall = time.perf_counter() - start
-    test_acc, _ = evaluate(model, *data["test"])
-    val_acc, val_loss = evaluate(model, x_val, y_val)
+    test_acc, _ = evaluate(model, *data["test"], bench.task)
+    val_acc, val_loss = evaluate(model, x_val, y_val, bench.task)
     counts = parameter_counts(model)
     state = tracker.machine.state
     return {
         "benchmark": bench.name,
+        "task": bench.task,  # for "regression", the *_acc fields hold R²
         "arm": arm.name,
         "kind": arm.kind,
         "variant": arm.variant,
@@ -421,11 +473,14 @@ def markdown(results: dict[str, Any]) -> str:
         lines += ["", "Variants: " + "; ".join(f"`{k}`: {v}" for k, v in variants.items()) + "."]
     for bench, arms in results["summary"].items():
         limits = sorted({r["limit_train"] for r in results["runs"] if r["benchmark"] == bench and "limit_train" in r})
+        regression = any(r.get("task") == "regression" for r in results["runs"] if r["benchmark"] == bench)
         lines += [
             "",
             f"## {bench}" + (f" (training split subsampled to the first {limits[0]} examples)" if limits else ""),
+            *(["", "Regression: the score is the test R² × 100; gaps are points of explained variance."] * regression),
             "",
-            "| arm | width | params | test acc % | vs base | vs width frontier | vs restart frontier | vs inert "
+            f"| arm | width | params | {'test R² ×100' if regression else 'test acc %'} "
+            "| vs base | vs width frontier | vs restart frontier | vs inert "
             "| D/layer | epochs | s/fit | seeds |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
