@@ -105,10 +105,10 @@ class PhaseMachine:
     Example::
 
         >>> machine = PhaseMachine("min", PhaseSchedule(neuron_patience=1, dendrite_epochs=1))
-        >>> [machine.step(s).action for s in (1.0, 0.5, 0.6)]
+        >>> [str(machine.step(s).action) for s in (1.0, 0.5, 0.6)]
         ['continue', 'continue', 'start_dendrite_phase']
-        >>> machine.step(0.5, candidate_score=0.2).action
-        'accept'
+        >>> machine.step(0.5, candidate_score=0.2).action == Action.ACCEPT == "accept"
+        True
     """
 
     def __init__(self, mode: Mode, schedule: PhaseSchedule | None = None) -> None:
