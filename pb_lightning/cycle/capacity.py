@@ -14,16 +14,19 @@ of calling it (torch's attention fast paths did) fails that check, with the laye
 from __future__ import annotations
 
 import io
+import os
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from pb_lightning.cycle.schedule import CAPACITY_TEST_DENDRITES
 from pb_lightning.engine.convert import perforated_layers
 from pb_lightning.engine.state import load_perforation_state, perforation_state
 
-CAPACITY_TEST_DENDRITES = 3
+__all__ = ["CAPACITY_TEST_DENDRITES", "PROBE_OUTPUT_WEIGHT", "CapacityProbe"]
 
 #: The output weight every accepted dendrite gets, for a moment, in the dead-dendrite check.
 PROBE_OUTPUT_WEIGHT = 0.1
@@ -187,6 +190,33 @@ class CapacityProbe:
         expected, got = self.outputs(model), self.outputs(loaded)
         if any(not torch.equal(expected[k], got[k]) for k in expected):
             self.problems.append("a model loaded from a checkpoint computes different outputs")
+
+    def check_checkpoint_round_trip(
+        self,
+        model: nn.Module,
+        save: Callable[[str], None],
+        load: Callable[[str], nn.Module],
+        directory: str | None = None,
+    ) -> None:
+        """Save a checkpoint of ``model`` with ``save(path)``, load it with ``load(path)``, compare.
+
+        The framework's own checkpoint calls do the work (``Trainer.save_checkpoint`` and
+        ``load_from_checkpoint`` for Lightning), so what is checked is what a user's checkpoint
+        goes through. The file goes into ``directory``, which the caller cleans up (under DDP every
+        rank must read rank 0's file), or by default into a temporary directory of the probe's
+        own, deleted afterwards. A failure is reported once, however often it repeats.
+        """
+        with tempfile.TemporaryDirectory() as own:
+            path = os.path.join(own if directory is None else directory, "pb_capacity_test.ckpt")
+            try:
+                save(path)
+                loaded = load(path)
+            except Exception as error:  # the capacity test reports what failed instead of stopping
+                problem = f"a checkpoint saved after restructuring did not load: {error!r}"
+                if problem not in self.problems:  # the same failure at every restructure: say it once
+                    self.problems.append(problem)
+                return
+        self.compare(model, loaded)
 
     def check_state_round_trip(self, model: nn.Module, fresh: nn.Module) -> None:
         """Save ``model``'s state (weights_only) and load it into ``fresh``, a newly perforated twin."""

@@ -27,56 +27,57 @@ import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pb_lightning.cycle.decision import (
+    ACCEPT,
+    ACTIONS,
+    CONTINUE,
+    RESTART,
+    RESTORE_GLOBAL_BEST,
+    RESTORE_PHASE_BEST,
+    RETRY,
+    START_DENDRITE_PHASE,
+    STOP,
+    Action,
+    Decision,
+    Phase,
+    Restore,
+    Verdict,
+)
 from pb_lightning.cycle.schedule import Mode, PhaseSchedule
 from pb_lightning.errors import invalid
 
-#: Every action a decision can carry.
-CONTINUE = "continue"
-START_DENDRITE_PHASE = "start_dendrite_phase"
-ACCEPT = "accept"
-RETRY = "retry"
-STOP = "stop"
-#: ``restarts_only``: restore the weights the decision names and begin a new neuron phase with a
-#: fresh optimizer (the trainable parameters do not change, but the optimizer's state is dropped).
-RESTART = "restart"
-ACTIONS = (CONTINUE, START_DENDRITE_PHASE, ACCEPT, RETRY, STOP, RESTART)
+__all__ = [
+    "ACCEPT",
+    "ACTIONS",
+    "CONTINUE",
+    "HISTORY_KEYS",
+    "RESTART",
+    "RESTORE_GLOBAL_BEST",
+    "RESTORE_PHASE_BEST",
+    "RETRY",
+    "START_DENDRITE_PHASE",
+    "STOP",
+    "Action",
+    "Decision",
+    "Phase",
+    "PhaseMachine",
+    "PhaseState",
+    "Restore",
+    "Verdict",
+]
 
 #: The fields of each :attr:`PhaseState.history` entry, one per validation.
 HISTORY_KEYS = ("validation", "phase", "score", "candidate_score", "dendrites", "action", "reason")
 
-#: What a decision asks the caller to restore before acting.
-RESTORE_PHASE_BEST = "phase_best"
-RESTORE_GLOBAL_BEST = "global_best"
-
-
-
-@dataclass(frozen=True)
-class Decision:
-    """What to do after one validation.
-
-    Attributes:
-        action: one of ``continue``, ``start_dendrite_phase``, ``accept``, ``retry``, ``stop``.
-        reason: a human-readable explanation, for logs.
-        restore: weights to restore *before* acting: ``"phase_best"`` (the best validation point
-            of the neuron phase that just ended), ``"global_best"`` (the best model so far), or None.
-        new_phase_best: this validation is the best of the current neuron phase: snapshot the
-            weights as the phase best.
-        new_global_best: the phase best just became the global best: keep its snapshot as the
-            global best.
-    """
-
-    action: str
-    reason: str
-    restore: str | None = None
-    new_phase_best: bool = False
-    new_global_best: bool = False
-
 
 @dataclass
 class PhaseState:
-    """The machine's whole state, plain data (it round-trips through ``weights_only`` checkpoints)."""
+    """The machine's whole state, plain data (it round-trips through ``weights_only`` checkpoints).
 
-    phase: str = "neuron"
+    ``phase`` is therefore the plain string value of a :class:`Phase`, never the enum member.
+    """
+
+    phase: str = Phase.NEURON.value
     validations: int = 0
     epochs_in_phase: int = 0
     phase_best: float | None = None
@@ -104,10 +105,10 @@ class PhaseMachine:
     Example::
 
         >>> machine = PhaseMachine("min", PhaseSchedule(neuron_patience=1, dendrite_epochs=1))
-        >>> [machine.step(s).action for s in (1.0, 0.5, 0.6)]
+        >>> [str(machine.step(s).action) for s in (1.0, 0.5, 0.6)]
         ['continue', 'continue', 'start_dendrite_phase']
-        >>> machine.step(0.5, candidate_score=0.2).action
-        'accept'
+        >>> machine.step(0.5, candidate_score=0.2).action == Action.ACCEPT == "accept"
+        True
     """
 
     def __init__(self, mode: Mode, schedule: PhaseSchedule | None = None) -> None:
@@ -152,12 +153,13 @@ class PhaseMachine:
         phase = s.phase
         if s.done:
             decision = Decision(STOP, "training is already complete")
-        elif s.phase == "dendrite":
+        elif s.phase == Phase.DENDRITE:
             decision = self._dendrite_step(candidate_score)
         else:
             decision = self._neuron_step(float(score))
-        values = (s.validations, phase, float(score), candidate_score, s.dendrites, decision.action, decision.reason)
-        s.history.append(dict(zip(HISTORY_KEYS, values, strict=True)))
+        # Plain strings in the history (a checkpoint loaded with weights_only=True holds no enums).
+        values = (s.validations, phase, float(score), candidate_score, s.dendrites, decision.action.value)
+        s.history.append(dict(zip(HISTORY_KEYS, (*values, decision.reason), strict=True)))
         return decision
 
     def _neuron_step(self, score: float) -> Decision:
@@ -179,30 +181,44 @@ class PhaseMachine:
             return Decision(CONTINUE, "neuron phase", new_phase_best=new_best)
         return self._end_neuron_phase(why, new_best)
 
+    def _judge_cycle(self, *, keep_unimproved: bool) -> bool:
+        """The verdict at the end of a neuron phase that followed an acceptance (or a restart).
+
+        The one copy of the rule, shared by :meth:`step` and :meth:`finish`: the cycle is
+        accepted if its neuron phase's best beat the global best (or ``keep_unimproved``), and
+        then becomes the global best; a rejected cycle's dendrite set is taken back off the
+        count. Returns whether the cycle was accepted.
+        """
+        s = self.state
+        improved = s.phase_best is not None and self.is_improvement(s.phase_best, s.global_best)
+        if improved or keep_unimproved:
+            s.accepted_cycles += 1
+            if improved:
+                s.global_best = s.phase_best
+            return True
+        s.rejected_cycles += 1
+        if not self.schedule.restarts_only:
+            s.dendrites -= 1
+        return False
+
     def _end_neuron_phase(self, why: str, new_best: bool) -> Decision:
         s, sched = self.state, self.schedule
         if s.awaiting_verdict:
             s.awaiting_verdict = False
-            improved = s.phase_best is not None and self.is_improvement(s.phase_best, s.global_best)
-            if improved or not sched.require_improvement:
-                s.accepted_cycles += 1
+            previous_best = s.global_best
+            if self._judge_cycle(keep_unimproved=not sched.require_improvement):
                 s.tries = 0
-                verdict = f"{why}; the cycle improved the global best {s.global_best} -> {s.phase_best}"
-                if improved:
-                    s.global_best = s.phase_best
-                return self._next_cycle(verdict, new_best)
-            s.rejected_cycles += 1
+                verdict = f"{why}; the cycle improved the global best {previous_best} -> {s.phase_best}"
+                return self._next_cycle(verdict, new_best, Verdict.ACCEPTED)
             s.tries += 1
-            if not sched.restarts_only:
-                s.dendrites -= 1
             verdict = f"{why}; the cycle did not beat the global best {s.global_best} (phase best {s.phase_best})"
+            rejected = {"restore": Restore.GLOBAL_BEST, "new_phase_best": new_best, "verdict": Verdict.REJECTED}
             if s.tries >= sched.max_tries:
                 s.done = True
                 return Decision(
                     STOP,
                     f"{verdict}; {s.tries} failed tries (max_tries={sched.max_tries}): training is complete",
-                    restore=RESTORE_GLOBAL_BEST,
-                    new_phase_best=new_best,
+                    **rejected,
                 )
             if sched.restarts_only:
                 self._enter_neuron_phase_after_restart()
@@ -210,24 +226,20 @@ class PhaseMachine:
                     RESTART,
                     f"{verdict}; restarting from the global best with a fresh optimizer "
                     f"(try {s.tries + 1} of {sched.max_tries})",
-                    restore=RESTORE_GLOBAL_BEST,
-                    new_phase_best=new_best,
+                    **rejected,
                 )
             self._enter_dendrite_phase()
             return Decision(
-                RETRY,
-                f"{verdict}; retrying with fresh candidates (try {s.tries + 1} of {sched.max_tries})",
-                restore=RESTORE_GLOBAL_BEST,
-                new_phase_best=new_best,
+                RETRY, f"{verdict}; retrying with fresh candidates (try {s.tries + 1} of {sched.max_tries})", **rejected
             )
         # The first neuron phase: its best is the baseline every later cycle must beat.
         s.global_best = s.baseline = s.phase_best
-        return self._next_cycle(f"{why}; baseline best {s.phase_best}", new_best)
+        return self._next_cycle(f"{why}; baseline best {s.phase_best}", new_best, None)
 
-    def _next_cycle(self, reason: str, new_best: bool) -> Decision:
+    def _next_cycle(self, reason: str, new_best: bool, verdict: Verdict | None) -> Decision:
         s, sched = self.state, self.schedule
         if sched.restarts_only:
-            return self._next_restart(reason, new_best)
+            return self._next_restart(reason, new_best, verdict)
         if s.dendrites >= sched.max_dendrites:
             s.done = True
             return Decision(
@@ -236,13 +248,19 @@ class PhaseMachine:
                 restore=RESTORE_PHASE_BEST,
                 new_phase_best=new_best,
                 new_global_best=True,
+                verdict=verdict,
             )
         self._enter_dendrite_phase()
         return Decision(
-            START_DENDRITE_PHASE, reason, restore=RESTORE_PHASE_BEST, new_phase_best=new_best, new_global_best=True
+            START_DENDRITE_PHASE,
+            reason,
+            restore=RESTORE_PHASE_BEST,
+            new_phase_best=new_best,
+            new_global_best=True,
+            verdict=verdict,
         )
 
-    def _next_restart(self, reason: str, new_best: bool) -> Decision:
+    def _next_restart(self, reason: str, new_best: bool, verdict: Verdict | None) -> Decision:
         s, sched = self.state, self.schedule
         restarts = s.accepted_cycles if sched.require_improvement else s.accepted_cycles + s.rejected_cycles
         if restarts >= sched.max_dendrites:
@@ -253,6 +271,7 @@ class PhaseMachine:
                 restore=RESTORE_PHASE_BEST,
                 new_phase_best=new_best,
                 new_global_best=True,
+                verdict=verdict,
             )
         self._enter_neuron_phase_after_restart()
         return Decision(
@@ -261,17 +280,18 @@ class PhaseMachine:
             restore=RESTORE_PHASE_BEST,
             new_phase_best=new_best,
             new_global_best=True,
+            verdict=verdict,
         )
 
     def _enter_neuron_phase_after_restart(self) -> None:
         s = self.state
-        s.phase, s.epochs_in_phase = "neuron", 0
+        s.phase, s.epochs_in_phase = Phase.NEURON.value, 0
         s.phase_best, s.wait = None, 0
         s.awaiting_verdict = True
 
     def _enter_dendrite_phase(self) -> None:
         s = self.state
-        s.phase, s.epochs_in_phase = "dendrite", 0
+        s.phase, s.epochs_in_phase = Phase.DENDRITE.value, 0
         s.candidate_best, s.candidate_wait = None, 0
 
     def _dendrite_step(self, candidate_score: float | None) -> Decision:
@@ -288,7 +308,7 @@ class PhaseMachine:
             why = f"the dendrite phase hit max_dendrite_epochs={sched.max_dendrite_epochs}"
         else:
             return Decision(CONTINUE, "dendrite phase")
-        s.phase, s.epochs_in_phase = "neuron", 0
+        s.phase, s.epochs_in_phase = Phase.NEURON.value, 0
         s.phase_best, s.wait = None, 0
         s.dendrites += 1
         s.awaiting_verdict = True
@@ -306,22 +326,25 @@ class PhaseMachine:
         if s.done:
             return Decision(CONTINUE, "training already complete")
         s.done = True
-        if s.phase == "dendrite":
+        if s.phase == Phase.DENDRITE:
             return Decision(STOP, "training ended during a dendrite phase", restore=RESTORE_GLOBAL_BEST)
-        if s.awaiting_verdict and s.phase_best is not None and self.is_improvement(s.phase_best, s.global_best):
-            s.global_best = s.phase_best
-            s.accepted_cycles += 1
+        if s.awaiting_verdict:
+            # Judged as if the phase had ended, but an unimproved cycle is never kept here, even
+            # with require_improvement=False: a run cut short leaves the best model it found.
+            if self._judge_cycle(keep_unimproved=False):
+                return Decision(
+                    STOP,
+                    "training ended; the last cycle improved the global best",
+                    restore=RESTORE_PHASE_BEST,
+                    new_global_best=True,
+                    verdict=Verdict.ACCEPTED,
+                )
             return Decision(
                 STOP,
-                "training ended; the last cycle improved the global best",
-                restore=RESTORE_PHASE_BEST,
-                new_global_best=True,
+                "training ended; the last cycle did not improve",
+                restore=RESTORE_GLOBAL_BEST,
+                verdict=Verdict.REJECTED,
             )
-        if s.awaiting_verdict:
-            if not self.schedule.restarts_only:
-                s.dendrites -= 1
-            s.rejected_cycles += 1
-            return Decision(STOP, "training ended; the last cycle did not improve", restore=RESTORE_GLOBAL_BEST)
         s.global_best = s.phase_best
         return Decision(
             STOP, "training ended in the first neuron phase", restore=RESTORE_PHASE_BEST, new_global_best=True

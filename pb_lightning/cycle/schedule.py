@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from pb_lightning.errors import check_int, invalid
 
 Mode = Literal["min", "max"]
+
+#: Dendrite sets the capacity test adds (docs/ALGORITHM.md §5).
+CAPACITY_TEST_DENDRITES = 3
 
 
 @dataclass(frozen=True)
@@ -79,3 +82,26 @@ class PhaseSchedule:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
                 raise invalid(f"PhaseSchedule.{name}", value, "a finite float >= 0")
+
+    @classmethod
+    def capacity_test(cls, base: PhaseSchedule | None = None) -> PhaseSchedule:
+        """The capacity test's schedule (docs/ALGORITHM.md §5): switch at every validation, keep
+        every cycle, stop after :data:`CAPACITY_TEST_DENDRITES` dendrite sets.
+
+        The one place that schedule is built, for the Lightning callback and the tracker alike.
+        ``base`` supplies the settings the test does not fix (the callback passes the schedule
+        built from its own arguments; default: :class:`PhaseSchedule`'s defaults).
+
+        Example::
+
+            >>> PhaseSchedule.capacity_test().max_dendrites
+            3
+        """
+        return replace(
+            cls() if base is None else base,
+            neuron_epochs=1,
+            dendrite_epochs=1,
+            max_dendrites=CAPACITY_TEST_DENDRITES,
+            require_improvement=False,
+            restarts_only=False,
+        )

@@ -18,7 +18,7 @@ from pb_lightning.engine.sparse_banks import make_bank
 log = logging.getLogger(__name__)
 
 
-@torch._dynamo.disable
+@torch.compiler.disable
 def _tap(y: Tensor, v: Tensor, pool: CandidatePool) -> Tensor:
     """Apply the correlation tap outside torch.compile's graphs.
 

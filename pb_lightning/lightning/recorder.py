@@ -8,14 +8,17 @@ explicit ``output_dir``): a run without a logger writes no files.
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from pb_lightning.cycle.machine import ACCEPT, CONTINUE, RESTART, RETRY, STOP, Decision, PhaseMachine
+from pb_lightning.cycle.machine import ACCEPT, CONTINUE, HISTORY_KEYS, Decision, PhaseMachine, Verdict
+from pb_lightning.cycle.schedule import PhaseSchedule
 from pb_lightning.engine.params import parameter_counts
+from pb_lightning.engine.transitions import candidate_scores, in_dendrite_phase
 from pb_lightning.lightning.module import PerforatedModule
 from pb_lightning.reporting.history import END, final_report, format_report, save_history
 from pb_lightning.reporting.plot import PLOT_FILE, matplotlib_available, plot_history
@@ -53,13 +56,47 @@ class RunRecorder:
         return Path(trainer.log_dir) if trainer.log_dir is not None else None
 
     # ------------------------------------------------------------------ recording
-    def start(self, trainer: pl.Trainer, module: PerforatedModule, hparams: dict[str, Any]) -> None:
-        """At fit start: remember the initial size and send the callback's settings to the loggers."""
+    def start(
+        self, trainer: pl.Trainer, module: PerforatedModule, settings: dict[str, Any], schedule: PhaseSchedule
+    ) -> None:
+        """At fit start: remember the initial size and send the callback's settings to the loggers.
+
+        The loggers' hparams: ``settings`` (the callback's own), the schedule and the module's
+        dendrite configuration, under ``pb_lightning/``.
+        """
         if self.initial_parameters is None:
             self.initial_parameters = parameter_counts(module)["total"]
+        hparams = {f"pb_lightning/{k}": v for k, v in settings.items()}
+        hparams.update({f"pb_lightning/schedule/{k}": v for k, v in asdict(schedule).items()})
+        config = getattr(module, "dendrite_config", None)
+        if config is not None:
+            hparams.update({f"pb_lightning/dendrites/{k}": v for k, v in config.to_dict().items()})
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_hyperparams(hparams)
+
+    def announce(self, trainer: pl.Trainer, decision: Decision, score: float) -> None:
+        """Say every decision that changes something at INFO (on rank 0), every one at DEBUG."""
+        if decision.action != CONTINUE:
+            rank_zero_info(
+                f"pb_lightning epoch {trainer.current_epoch}: {decision.action} — {decision.reason} "
+                f"({self.monitor}={score:.6g})"
+            )
+        log.debug("epoch %d: %s (%s)", trainer.current_epoch, decision.action, decision.reason)
+
+    @staticmethod
+    def show_progress(trainer: pl.Trainer, module: pl.LightningModule, machine: PhaseMachine) -> None:
+        """Put the phase and the dendrite count on the progress bar, through ``LightningModule.log``.
+
+        Logged at the end of each training epoch, after the decision: the bar shows them from
+        then through the next epoch, which runs in that state. Not sent to the loggers (the
+        ``pb/`` metrics carry the same numbers there).
+        """
+        if trainer.progress_bar_callback is None:
+            return
+        shown = {"dendrite_phase": in_dendrite_phase(module), "dendrites": machine.state.dendrites}
+        for name, value in shown.items():
+            module.log(name, float(value), prog_bar=True, logger=False, on_epoch=True, sync_dist=True, batch_size=1)
 
     def record(
         self,
@@ -75,7 +112,7 @@ class RunRecorder:
         correlation (empty outside dendrite phases).
         """
         entry = machine.state.history[-1]
-        self.rows.append(self._row(trainer, module, machine, entry, decision.action, decision.reason))
+        self.rows.append(self._row(trainer, module, machine, entry, decision.action.value, decision.reason))
         metrics = self._metrics(module, machine, decision)
         for name, (mean, best) in candidates.items():
             metrics[f"pb/candidate_correlation_mean/{name}"] = mean
@@ -139,11 +176,10 @@ class RunRecorder:
         }
         for layer in layers:
             metrics[f"pb/dendrites/{layer.name}"] = float(layer.num_dendrites)
-        # Events: 1 at the epoch where a cycle was accepted or rejected.
+        # Events: 1 at the epoch where dendrites were accepted, or where a cycle was rejected
+        # (from the decision's verdict, never from its reason text).
         metrics["pb/event/dendrites_accepted"] = float(decision.action == ACCEPT)
-        metrics["pb/event/cycle_rejected"] = float(
-            decision.action == RETRY or (decision.action in (STOP, RESTART) and "did not beat" in decision.reason)
-        )
+        metrics["pb/event/cycle_rejected"] = float(decision.verdict == Verdict.REJECTED)
         return metrics
 
     @staticmethod
@@ -178,3 +214,19 @@ class RunRecorder:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rows = list(state.get("rows", []))
         self.initial_parameters = state.get("initial_parameters")
+
+
+def candidate_scores_by_layer(module: PerforatedModule) -> dict[str, tuple[float, float]]:
+    """Per layer: mean and max over neurons of each neuron's best candidate score (empty outside dendrite phases)."""
+    if not in_dendrite_phase(module):
+        return {}
+    return {name: (float(s.mean()), float(s.max())) for name, s in candidate_scores(module).items()}
+
+
+def machine_history(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The phase machine's per-validation history, rebuilt from the recorder's rows.
+
+    One row is recorded right after each decision, so the machine's history is a projection of
+    the rows: checkpoints store it once, as the rows (the closing ``end`` row is not a decision).
+    """
+    return [{key: row.get(key) for key in HISTORY_KEYS} for row in rows if row.get("action") != END]

@@ -30,9 +30,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from pb_lightning.cycle.capacity import CAPACITY_TEST_DENDRITES, CapacityProbe
+from pb_lightning.cycle.capacity import CapacityProbe
 from pb_lightning.cycle.controller import CycleController, mean_candidate_score
-from pb_lightning.cycle.machine import Decision, PhaseMachine
+from pb_lightning.cycle.machine import CONTINUE, Decision, PhaseMachine
 from pb_lightning.cycle.schedule import PhaseSchedule
 from pb_lightning.cycle.scores import as_score, nonfinite_message
 from pb_lightning.engine.config import DendriteConfig
@@ -117,10 +117,8 @@ class PerforatedTracker:
         schedule = PhaseSchedule() if schedule is None else schedule
         if not isinstance(schedule, PhaseSchedule):
             raise invalid("schedule", schedule, "a pb_lightning.PhaseSchedule")
-        if capacity_test:
-            schedule = PhaseSchedule(
-                neuron_epochs=1, dendrite_epochs=1, max_dendrites=CAPACITY_TEST_DENDRITES, require_improvement=False
-            )
+        if capacity_test:  # the test's own schedule, the same as the callback's
+            schedule = PhaseSchedule.capacity_test()
         self.machine = PhaseMachine(mode, schedule)
         self.controller = CycleController(self.machine)
         self.capacity_test = capacity_test
@@ -236,7 +234,7 @@ class PerforatedTracker:
                 warnings.warn(f"pb_lightning {self.capacity_report}", stacklevel=3)
 
     def _announce(self, decision: Decision, score: float, when: str) -> None:
-        level = logging.INFO if self.verbose and decision.action != "continue" else logging.DEBUG
+        level = logging.INFO if self.verbose and decision.action != CONTINUE else logging.DEBUG
         log.log(level, "pb_lightning %s: %s — %s (score=%.6g)", when, decision.action, decision.reason, score)
 
     def _check_capacity(self, model: nn.Module) -> None:
