@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -58,7 +59,7 @@ def run_meta(argv: Sequence[str] | None) -> dict[str, Any]:
     """
     args = list(argv) if argv is not None else sys.argv[1:]
     return {
-        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *args]),
+        "command": "python " + shlex.join([Path(sys.argv[0]).as_posix(), *args]),  # quoted: it can be re-run
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "uname": " ".join(platform.uname()[:5]),
         "machine": cpu_model(),
