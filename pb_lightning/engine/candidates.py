@@ -49,12 +49,13 @@ def _tap_gradient(v: Tensor, e: Tensor, key: int) -> Tensor:
     up hands back zeros where the eager tap gives ``None`` (the candidates do not move either way).
     """
     grad = _POOLS[key].observe(v, e)
-    return torch.zeros_like(v) if grad is None else grad
+    # Contiguous, as the fake kernel promises: compiled code checks the layout it was built for.
+    return v.new_zeros(v.shape) if grad is None else grad.contiguous()
 
 
 @_tap_gradient.register_fake
 def _(v: Tensor, e: Tensor, key: int) -> Tensor:
-    return torch.empty_like(v)
+    return v.new_empty(v.shape)
 
 
 class _TracedTap(torch.autograd.Function):
