@@ -28,7 +28,6 @@ absolute times, are the result. Wall times on a shared machine are noisy; epochs
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
