@@ -71,7 +71,7 @@ import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -228,8 +228,14 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore")
 
 
-def train_one(bench: Bench, variant: str, width: int, seed: int, quick: bool) -> dict[str, Any]:
-    """Fit one variant of one benchmark with one seed and evaluate it on the test split once."""
+def train_one(
+    bench: Bench, variant: str, width: int, seed: int, quick: bool, extra_callbacks: Sequence[pl.Callback] = ()
+) -> dict[str, Any]:
+    """Fit one variant of one benchmark with one seed and evaluate it on the test split once.
+
+    ``extra_callbacks`` run beside the :class:`~pb_lightning.PerforatedCallback` (after it), so
+    another benchmark (``cycle_cost.py``) can observe exactly this run.
+    """
     from models import ArrayDataModule
 
     _quiet()
@@ -253,7 +259,7 @@ def train_one(bench: Bench, variant: str, width: int, seed: int, quick: bool) ->
     callback = PerforatedCallback(**sched)
     trainer = pl.Trainer(
         max_epochs=12 if quick else bench.max_epochs,
-        callbacks=[callback],
+        callbacks=[callback, *extra_callbacks],
         accelerator="cpu",
         devices=1,
         logger=False,

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
+import weakref
 from typing import Any
 
 import torch
@@ -18,14 +20,57 @@ from pb_lightning.engine.sparse_banks import make_bank
 log = logging.getLogger(__name__)
 
 
-@torch.compiler.disable
-def _tap(y: Tensor, v: Tensor, pool: CandidatePool) -> Tensor:
-    """Apply the correlation tap outside torch.compile's graphs.
+#: Live candidate pools by key, so that the traced tap below can find its pool from an integer:
+#: a custom op takes tensors and numbers, never a Python object.
+_POOLS: weakref.WeakValueDictionary[int, CandidatePool] = weakref.WeakValueDictionary()
+_KEYS = itertools.count()
 
-    Its backward updates running statistics and snapshots with data-dependent Python control
-    flow; compiled code calls it as an opaque eager function instead of failing to trace it.
+
+def _tap(y: Tensor, v: Tensor, pool: CandidatePool) -> Tensor:
+    """Apply the correlation tap: ``y`` unchanged, and ``∂(−J)/∂V`` for ``v`` in backward.
+
+    Eagerly this is :class:`CorrelationTap`. Under ``torch.compile`` it is :class:`_TracedTap`,
+    which dynamo traces into the layer's graph: a graph break here (the tap used to be a
+    ``torch.compiler.disable``d call) split every layer into its own frame, and as all layers share
+    ``PerforatedLayer.forward``, a model with more than 8 layer variants hit dynamo's recompile
+    limit and ran the rest eagerly.
     """
+    if torch.compiler.is_compiling():
+        return _TracedTap.apply(y, v, pool.tap_key)
     return CorrelationTap.apply(y, v, pool)
+
+
+@torch.library.custom_op("pb_lightning::tap_gradient", mutates_args=())
+def _tap_gradient(v: Tensor, e: Tensor, key: int) -> Tensor:
+    """Pool ``key`` observes a batch; returns the candidates' gradient (zeros when there is none).
+
+    An opaque op: the statistics update has data-dependent Python control flow, so compiled
+    backward graphs call it eagerly. A graph cannot return "no gradient", so a pool still warming
+    up hands back zeros where the eager tap gives ``None`` (the candidates do not move either way).
+    """
+    grad = _POOLS[key].observe(v, e)
+    # Contiguous, as the fake kernel promises: compiled code checks the layout it was built for.
+    return v.new_zeros(v.shape) if grad is None else grad.contiguous()
+
+
+@_tap_gradient.register_fake
+def _(v: Tensor, e: Tensor, key: int) -> Tensor:
+    return v.new_empty(v.shape)
+
+
+class _TracedTap(torch.autograd.Function):
+    """:class:`CorrelationTap` in a form dynamo traces: the pool travels as its integer key."""
+
+    @staticmethod
+    def forward(ctx: Any, y: Tensor, v: Tensor, key: int) -> Tensor:  # type: ignore[override]
+        ctx.key = key
+        ctx.save_for_backward(v)
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor, Tensor, None]:  # type: ignore[override]
+        (v,) = ctx.saved_tensors
+        return grad_y, _tap_gradient(v, grad_y, ctx.key), None
 
 
 class CandidatePool(nn.Module):
@@ -86,6 +131,16 @@ class CandidatePool(nn.Module):
         for p in self.parameters():
             p.register_hook(self._zero_diverged)
         self.neuron_axis: int = -1
+        self._register()
+
+    def _register(self) -> None:
+        # A copy (deepcopy, pickle) gets its own key: it must observe into its own statistics.
+        self.tap_key: int = next(_KEYS)
+        _POOLS[self.tap_key] = self
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._register()
 
     def _learned(self) -> dict[str, Tensor]:
         """Every tensor a candidate learns, by buffer-name suffix (bank params and cascade)."""
