@@ -13,7 +13,7 @@ import pytest
 
 from tests.helpers import run_benchmark
 
-_BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+_BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def _assert_render_regenerates(script: str, out: Path) -> str:

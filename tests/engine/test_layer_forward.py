@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import pb_lightning.layer as layer_module
+import pb_lightning.engine.cascade as cascade_module
 from pb_lightning import (
     DendriteConfig,
     PerforatedLayer,
@@ -282,7 +282,7 @@ def test_accepted_conv_sets_computed_in_chunks_match_the_reference(
     layer = _perforated(module, x, 5, DendriteConfig(cascade=cascade, activation="tanh"))
     assert layer.dendrites is not None
     one_set = 2 * 6 * x[0, 0].numel() * 4 // math.prod(module.stride)  # the bank's own estimate
-    monkeypatch.setattr(layer_module, "CHUNK_BYTES", sets_per_chunk * one_set)
+    monkeypatch.setattr(cascade_module, "CHUNK_BYTES", sets_per_chunk * one_set)
     chunks: list[int] = []
     original = type(layer.dendrites).forward_chunks
 
