@@ -105,6 +105,7 @@ import argparse
 import contextlib
 import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -137,17 +138,46 @@ from pb_lightning.engine.sparse_banks import SparseBank, fan_in_inputs  # noqa: 
 _IDEAL_FACTOR = 1.25
 _WRAPPER_OVERHEAD = 1.05
 _MB = 1024.0**2
+#: ``--keep-heap``: glibc malloc settings under which freed memory stays mapped and is reused. By
+#: default glibc maps allocations above a (dynamic, at most 32 MiB) threshold afresh and returns
+#: the heap's free top to the system, so a step's large tensors fault their pages in again at every
+#: step (3.8 us per 4 KiB page on this project's VM). Read by glibc at process start: the script
+#: re-executes itself with them set.
+_KEEP_HEAP = {
+    "MALLOC_MMAP_THRESHOLD_": str(32 * 1024**2),
+    "MALLOC_TRIM_THRESHOLD_": str(16 * 1024**3),
+    "MALLOC_TOP_PAD_": str(256 * 1024**2),
+}
+#: ``--dtype`` values: the autocast dtype of the steps (``None``: plain float32).
+_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
 
 
 # ---------------------------------------------------------------------------- workloads
 @dataclass(frozen=True)
 class Network:
-    """A benchmark network: a builder, its input batch shape and its number of classes."""
+    """A benchmark network: a builder, its input batch shape and its number of classes.
+
+    ``device`` is where its models and batches live; ``autocast`` (``None``: float32) is the
+    dtype its steps run under ``torch.autocast`` — what Lightning's ``precision="bf16-mixed"``
+    does: float32 weights, bf16 matmuls and convolutions, float32 correlation statistics.
+    """
 
     name: str
-    build: Callable[[], nn.Module]
+    build_cpu: Callable[[], nn.Module]
     input_shape: tuple[int, ...]
     num_classes: int = 10
+    device: str = "cpu"
+    autocast: torch.dtype | None = None
+
+    def build(self) -> nn.Module:
+        """A fresh network on :attr:`device` (drawn on the CPU first: the same weights everywhere)."""
+        return self.build_cpu().to(self.device)
+
+    def autocast_context(self) -> contextlib.AbstractContextManager[Any]:
+        """The step's precision context (a no-op in float32)."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(torch.device(self.device).type, dtype=self.autocast)
 
 
 def _mlp(sizes: Sequence[int]) -> Callable[[], nn.Module]:
@@ -180,16 +210,17 @@ def _convnet(channels: tuple[int, int, int], image: int, num_classes: int) -> Ca
     return build
 
 
-def networks(quick: bool) -> list[Network]:
+def networks(quick: bool, device: str = "cpu", autocast: torch.dtype | None = None) -> list[Network]:
     """The issue's two networks, or tiny ones of the same shape for ``--quick``."""
+    where = {"device": device, "autocast": autocast}
     if quick:
         return [
-            Network("mlp", _mlp((64, 32, 32, 10)), (32, 64)),
-            Network("conv", _convnet((1, 4, 8), 8, 10), (8, 1, 8, 8)),
+            Network("mlp", _mlp((64, 32, 32, 10)), (32, 64), **where),
+            Network("conv", _convnet((1, 4, 8), 8, 10), (8, 1, 8, 8), **where),
         ]
     return [
-        Network("mlp", _mlp((784, 512, 512, 10)), (256, 784)),
-        Network("conv", _convnet((1, 16, 32), 28, 10), (128, 1, 28, 28)),
+        Network("mlp", _mlp((784, 512, 512, 10)), (256, 784), **where),
+        Network("conv", _convnet((1, 16, 32), 28, 10), (128, 1, 28, 28), **where),
     ]
 
 
@@ -198,7 +229,7 @@ def batch(network: Network, seed: int = 0) -> tuple[Tensor, Tensor]:
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(network.input_shape, generator=gen)
     y = torch.randint(0, network.num_classes, (network.input_shape[0],), generator=gen)
-    return x, y
+    return x.to(network.device), y.to(network.device)
 
 
 def perforated_model(network: Network, num_dendrites: int, *, seed: int = 0) -> nn.Module:
@@ -256,14 +287,24 @@ def baseline_model(network: Network, *, seed: int = 0) -> nn.Module:
     return network.build()
 
 
-def make_step(model: nn.Module, x: Tensor, y: Tensor) -> Callable[[], None]:
-    """One training step without ``optimizer.step()`` (see the module docstring)."""
+def make_step(model: nn.Module, x: Tensor, y: Tensor, network: Network | None = None) -> Callable[[], None]:
+    """One training step without ``optimizer.step()`` (see the module docstring).
+
+    With ``network`` the step runs in its precision, and on an accelerator it ends by waiting for
+    the device, so that a timed step is the device's work and not only its launch.
+    """
     optimizer = torch.optim.SGD(pb.trainable_parameters(model), lr=0.0)
     model.train()
+    precision = contextlib.nullcontext if network is None else network.autocast_context
+    cuda = x.device.type == "cuda"
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        with precision():
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        if cuda:
+            torch.cuda.synchronize()
 
     return step
 
@@ -414,6 +455,8 @@ class MemoryRow:
     parameters_and_buffers: int
     saved_activations: int
     gradients: int
+    #: Of ``parameters_and_buffers``: the candidates' best-score snapshots (``best_*`` buffers).
+    snapshots: int = 0
 
     @property
     def total(self) -> int:
@@ -421,8 +464,16 @@ class MemoryRow:
         return self.parameters_and_buffers + self.saved_activations + self.gradients
 
 
-def step_memory(model: nn.Module, x: Tensor, y: Tensor, *, network: str, configuration: str) -> MemoryRow:
-    """Account one training step's memory with saved-tensor hooks (run after warm-up)."""
+def step_memory(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    network: str,
+    configuration: str,
+    precision: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+) -> MemoryRow:
+    """Account one training step's memory with saved-tensor hooks (run after warm-up), in ``precision``."""
     model.train()
     param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
@@ -435,12 +486,13 @@ def step_memory(model: nn.Module, x: Tensor, y: Tensor, *, network: str, configu
 
     for p in model.parameters():
         p.grad = None
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), precision():
         loss = F.cross_entropy(model(x), y)
     loss.backward()
     held = sum(t.nbytes for t in model.parameters()) + sum(b.nbytes for b in model.buffers())
     grads = sum(p.grad.nbytes for p in model.parameters() if p.grad is not None)
-    return MemoryRow(network, configuration, held, sum(saved.values()), grads)
+    snapshots = sum(b.nbytes for name, b in model.named_buffers() if name.rpartition(".")[2].startswith("best_"))
+    return MemoryRow(network, configuration, held, sum(saved.values()), grads, snapshots)
 
 
 # ---------------------------------------------------------------------------- stale copies
@@ -520,6 +572,9 @@ class Settings:
     stale_cycles: int
     fan_in: tuple[int, ...] = ()
     sparse_dendrites: int = 4
+    device: str = "cpu"
+    dtype: str = "fp32"
+    keep_heap: bool = False
 
 
 @dataclass
@@ -626,7 +681,7 @@ def _bench_sparse(network: Network, settings: Settings, fan_in: int) -> list[Spa
             if candidates is not None:
                 pb.start_dendrite_phase(model, num_candidates=candidates)
             set_strategy(model, strategy)
-        steps = {key: make_step(model, x, y) for key, model in models.items()}
+        steps = {key: make_step(model, x, y, network) for key, model in models.items()}
         estimates = {key: warm_up(step, pb.DendriteConfig().warmup_steps + 4) for key, step in steps.items()}
         estimates[""] = estimates.pop("dense")
         dense, timings = interleaved_timings(
@@ -669,7 +724,7 @@ def bench_network(network: Network, settings: Settings) -> NetworkResult:
         models[key] = perforated_model(network, d)
         pb.start_dendrite_phase(models[key], num_candidates=k)
 
-    steps = {key: make_step(model, x, y) for key, model in models.items()}
+    steps = {key: make_step(model, x, y, network) for key, model in models.items()}
     warmup_steps = pb.DendriteConfig().warmup_steps + 4  # candidates learn only after the warm-up
     estimates = {key: warm_up(step, warmup_steps) for key, step in steps.items()}
     for key in phase_keys.values():
@@ -726,10 +781,12 @@ def bench_network(network: Network, settings: Settings) -> NetworkResult:
             )
         )
 
-    labels = {"": "unperforated"} | {f"n{d}": f"neuron D={d}" for d in settings.dendrites}
+    # Every neuron-phase model, so that a dendrite phase's memory compares with D+K accepted sets.
+    labels = {"": "unperforated"} | {f"n{d}": f"neuron D={d}" for d in neuron_ds}
     labels |= {key: f"dendrite D={d} K={k}" for (d, k), key in phase_keys.items()}
     memory = [
-        step_memory(models[key], x, y, network=network.name, configuration=label) for key, label in labels.items()
+        step_memory(models[key], x, y, network=network.name, configuration=label, precision=network.autocast_context)
+        for key, label in labels.items()
     ]
     sparse_cpu: dict[str, float] = {"others_cpu_share": float("nan")}
     sparse: list[SparseRow] = []
@@ -810,6 +867,13 @@ def markdown(report: dict[str, Any]) -> str:
         f"{settings['rounds']} interleaved rounds of ~{settings['block_seconds'] * 1e3:.0f} ms blocks; "
         "ratios are medians over rounds (interquartile range in brackets).\n",
     ]
+    if "device" in settings:  # results from before --device/--dtype render as they did
+        where = meta.get("device", settings["device"])
+        precision = "float32" if settings["dtype"] == "fp32" else f"torch.autocast({settings['dtype']})"
+        lines.insert(3, f"- device: {where}; precision: {precision}")
+    if settings.get("keep_heap"):
+        tuned = ", ".join(f"{k}={v}" for k, v in _KEEP_HEAP.items())
+        lines.insert(4, f"- allocator: glibc malloc keeps freed memory (`--keep-heap`: {tuned})")
     for r in nets:
         lines.append(
             f"- `{r['network']}`: forward {r['forward_macs'] / 1e6:.1f} M MACs per batch, unperforated step "
@@ -864,16 +928,41 @@ def markdown(report: dict[str, Any]) -> str:
         ]
     lines += [
         "\n### Memory held by one step (parameters + buffers, saved activations, gradients)\n",
-        "| network | configuration | params+buffers MB | saved activations MB | gradients MB | total MB | x unperf. |",
-        "|---|---|---:|---:|---:|---:|---:|",
     ]
+    # Results saved before the snapshot column existed render as they did.
+    detailed = all("snapshots" in m for r in nets for m in r["memory"])
+    if detailed:
+        lines += [
+            "| network | configuration | params+buffers MB | of which snapshots MB | saved activations MB | "
+            "gradients MB | total MB | x unperf. | x neuron D+K |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+    else:
+        lines += [
+            "| network | configuration | params+buffers MB | saved activations MB | gradients MB | total MB | "
+            "x unperf. |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
     for r in nets:
         base_total = r["memory"][0]["total"]
+        totals = {m["configuration"]: m["total"] for m in r["memory"]}
         for m in r["memory"]:
+            if not detailed:
+                lines.append(
+                    f"| {m['network']} | {m['configuration']} | {m['parameters_and_buffers'] / _MB:.2f} | "
+                    f"{m['saved_activations'] / _MB:.2f} | {m['gradients'] / _MB:.2f} | {m['total'] / _MB:.2f} | "
+                    f"{m['total'] / base_total:.2f} |"
+                )
+                continue
+            versus = ""
+            if m["configuration"].startswith("dendrite "):
+                d, k = (int(part.split("=")[1]) for part in m["configuration"].split()[1:])
+                same_sets = totals.get(f"neuron D={d + k}")
+                versus = "" if same_sets is None else f"{m['total'] / same_sets:.2f}"
             lines.append(
                 f"| {m['network']} | {m['configuration']} | {m['parameters_and_buffers'] / _MB:.2f} | "
-                f"{m['saved_activations'] / _MB:.2f} | {m['gradients'] / _MB:.2f} | {m['total'] / _MB:.2f} | "
-                f"{m['total'] / base_total:.2f} |"
+                f"{m['snapshots'] / _MB:.2f} | {m['saved_activations'] / _MB:.2f} | {m['gradients'] / _MB:.2f} | "
+                f"{m['total'] / _MB:.2f} | {m['total'] / base_total:.2f} | {versus} |"
             )
     lines += [
         "\n### Stale copies after accept cycles "
@@ -923,9 +1012,28 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--sparse-dendrites", type=int, default=4, help="D of the sparse neuron-phase cell (default 4)")
     parser.add_argument("--fail-on-miss", action="store_true", help="exit with status 1 if a target is missed")
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="where models and batches live (default cpu)"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=tuple(_DTYPES),
+        default="fp32",
+        help="fp32, or bf16: steps under torch.autocast(bfloat16), as precision='bf16-mixed' (default fp32)",
+    )
+    parser.add_argument(
+        "--keep-heap",
+        action="store_true",
+        help="run under glibc malloc settings that keep freed memory for reuse (no page faults per step)",
+    )
     args = parser.parse_args(argv)
     if args.render and args.out is None:
         parser.error("--render needs --out DIR (the directory holding results.json)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error(
+            "--device cuda: no CUDA device is available here (torch.cuda.is_available() is False; "
+            f"torch {torch.__version__}); run on a machine with a GPU, or use --device cpu"
+        )
     return args
 
 
@@ -935,6 +1043,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.render:
         print(render_report(args.out, markdown))
         return 0
+    if args.keep_heap and any(os.environ.get(k) != v for k, v in _KEEP_HEAP.items()):
+        command = [sys.executable, str(Path(__file__).resolve()), *(sys.argv[1:] if argv is None else argv)]
+        sys.stdout.flush()
+        os.execve(sys.executable, command, {**os.environ, **_KEEP_HEAP})
     meta = run_meta(argv)
     settings = Settings(
         quick=args.quick,
@@ -949,11 +1061,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         stale_cycles=2 if args.quick else 4,
         fan_in=args.fan_in,
         sparse_dendrites=args.sparse_dendrites,
+        device=args.device,
+        dtype=args.dtype,
+        keep_heap=args.keep_heap,
     )
     torch.set_num_threads(settings.threads)
     meta["threads"] = torch.get_num_threads()
+    if settings.keep_heap:  # what this process really runs under
+        meta["malloc_environment"] = {k: os.environ.get(k) for k in _KEEP_HEAP}
     start = time.perf_counter()
-    nets = networks(settings.quick)
+    nets = networks(settings.quick, settings.device, _DTYPES[settings.dtype])
+    if settings.device == "cuda":
+        meta["device"] = torch.cuda.get_device_name()
     # First, while nothing else is alive: the gc census must not see the other benchmark models.
     stale = stale_copy_check(nets[0], cycles=settings.stale_cycles, candidates=2)
     results = [bench_network(network, settings) for network in nets]

@@ -99,6 +99,14 @@ class DendriteBank(nn.Module):
         """Multiply-accumulates of one set at one output position (for benchmarks)."""
         raise NotImplementedError
 
+    def forward_chunks(self, *inputs: Any, neuron_axis: int, max_bytes: int, **kwargs: Any) -> list[Tensor]:
+        """The bank's output as consecutive chunks of sets, each about ``max_bytes`` or less.
+
+        Concatenated along the set axis they are :meth:`forward`'s output. Only banks whose output
+        can be large (convolutions) split it; the others return one chunk.
+        """
+        return [self(*inputs, neuron_axis=neuron_axis, **kwargs)]
+
 
 def take_sets(tensors: dict[str, Tensor], choice: Tensor, *, per_neuron: bool) -> dict[str, Tensor]:
     """From stacked tensors ``[N, ...]``, one set ``[1, ...]`` that holds set ``choice[i]`` for neuron ``i``.
@@ -167,6 +175,21 @@ class ConvBank(DendriteBank):
 
     def forward(self, x: Tensor, neuron_axis: int = 1) -> Tensor:
         return self._conv_sets(x, self.weight, self.bias)
+
+    def forward_chunks(self, x: Tensor, *, neuron_axis: int = 1, max_bytes: int) -> list[Tensor]:
+        n = self.num_sets
+        # One set's output, estimated from the input: its positions shrink by the stride (padding
+        # and kernel edges ignored; an estimate is all a chunk size needs).
+        positions = x[0, 0].numel() * x.shape[0] // math.prod(self.stride)
+        per_set = positions * self.weight.shape[1] * x.element_size()
+        step = max(1, max_bytes // max(per_set, 1))
+        if step >= n:
+            return [self.forward(x)]
+        bias = self.bias
+        return [
+            self._conv_sets(x, self.weight[i : i + step], None if bias is None else bias[i : i + step])
+            for i in range(0, n, step)
+        ]
 
     def _padded(self, x: Tensor) -> tuple[Tensor, Any]:
         if self.padding_mode != "zeros":

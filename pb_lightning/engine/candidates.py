@@ -6,13 +6,14 @@ from __future__ import annotations
 import itertools
 import logging
 import weakref
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from pb_lightning.engine.banks import take_sets
-from pb_lightning.engine.cascade import _ACTIVATIONS, _per_neuron
+from pb_lightning.engine.cascade import _ACTIVATIONS, _per_neuron, dendrite_sets
 from pb_lightning.engine.config import DendriteConfig
 from pb_lightning.engine.correlation import CorrelationStatistics, CorrelationTap
 from pb_lightning.engine.sparse_banks import make_bank
@@ -154,8 +155,10 @@ class CandidatePool(nn.Module):
         """K."""
         return self.best_score.shape[0]
 
-    def forward(self, inputs: tuple[Any, ...], accepted: Tensor | None, axis: int, **kwargs: Any) -> Tensor:
-        """Candidate outputs ``V`` shaped ``(..., K, out, ...)``."""
+    def forward(
+        self, inputs: tuple[Any, ...], accepted: Tensor | Sequence[Tensor] | None, axis: int, **kwargs: Any
+    ) -> Tensor:
+        """Candidate outputs ``V`` shaped ``(..., K, out, ...)``; ``accepted`` as from :func:`accepted_activations`."""
         if self._diverged is not None:
             self._restart(self._diverged)
             self._diverged = None
@@ -163,11 +166,10 @@ class CandidatePool(nn.Module):
         z = self.bank(*inputs, neuron_axis=axis, **kwargs)  # (..., K, out, ...)
         if self.cascade_weight is not None and accepted is not None:
             trailing = z.dim() - axis - 2
-            accepted = accepted.detach()
             # One multiply-add per accepted dendrite; a single broadcast would materialise a
             # (..., K, D, out, ...) temporary in forward and again in backward.
-            for a, c in zip(accepted.unbind(axis), self.cascade_weight.unbind(1), strict=True):
-                z = torch.addcmul(z, a.unsqueeze(axis), _per_neuron(c, trailing))  # c: (K, out)
+            for a, c in zip(dendrite_sets(accepted, axis), self.cascade_weight.unbind(1), strict=True):
+                z = torch.addcmul(z, a.detach().unsqueeze(axis), _per_neuron(c, trailing))  # c: (K, out)
         return _ACTIVATIONS[self.config.activation](z)
 
     def observe(self, v: Tensor, e: Tensor) -> Tensor | None:

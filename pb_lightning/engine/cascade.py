@@ -4,7 +4,7 @@ the inference layer."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -36,35 +36,58 @@ def accepted_activations(
     axis: int,
     activation: str,
     **kwargs: Any,
-) -> Tensor:
-    """The activations ``a`` of all accepted dendrites, shaped ``(..., D, out, ...)``.
+) -> Tensor | list[Tensor]:
+    """The activations of all accepted dendrites: ``(..., D, out, ...)``, or the D tensors ``a_d``.
 
     Shared by the training layer and the deployment layer of :mod:`pb_lightning.engine.inference`, so
-    the two compute the very same function.
+    the two compute the very same function. Without autograd the sets of a large output are
+    computed in chunks (:meth:`~pb_lightning.engine.banks.DendriteBank.forward_chunks`) and returned as a
+    list, never joined: no single tensor of a wide conv layer is then large enough to be freshly
+    mapped — and page-faulted — at every step (see :data:`CHUNK_BYTES`). Every consumer takes the
+    dendrites one by one (:func:`dendrite_sets`).
     """
-    z = bank(*inputs, neuron_axis=axis, **kwargs)
-    num = z.shape[axis]
-    if cascade_weight is None or num == 1:
-        return _ACTIVATIONS[activation](z)
-    trailing = z.dim() - axis - 2
+    f = _ACTIVATIONS[activation]
     if not torch.is_grad_enabled():
-        return _cascade_in_place(z, cascade_weight, axis, activation, trailing)
+        chunks = bank.forward_chunks(*inputs, neuron_axis=axis, max_bytes=CHUNK_BYTES, **kwargs)
+        zs = [z for chunk in chunks for z in chunk.unbind(axis)]
+        if cascade_weight is None or len(zs) == 1:
+            for z in zs:
+                _IN_PLACE[activation](z)
+        else:
+            _cascade_in_place(zs, cascade_weight, activation, zs[0].dim() - axis - 1)
+        return chunks[0] if len(chunks) == 1 else zs
+    z = bank(*inputs, neuron_axis=axis, **kwargs)
+    # unbind, not select/indexing: its backward stacks the gradients once, where every select's
+    # backward would allocate a zero tensor of the full size.
+    pres = z.unbind(axis)
+    if cascade_weight is None or len(pres) == 1:
+        return f(z)
+    trailing = z.dim() - axis - 2
     # The cascade is a recurrence through f: dendrite d needs a_e for all e < d. The expensive
     # part (L_d(x̂) for every d) is already one fused op above; this loop is elementwise, one
     # multiply-add per (d, e) pair: fewer autograd nodes than stacking the earlier activations
     # for every d, and no (..., d, out, ...) temporaries.
-    # unbind, not select/indexing: its backward stacks the gradients once, where every select's
-    # backward would allocate a zero tensor of the full size.
-    f = _ACTIVATIONS[activation]
-    pres, weights = z.unbind(axis), cascade_weight.unbind(0)
+    weights = cascade_weight.unbind(0)
     acts = [f(pres[0])]
-    for d in range(1, num):
+    for d in range(1, len(pres)):
         pre = pres[d]
         for e in range(d):
             pre = torch.addcmul(pre, acts[e], _per_neuron(weights[_triangle(d) + e], trailing))
         acts.append(f(pre))
     return torch.stack(acts, axis)
 
+
+def dendrite_sets(acts: Tensor | Sequence[Tensor], axis: int) -> Sequence[Tensor]:
+    """The sets of :func:`accepted_activations`' result one by one (views of a stacked tensor)."""
+    return acts.unbind(axis) if isinstance(acts, Tensor) else acts
+
+
+#: Without autograd, a fused bank whose output would exceed this many bytes runs in chunks of
+#: sets. glibc serves allocations above its mmap threshold (32 MiB at most) with fresh pages that
+#: fault in on first touch at every step: a 51 MB conv output cost 47 ms that way against 2.6 ms
+#: for refilling reused memory (this project's machine), which made the 8-dendrite conv step 1.7x
+#: its FLOP ideal. Chunks this size are reused from the heap instead.
+CHUNK_BYTES = 8 * 1024**2
 
 _IN_PLACE: dict[str, Callable[[Tensor], Tensor]] = {
     "sigmoid": torch.sigmoid_,
@@ -73,36 +96,31 @@ _IN_PLACE: dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 
-def _cascade_in_place(z: Tensor, cascade_weight: Tensor, axis: int, activation: str, trailing: int) -> Tensor:
+def _cascade_in_place(zs: list[Tensor], cascade_weight: Tensor, activation: str, trailing: int) -> None:
     """The cascade without autograd (frozen dendrites behind a perforation: the common case).
 
-    ``z`` becomes ``a`` in place: once ``a_e`` is final it is added, with each later dendrite's
-    weight on it, to all later ``z_d`` in one ``addcmul_``. Memory traffic stays linear in the
-    dendrites per step instead of re-stacking every earlier activation for every dendrite.
+    Each ``z_d`` becomes ``a_d`` in place: it receives ``c_{d,e} a_e`` from every finished earlier
+    dendrite (in the order ``e = 0, 1, …``, as the autograd path adds them), then its activation.
+    No temporaries, and one pre-activation is written at a time while the earlier ones are read.
     """
-    num = z.shape[axis]
     f_ = _IN_PLACE[activation]
-    for e in range(num):
-        a_e = z.select(axis, e)
-        f_(a_e)
-        if e + 1 < num:
-            # c_{d,e} for d = e+1 … D-1 lives in row triangle(d) + e of the flat cascade weights.
-            rows = [_triangle(d) + e for d in range(e + 1, num)]
-            c = _per_neuron(cascade_weight[rows], trailing)  # (D-e-1, out, 1...)
-            z.narrow(axis, e + 1, num - e - 1).addcmul_(a_e.unsqueeze(axis), c)
-    return z
+    weights = cascade_weight.unbind(0)
+    for d, z in enumerate(zs):
+        for e in range(d):
+            z.addcmul_(zs[e], _per_neuron(weights[_triangle(d) + e], trailing))
+        f_(z)
 
 
-def add_weighted(y: Tensor, acts: Tensor, weight: Tensor, axis: int) -> Tensor:
-    """``y + Σ_d w_d ⊙ a_d`` with ``acts (..., D, out, ...)`` and ``weight [D, out]``.
+def add_weighted(y: Tensor, acts: Tensor | Sequence[Tensor], weight: Tensor, axis: int) -> Tensor:
+    """``y + Σ_d w_d ⊙ a_d`` with ``acts`` as :func:`accepted_activations` gives it and ``weight [D, out]``.
 
-    One multiply-add per set: a broadcast product summed over the set axis would allocate a
+    One multiply-add per set: a broadcast product summed over a set axis would allocate a
     ``(..., D, out, ...)`` temporary in forward and another in backward, and for conv layers that
     allocation, not the arithmetic, dominated the step.
     """
-    trailing = acts.dim() - axis - 2
+    trailing = y.dim() - axis - 1
     # unbind rather than select: one backward node that stacks the D gradients, instead of D
     # select-backwards that each allocate a zero tensor of the full (..., D, out, ...) size.
-    for a, w in zip(acts.unbind(axis), weight.unbind(0), strict=True):
+    for a, w in zip(dendrite_sets(acts, axis), weight.unbind(0), strict=True):
         y = torch.addcmul(y, a, _per_neuron(w, trailing))
     return y

@@ -168,6 +168,8 @@ class SparseConvBank(SparseBank, ConvBank):
         self.register_buffer("_group_start", group_start.to(w.device).view(1, out, 1), persistent=False)
         self._init(num_sets, out, fan_in, tuple(w.shape[2:]), index, init_scale, w, template.bias is not None)
 
+    forward_chunks = DendriteBank.forward_chunks  # one chunk: its weights are built per forward
+
     def forward(self, x: Tensor, neuron_axis: int = 1) -> Tensor:
         if self.strategy != "gather":  # "auto": the masked dense conv measured faster
             return self._conv_sets(x, self.dense_weight(), self.bias)

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import subprocess
+import sys
+import types
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import run_benchmark
+
+_BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def _assert_render_regenerates(script: str, out: Path) -> str:
@@ -89,3 +97,57 @@ def test_checkpoint_size_quick_run_compares_with_a_plain_checkpoint(tmp_path: Pa
     assert network["max_ratio"] == max(row["ratio"] for row in network["rows"])
     markdown = _assert_render_regenerates("checkpoint_size.py", results)
     assert markdown.strip() in result.stdout
+
+
+def test_engine_speed_runs_in_bf16_autocast_on_the_cpu(tmp_path: Path) -> None:
+    """``--dtype bf16`` steps under autocast: bf16 activations are saved, the statistics stay float32."""
+    out = tmp_path / "speed.json"
+    result = run_benchmark("engine_speed.py", "--quick", "--device", "cpu", "--dtype", "bf16", "--json", str(out))
+    data = json.loads(out.read_text())
+    assert (data["settings"]["device"], data["settings"]["dtype"]) == ("cpu", "bf16")
+    assert "- device: cpu; precision: torch.autocast(bf16)" in result.stdout
+    fp32 = _engine_speed_module()
+    mlp = fp32.networks(True)[0]
+    x, y = fp32.batch(mlp)
+    plain = fp32.step_memory(fp32.baseline_model(mlp), x, y, network="mlp", configuration="unperforated")
+    bf16 = next(m for m in data["networks"][0]["memory"] if m["configuration"] == "unperforated")
+    # The float32 input batch is saved either way; every hidden activation is half the size.
+    assert bf16["saved_activations"] < plain.saved_activations
+    assert bf16["parameters_and_buffers"] == plain.parameters_and_buffers  # weights stay float32
+
+
+def test_engine_speed_refuses_cuda_without_a_gpu_naming_the_option() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: --device cuda is valid here")
+    result = subprocess.run(
+        [sys.executable, str(_BENCHMARKS / "engine_speed.py"), "--quick", "--device", "cuda"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "--device cuda: no CUDA device is available" in result.stderr
+    assert "--device cpu" in result.stderr
+
+
+def _engine_speed_module() -> types.ModuleType:
+    """``benchmarks/engine_speed.py`` imported in this process (it puts its own folder on the path)."""
+    spec = importlib.util.spec_from_file_location("engine_speed_under_test", _BENCHMARKS / "engine_speed.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_engine_speed_keep_heap_reruns_itself_under_the_malloc_settings(tmp_path: Path) -> None:
+    out = tmp_path / "speed.json"
+    result = run_benchmark("engine_speed.py", "--quick", "--keep-heap", "--json", str(out))
+    data = json.loads(out.read_text())
+    assert data["settings"]["keep_heap"] is True
+    assert data["meta"]["malloc_environment"]["MALLOC_TRIM_THRESHOLD_"] == str(16 * 1024**3)
+    assert "- allocator: glibc malloc keeps freed memory (`--keep-heap`: MALLOC_MMAP_THRESHOLD_=" in result.stdout

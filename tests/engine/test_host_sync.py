@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import pb_lightning as pb
+import pb_lightning.engine.cascade as cascade_module
 from pb_lightning.engine.layer import PerforatedLayer
 
 _READS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist")
@@ -57,8 +58,13 @@ def _step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
     F.cross_entropy(model(x), y).backward()
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["fused", "chunked"])
 @pytest.mark.parametrize("accepted", [0, 2])
-def test_a_neuron_phase_step_reads_nothing_from_the_device(accepted: int) -> None:
+def test_a_neuron_phase_step_reads_nothing_from_the_device(
+    accepted: int, chunked: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if chunked:  # the accepted conv sets run one chunk per set (the path of wide conv layers)
+        monkeypatch.setattr(cascade_module, "CHUNK_BYTES", 1)
     model, x, y = _model()
     for _ in range(accepted):
         pb.start_dendrite_phase(model)

@@ -24,6 +24,7 @@ weights of one set, and compares. The reference reads only the documented storag
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import pb_lightning.engine.cascade as cascade_module
 from pb_lightning import (
     DendriteConfig,
     PerforatedLayer,
@@ -261,6 +263,39 @@ def test_conv_hyperparameters_carry_over_to_dendrites(
         expected = _reference(layer, x)
         assert expected.shape == module(x).shape
         torch.testing.assert_close(layer(x), expected, **_TOL)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
+@pytest.mark.parametrize("variant", ["plain", "groups2", "stride2", "same_even_kernel_circular", "all_at_once"])
+@pytest.mark.parametrize("sets_per_chunk", [1, 2])
+@pytest.mark.parametrize("cascade", [True, False], ids=["cascade", "no_cascade"])
+def test_accepted_conv_sets_computed_in_chunks_match_the_reference(
+    variant: str, sets_per_chunk: int, cascade: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without autograd a wide conv bank runs in chunks of sets; the result must not change.
+
+    The chunk limit is lowered so that these small layers are split (one or two sets per chunk,
+    with a last chunk that is shorter), and the chunks really are used.
+    """
+    kw = {} if variant == "plain" else _CONV_VARIANTS[variant](2)
+    module, x = _builtin("conv2d", True, **kw)
+    layer = _perforated(module, x, 5, DendriteConfig(cascade=cascade, activation="tanh"))
+    assert layer.dendrites is not None
+    one_set = 2 * 6 * x[0, 0].numel() * 4 // math.prod(module.stride)  # the bank's own estimate
+    monkeypatch.setattr(cascade_module, "CHUNK_BYTES", sets_per_chunk * one_set)
+    chunks: list[int] = []
+    original = type(layer.dendrites).forward_chunks
+
+    def spy(self: Any, *args: Any, **kwargs: Any) -> list[Tensor]:
+        out = original(self, *args, **kwargs)
+        chunks.extend(c.shape[1] for c in out)
+        return out
+
+    monkeypatch.setattr(type(layer.dendrites), "forward_chunks", spy)
+    with torch.no_grad():
+        expected = _reference(layer, x)
+        torch.testing.assert_close(layer(x), expected, **_TOL)
+    assert chunks == [sets_per_chunk] * (5 // sets_per_chunk) + [1] * (5 % sets_per_chunk)
 
 
 @pytest.mark.parametrize("cascade", [True, False], ids=["cascade", "no_cascade"])
