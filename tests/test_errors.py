@@ -309,5 +309,17 @@ def test_a_dendrite_phase_where_nothing_is_learned_ends_and_is_reported(tmp_path
 
     callback = pb.PerforatedCallback("val_loss", "min", neuron_epochs=1, dendrite_patience=2, max_dendrites=1)
     with pytest.warns(UserWarning, match="no candidate learned anything"):
-        _fit(Frozen(hidden=8), tmp_path, callback, max_epochs=6)
-    assert callback.machine.state.dendrites <= 1
+        _fit(model := Frozen(hidden=8), tmp_path, callback, max_epochs=6)
+    state = callback.machine.state
+    rows = state.history
+    # The phase ends on candidate patience (not only at max_epochs): a dendrite-phase row that is
+    # not "continue", followed by more training in the neuron phase.
+    ends = [i for i, row in enumerate(rows) if row["phase"] == "dendrite" and row["action"] != "continue"]
+    assert ends, [row["action"] for row in rows]
+    assert rows[ends[0]]["action"] == "accept"
+    assert ends[0] + 1 < len(rows)
+    assert rows[ends[0] + 1]["phase"] == "neuron"
+    # Nothing was learned (lr = 0), so the cycle cannot beat the best and is rejected: no dendrites kept.
+    assert state.accepted_cycles == 0
+    assert state.rejected_cycles >= 1
+    assert all(layer.num_dendrites == 0 for layer in pb.perforated_layers(model))
