@@ -56,8 +56,3 @@ def fast_trainer(root: Path, callbacks: list[pl.Callback], max_epochs: int, **kw
     options.update(kwargs)
     return pl.Trainer(**options)
 
-
-#: A ``filterwarnings`` entry for tests that accept dendrites without training the candidates
-#: first (to build a layer of a given size): the library rightly warns that nothing was learned.
-#: Every other ``pb_lightning`` warning fails a test (pyproject.toml); this one is named, not hidden.
-ACCEPTS_UNTRAINED = "ignore:pb_lightning. no candidate learned anything:UserWarning"

@@ -23,7 +23,7 @@ from pb_lightning.cycle.capacity import CapacityProbe
 from pb_lightning.engine.layer import PerforatedLayer
 from tests.helpers import fast_trainer
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 def _grow(model: nn.Module, *inputs: Any) -> nn.Module:

@@ -41,7 +41,6 @@ from pb_lightning import (
     start_dendrite_phase,
     trainable_parameters,
 )
-from tests.helpers import ACCEPTS_UNTRAINED
 
 _ACTIVATION: dict[str, Callable[[Tensor], Tensor]] = {
     "sigmoid": torch.sigmoid,
@@ -54,7 +53,6 @@ _CONV_TYPE: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv
 _SPATIAL: dict[int, tuple[int, ...]] = {1: (11,), 2: (7, 8), 3: (5, 6, 5)}
 # Float32 throughout: the fused and the per-dendrite ops sum in different orders, nothing more.
 _TOL: dict[str, float] = {"rtol": 1e-5, "atol": 1e-5}
-pytestmark = pytest.mark.filterwarnings(ACCEPTS_UNTRAINED)
 
 
 # --------------------------------------------------------------------------- building models

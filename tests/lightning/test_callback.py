@@ -16,7 +16,7 @@ from pb_lightning.cycle.machine import ACCEPT, START_DENDRITE_PHASE, STOP
 from pb_lightning.demos.digits import DigitsDataModule, DigitsMLP
 from tests.helpers import fast_trainer
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 _trainer = fast_trainer

@@ -13,7 +13,7 @@ import yaml
 from pb_lightning.lightning.cli import main
 
 _REPO = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 def test_the_capacity_test_config_runs_through_the_cli(tmp_path: Path, caplog: Any) -> None:
