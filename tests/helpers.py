@@ -55,4 +55,3 @@ def fast_trainer(root: Path, callbacks: list[pl.Callback], max_epochs: int, **kw
     }
     options.update(kwargs)
     return pl.Trainer(**options)
-
