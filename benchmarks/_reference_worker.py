@@ -27,20 +27,24 @@ ends the worker (pdb reads end-of-file and quits) instead of hanging the benchma
 from __future__ import annotations
 
 import argparse
-import contextlib
-import gc
 import json
 import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+# The timing primitives are shared with engine_speed.py (standard library only, so they run in
+# the reference environment too): both packages are timed by the same code.
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common.timing import cpu_seconds, gc_paused, median_step, others_share
 
 #: The digits MLP of ``configs/digits.yaml``: 64 -> 8 -> 8 -> 10.
 DIGITS_SIZES = (64, 8, 8, 10)
@@ -74,29 +78,6 @@ def mlp(sizes: Sequence[int]) -> nn.Sequential:
         if i < len(sizes) - 2:
             layers.append(nn.ReLU())
     return nn.Sequential(*layers)
-
-
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """Keep the cyclic garbage collector out of a timed region."""
-    gc.collect()
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
-def median_step(step: Callable[[], None], steps: int) -> float:
-    """Median seconds per step over ``steps`` consecutive steps (robust to a neighbour's bursts)."""
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def training_step(model: nn.Module, x: Tensor, y: Tensor) -> Callable[[], None]:
@@ -160,29 +141,6 @@ def time_against_baseline(
             for k in variants
         },
     }
-
-
-def cpu_seconds() -> tuple[float, float] | None:
-    """Busy CPU seconds of the whole machine and of this process (``None`` off Linux)."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-    except OSError:
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    me = os.times()
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK"), me.user + me.system
-
-
-def others_share(start: tuple[float, float] | None, end: tuple[float, float] | None, wall: float) -> float:
-    """Share of all CPUs that other processes used in between (NaN if unknown).
-
-    Timings on a shared machine are only as good as it was quiet; this says how quiet it was.
-    """
-    if start is None or end is None or wall <= 0:
-        return float("nan")
-    others = (end[0] - start[0]) - (end[1] - start[1])
-    return max(0.0, others / (wall * (os.cpu_count() or 1)))
 
 
 def _warm(step: Callable[[], None], steps: int = 10) -> float:

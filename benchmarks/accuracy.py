@@ -63,14 +63,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import multiprocessing as mp
 import os
 import statistics
 import sys
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +79,7 @@ sys.path[:0] = [str(_HERE.parent), str(_HERE)]
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
+from common.cli import quiet_lightning  # noqa: E402
 from machine import run_meta  # noqa: E402
 
 from pb_lightning import DendriteConfig, PerforatedCallback  # noqa: E402
@@ -222,12 +221,6 @@ def matched_width(bench: Bench, target: int) -> int:
         width += 1
 
 
-def _quiet() -> None:
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric", "pb_lightning"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
-
-
 def train_one(
     bench: Bench, variant: str, width: int, seed: int, quick: bool, extra_callbacks: Sequence[pl.Callback] = ()
 ) -> dict[str, Any]:
@@ -238,7 +231,7 @@ def train_one(
     """
     from models import ArrayDataModule
 
-    _quiet()
+    quiet_lightning()
     data = ArrayDataModule(bench.dataset, **bench.data)
     data.setup()  # generates the data (MNIST-1D reseeds global RNGs) before the run is seeded
     pl.seed_everything(seed, workers=True, verbose=False)

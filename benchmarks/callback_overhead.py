@@ -36,6 +36,7 @@ sys.path[:0] = [str(_HERE.parent), str(_HERE)]  # runnable as `python benchmarks
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
+from common.cli import add_report_options, check_report_options  # noqa: E402
 from machine import render_report, run_meta, save_report  # noqa: E402
 
 import pb_lightning as pb  # noqa: E402
@@ -117,16 +118,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="smoke test: 6 epochs, short fixed phases")
     parser.add_argument("--epochs", type=int, default=80, help="maximum epochs (default 80)")
     parser.add_argument("--json", type=Path, default=None, help="also write the result to this JSON file")
-    parser.add_argument(
-        "--out", type=Path, default=None, help="write OUT/results.json and OUT/results.md (rendered from the JSON)"
-    )
-    parser.add_argument(
-        "--render", action="store_true", help="run nothing: regenerate OUT/results.md from OUT/results.json"
-    )
+    add_report_options(parser)
     args = parser.parse_args(argv)
+    check_report_options(parser, args)
     if args.render:
-        if args.out is None:
-            parser.error("--render needs --out DIR (the directory holding results.json)")
         print(render_report(args.out, markdown))
         return json.loads((args.out / "results.json").read_text())
     meta = run_meta(argv) | {"lightning": pl.__version__, "threads": 2}

@@ -32,6 +32,7 @@ sys.path[:0] = [str(_HERE.parent), str(_HERE)]
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
+from common.cli import add_report_options, check_report_options  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from machine import render_report, run_meta, save_report  # noqa: E402
 
@@ -142,12 +143,10 @@ def markdown(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one small network, 6 epochs")
-    parser.add_argument("--out", type=Path, default=None, help="write OUT/results.json and OUT/results.md")
-    parser.add_argument("--render", action="store_true", help="run nothing: regenerate OUT/results.md")
+    add_report_options(parser)
     args = parser.parse_args(argv)
+    check_report_options(parser, args)
     if args.render:
-        if args.out is None:
-            parser.error("--render needs --out DIR (the directory holding results.json)")
         print(render_report(args.out, markdown))
         return {}
     torch.set_num_threads(1)

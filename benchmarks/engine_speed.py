@@ -123,11 +123,10 @@ for _path in (_ROOT, _ROOT / "benchmarks"):  # runnable as `python benchmarks/en
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-# The timing primitives live in the reference-package worker, which must stay torch-only (it
-# runs in perforatedai's own environment); both benchmarks time steps with the same code.
-from _reference_worker import cpu_seconds, others_share  # noqa: E402
-from _reference_worker import gc_paused as _gc_paused  # noqa: E402
-from _reference_worker import median_step as _time_block  # noqa: E402
+# The timing primitives are shared with the reference-package worker: both benchmarks time steps
+# with the same code.
+from common.cli import add_report_options, check_report_options, parse_ints  # noqa: E402
+from common.timing import cpu_seconds, gc_paused, median_step, others_share  # noqa: E402
 from machine import render_report, run_meta, save_report  # noqa: E402
 
 import pb_lightning as pb  # noqa: E402
@@ -375,8 +374,8 @@ class FlopModel:
 # ---------------------------------------------------------------------------- timing
 def warm_up(step: Callable[[], None], steps: int) -> float:
     """Run ``steps`` steps (allocator, kernels, correlation warm-up); return a per-step time estimate."""
-    _time_block(step, steps - steps // 2)
-    return _time_block(step, steps // 2)
+    median_step(step, steps - steps // 2)
+    return median_step(step, steps // 2)
 
 
 @contextlib.contextmanager
@@ -421,14 +420,14 @@ def interleaved_timings(
 
     base = Timing()
     out = {key: Timing() for key in variants}
-    with _gc_paused():
+    with gc_paused():
         for r in range(rounds):
             keys = list(variants) if r % 2 == 0 else list(reversed(variants))
-            before = _time_block(baseline, steps_for(""))
+            before = median_step(baseline, steps_for(""))
             base.seconds.append(before)
             for key in keys:
-                t = _time_block(variants[key], steps_for(key))
-                after = _time_block(baseline, steps_for(""))
+                t = median_step(variants[key], steps_for(key))
+                after = median_step(baseline, steps_for(""))
                 base.seconds.append(after)
                 out[key].seconds.append(t)
                 out[key].ratios.append(t / (0.5 * (before + after)))
@@ -984,31 +983,24 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.split(",") if v.strip())
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny networks and few repeats (a smoke test)")
     parser.add_argument("--json", type=Path, default=None, help="also write all results to this JSON file")
+    add_report_options(parser)
+    parser.add_argument("--dendrites", type=parse_ints, default=(0, 1, 2, 4, 8), help="D values (default 0,1,2,4,8)")
     parser.add_argument(
-        "--out", type=Path, default=None, help="write OUT/results.json and OUT/results.md (rendered from the JSON)"
+        "--phase-dendrites", type=parse_ints, default=(0, 2), help="D for the dendrite phase (default 0,2)"
     )
-    parser.add_argument(
-        "--render", action="store_true", help="run nothing: regenerate OUT/results.md from OUT/results.json"
-    )
-    parser.add_argument("--dendrites", type=_ints, default=(0, 1, 2, 4, 8), help="D values (default 0,1,2,4,8)")
-    parser.add_argument("--phase-dendrites", type=_ints, default=(0, 2), help="D for the dendrite phase (default 0,2)")
-    parser.add_argument("--candidates", type=_ints, default=(1, 4), help="K for the dendrite phase (default 1,4)")
+    parser.add_argument("--candidates", type=parse_ints, default=(1, 4), help="K for the dendrite phase (default 1,4)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 9; 2 with --quick)")
     parser.add_argument("--block-seconds", type=float, default=None, help="length of a timed block (default 0.1)")
     parser.add_argument(
         "--threads", type=int, default=None, help="torch.set_num_threads (default 2; 1 with --quick, a smoke test)"
     )
     parser.add_argument(
-        "--fan-in", type=_ints, default=(), help="also time sparse dendrites with these fan-ins, e.g. 16,4"
+        "--fan-in", type=parse_ints, default=(), help="also time sparse dendrites with these fan-ins, e.g. 16,4"
     )
     parser.add_argument("--sparse-dendrites", type=int, default=4, help="D of the sparse neuron-phase cell (default 4)")
     parser.add_argument("--fail-on-miss", action="store_true", help="exit with status 1 if a target is missed")
@@ -1027,8 +1019,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="run under glibc malloc settings that keep freed memory for reuse (no page faults per step)",
     )
     args = parser.parse_args(argv)
-    if args.render and args.out is None:
-        parser.error("--render needs --out DIR (the directory holding results.json)")
+    check_report_options(parser, args)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error(
             "--device cuda: no CUDA device is available here (torch.cuda.is_available() is False; "

@@ -80,6 +80,7 @@ for _path in (_ROOT, _HERE):  # runnable as `python benchmarks/reference_package
         sys.path.insert(0, str(_path))
 
 import _reference_worker as shared  # noqa: E402
+from common.cli import parse_ints  # noqa: E402
 from engine_speed import grow  # noqa: E402
 
 import pb_lightning as pb  # noqa: E402
@@ -416,8 +417,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--perforatedai-version", default=PERFORATEDAI_VERSION, help="pinned reference version")
     parser.add_argument("--output", type=Path, default=None, help="results directory")
     parser.add_argument("--max-epochs", type=int, default=None, help="epoch budget (default 200; 12 with --quick)")
-    parser.add_argument("--seeds", type=shared_ints, default=None, help="training seeds (default 0-4; 0 with --quick)")
-    parser.add_argument("--dendrites", type=shared_ints, default=(0, 1, 2, 4), help="D values timed (default 0,1,2,4)")
+    parser.add_argument("--seeds", type=parse_ints, default=None, help="training seeds (default 0-4; 0 with --quick)")
+    parser.add_argument("--dendrites", type=parse_ints, default=(0, 1, 2, 4), help="D values timed (default 0,1,2,4)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on both sides (default 1)")
     parser.add_argument("--repeats", type=int, default=None, help="alternations of the two timing processes (3; 1)")
     parser.add_argument("--rounds", type=int, default=None, help="A/B rounds per timing process (default 5; 2)")
@@ -439,11 +440,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.hidden, args.lr, args.batch_size, args.split_seed = 8, 0.01, 64, 0
     args.patience, args.max_dendrites, args.max_tries = 4, 4, 2
     return args
-
-
-def shared_ints(text: str) -> tuple[int, ...]:
-    """``"0,1,2"`` -> ``(0, 1, 2)``."""
-    return tuple(int(v) for v in text.split(",") if v.strip())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -46,12 +46,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import statistics
 import sys
 import time
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +62,7 @@ sys.path[:0] = [str(_HERE.parent), str(_HERE)]
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from accuracy import Bench, benches  # noqa: E402
+from common.cli import quiet_lightning  # noqa: E402
 from machine import render_report, run_meta, save_report  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
@@ -497,12 +496,6 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- main
-def _quiet() -> None:
-    for name in ("pb_lightning", "lightning", "lightning.pytorch"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--benchmarks", nargs="+", default=None, help="benchmark names of accuracy.py")
@@ -518,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.render:
         print(render_report(args.out, markdown))
         return 0
-    _quiet()
+    quiet_lightning()
     torch.set_num_threads(1)
     quick = args.quick
     names = args.benchmarks or (["digits MLP-8"] if quick else ["MNIST-1D MLP-16", "MNIST-1D CNN-4"])

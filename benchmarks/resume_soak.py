@@ -31,6 +31,7 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(_HERE.parent), str(_HERE)]
 
 import torch  # noqa: E402
+from common.cli import add_report_options, check_report_options  # noqa: E402
 from machine import render_report, run_meta, save_report  # noqa: E402
 
 _WORKER = _HERE.parent / "tests" / "scripts" / "kill_resume.py"
@@ -131,12 +132,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20, help="how many killed-and-resumed runs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill points")
-    parser.add_argument("--out", type=Path, default=None, help="write OUT/results.json and OUT/results.md")
-    parser.add_argument("--render", action="store_true", help="run nothing: regenerate OUT/results.md")
+    add_report_options(parser)
     args = parser.parse_args(argv)
+    check_report_options(parser, args)
     if args.render:
-        if args.out is None:
-            parser.error("--render needs --out DIR (the directory holding results.json)")
         print(render_report(args.out, markdown))
         return {}
     if args.runs < 1:

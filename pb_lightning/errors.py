@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, get_args
 
 
 class PerforationError(ValueError):
@@ -33,6 +33,19 @@ def check_int(argument: str, value: object, *, minimum: int) -> None:
     """
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise invalid(argument, value, f"an int >= {minimum}")
+
+
+def choices_of(literal: Any) -> tuple[str, ...]:
+    """The values of a ``typing.Literal`` alias, so that a type hint and its runtime check are one list.
+
+    >>> from typing import Literal
+    >>> choices_of(Literal["min", "max"])
+    ('min', 'max')
+    """
+    values = get_args(literal)
+    if not values:
+        raise TypeError(f"choices_of needs a typing.Literal alias; got {literal!r}")
+    return values
 
 
 def check_choice(argument: str, value: object, choices: tuple[str, ...]) -> None:

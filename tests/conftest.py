@@ -11,6 +11,9 @@ import torch
 from hypothesis import settings
 
 _REPO = Path(__file__).resolve().parents[1]
+#: A script that regenerates a checkpoint fixture by hand: --doctest-modules would import it, and so
+#: run its whole fit, at collection.
+collect_ignore = ["fixtures/make_format_v0.py"]
 
 
 @pytest.fixture(autouse=True)

@@ -21,8 +21,9 @@ from torch import nn
 import pb_lightning as pb
 from pb_lightning.demos.digits import DigitsDataModule, DigitsMLP
 from pb_lightning.lightning.cli import main as cli_main
+from tests.helpers import fast_trainer
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 _REPO = Path(__file__).resolve().parents[1]
 
 # Covered elsewhere (file under tests/engine, tests/cycle or tests/lightning: test):
@@ -41,17 +42,7 @@ _REPO = Path(__file__).resolve().parents[1]
 
 def _fit(model: pl.LightningModule, tmp_path: Path, callback: pb.PerforatedCallback | None = None, **kw: Any) -> None:
     callback = callback or pb.PerforatedCallback("val_loss", "min", neuron_epochs=1, dendrite_epochs=1)
-    options = {
-        "max_epochs": 3,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "default_root_dir": tmp_path,
-        "num_sanity_val_steps": 0,
-    }
-    options.update(kw)
-    pl.Trainer(callbacks=[callback], **options).fit(model, DigitsDataModule())
+    fast_trainer(tmp_path, [callback], kw.pop("max_epochs", 3), **kw).fit(model, DigitsDataModule())
 
 
 class _TrainOnlyMonitor(DigitsMLP):
@@ -119,16 +110,7 @@ def _cli(args: list[str], tmp_path: Path) -> None:
 
 
 def _checkpoint_of(model: pl.LightningModule, tmp_path: Path) -> Path:
-    trainer = pl.Trainer(
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        limit_train_batches=1,
-        limit_val_batches=1,
-    )
+    trainer = fast_trainer(tmp_path, [], 1, limit_train_batches=1, limit_val_batches=1, num_sanity_val_steps=2)
     trainer.fit(model, DigitsDataModule())
     path = tmp_path / "model.ckpt"
     trainer.save_checkpoint(path)
@@ -309,5 +291,17 @@ def test_a_dendrite_phase_where_nothing_is_learned_ends_and_is_reported(tmp_path
 
     callback = pb.PerforatedCallback("val_loss", "min", neuron_epochs=1, dendrite_patience=2, max_dendrites=1)
     with pytest.warns(UserWarning, match="no candidate learned anything"):
-        _fit(Frozen(hidden=8), tmp_path, callback, max_epochs=6)
-    assert callback.machine.state.dendrites <= 1
+        _fit(model := Frozen(hidden=8), tmp_path, callback, max_epochs=6)
+    state = callback.machine.state
+    rows = state.history
+    # The phase ends on candidate patience (not only at max_epochs): a dendrite-phase row that is
+    # not "continue", followed by more training in the neuron phase.
+    ends = [i for i, row in enumerate(rows) if row["phase"] == "dendrite" and row["action"] != "continue"]
+    assert ends, [row["action"] for row in rows]
+    assert rows[ends[0]]["action"] == "accept"
+    assert ends[0] + 1 < len(rows)
+    assert rows[ends[0] + 1]["phase"] == "neuron"
+    # Nothing was learned (lr = 0), so the cycle cannot beat the best and is rejected: no dendrites kept.
+    assert state.accepted_cycles == 0
+    assert state.rejected_cycles >= 1
+    assert all(layer.num_dendrites == 0 for layer in pb.perforated_layers(model))

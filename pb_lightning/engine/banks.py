@@ -71,10 +71,6 @@ class DendriteBank(nn.Module):
         for name in self.stacked():
             setattr(self, name, nn.Parameter(tensors[name], requires_grad=requires_grad))
 
-    def take(self, choice: Tensor) -> dict[str, Tensor]:
-        """One set built by choosing, for every neuron ``i``, set ``choice[i]`` of this bank."""
-        return take_sets(self.stacked() | self.structure(), choice, per_neuron=self.per_neuron)
-
     def append(self, tensors: dict[str, Tensor], *, requires_grad: bool) -> None:
         """Add sets at the end (the sets given must match this bank's operation)."""
         self.replace(
@@ -94,10 +90,6 @@ class DendriteBank(nn.Module):
         )
         for name, b in self.structure().items():
             setattr(self, name, b.new_zeros((num_sets, *b.shape[1:])))
-
-    def flops_per_position(self) -> int:
-        """Multiply-accumulates of one set at one output position (for benchmarks)."""
-        raise NotImplementedError
 
     def forward_chunks(self, *inputs: Any, neuron_axis: int, max_bytes: int, **kwargs: Any) -> list[Tensor]:
         """The bank's output as consecutive chunks of sets, each about ``max_bytes`` or less.
@@ -150,9 +142,6 @@ class LinearBank(DendriteBank):
 
     def forward(self, x: Tensor, neuron_axis: int = -1) -> Tensor:
         return _linear_sets(x, self.weight, self.bias)
-
-    def flops_per_position(self) -> int:
-        return self.weight.shape[1] * self.weight.shape[2]
 
 
 class ConvBank(DendriteBank):
@@ -209,9 +198,6 @@ class ConvBank(DendriteBank):
         y = _CONV_FUNCTIONS[self.dims](x, weight, bias, self.stride, padding, self.dilation, g)  # (B, G*N*out/G, *S)
         # (B, G, N, out/G, *S) → (B, N, out, *S); a view when G = 1.
         return y.unflatten(1, (g, n, out // g)).transpose(1, 2).flatten(2, 3)
-
-    def flops_per_position(self) -> int:
-        return self.weight.shape[1] * math.prod(self.weight.shape[2:])
 
 
 class ModuleBank(DendriteBank):
@@ -286,9 +272,6 @@ class ModuleBank(DendriteBank):
             y = torch.stack([run(*(p[i] for p in params), *inputs) for i in range(self.num_sets)])
         return y.movedim(0, neuron_axis)
 
-    def flops_per_position(self) -> int:
-        return sum(p[0].numel() for p in self.stacked().values())
-
 
 #: Module types whose copies vmap could not batch: they run one after another from then on.
 _NOT_BATCHABLE: set[type[nn.Module]] = set()
@@ -335,7 +318,6 @@ def check_custom_module(module: nn.Module, name: str) -> None:
         )
     if not any(True for _ in module.parameters()):
         raise PerforationError(f"Module `{name}` ({type(module).__name__}) has no parameters to copy into dendrites.")
-
 
 
 def iter_stacked(bank: DendriteBank | None) -> Iterator[tuple[str, nn.Parameter]]:

@@ -12,17 +12,13 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
-from pb_lightning.errors import PerforationError, check_choice, check_float, check_int, invalid
+from pb_lightning.errors import PerforationError, check_choice, check_float, check_int, choices_of, invalid
 
 Activation = Literal["sigmoid", "tanh", "relu"]
 Learning = Literal["correlation", "gradient"]
 Normalization = Literal["pearson", "error_energy", "raw"]
 FanInMode = Literal["local", "random", "learned"]
 
-_ACTIVATIONS: tuple[str, ...] = ("sigmoid", "tanh", "relu")
-_LEARNINGS: tuple[str, ...] = ("correlation", "gradient")
-_NORMALIZATIONS: tuple[str, ...] = ("pearson", "error_energy", "raw")
-_FAN_IN_MODES: tuple[str, ...] = ("local", "random", "learned")
 #: Fields that must be the same in every layer: the training loop reads them from the model's
 #: one configuration (which objective the candidates follow decides what the callback monitors).
 _GLOBAL_FIELDS: tuple[str, ...] = ("learning", "overrides")
@@ -115,9 +111,9 @@ class DendriteConfig:
 
     def __post_init__(self) -> None:
         check_int("DendriteConfig.num_candidates", self.num_candidates, minimum=1)
-        check_choice("DendriteConfig.activation", self.activation, _ACTIVATIONS)
-        check_choice("DendriteConfig.learning", self.learning, _LEARNINGS)
-        check_choice("DendriteConfig.normalization", self.normalization, _NORMALIZATIONS)
+        check_choice("DendriteConfig.activation", self.activation, choices_of(Activation))
+        check_choice("DendriteConfig.learning", self.learning, choices_of(Learning))
+        check_choice("DendriteConfig.normalization", self.normalization, choices_of(Normalization))
         for name in ("perforation", "cascade", "train_accepted_dendrites"):
             if not isinstance(getattr(self, name), bool):
                 raise invalid(f"DendriteConfig.{name}", getattr(self, name), "a bool")
@@ -136,7 +132,7 @@ class DendriteConfig:
             )
         if self.fan_in is not None:
             check_int("DendriteConfig.fan_in", self.fan_in, minimum=1)
-        check_choice("DendriteConfig.fan_in_mode", self.fan_in_mode, _FAN_IN_MODES)
+        check_choice("DendriteConfig.fan_in_mode", self.fan_in_mode, choices_of(FanInMode))
         if isinstance(self.fan_in_seed, bool) or not isinstance(self.fan_in_seed, int):
             raise invalid("DendriteConfig.fan_in_seed", self.fan_in_seed, "an int")
         if self.fan_in is not None and self.fan_in_mode == "learned" and self.learning == "gradient":

@@ -6,6 +6,7 @@ import fnmatch
 import logging
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -28,7 +29,6 @@ from pb_lightning.engine.selectors import (
 from pb_lightning.errors import PerforationError, invalid
 
 log = logging.getLogger(__name__)
-
 
 
 def perforate(
@@ -92,7 +92,8 @@ def perforate(
 
     Raises:
         PerforationError: if nothing new matched, the root itself matched, a selected module
-            cannot carry dendrites, or ``include`` names a module whose parent reads its weights.
+            cannot carry dendrites, ``include`` names a module whose parent reads its weights, or a
+            module to wrap (or its norm) is registered under two names (shared by two parents).
 
     Example::
 
@@ -130,31 +131,22 @@ def perforate(
 
     converted = prepare_attention(model, selected, lambda module, name: _matches(module, name, exc))
     modules = dict(model.named_modules())
-    norm_pairs = dict(with_norm) if isinstance(with_norm, Mapping) else {}
-    for target, norm_name in norm_pairs.items():
-        for n in (target, norm_name):
-            if n not in modules:
-                raise invalid("with_norm", n, "qualified names of modules in the model")
-        if not isinstance(modules[norm_name], NORM_TYPES):
-            raise invalid(f"with_norm[{target!r}]", norm_name, "the name of a normalisation layer")
-
+    norm_pairs = _check_norm_pairs(with_norm, modules)
+    aliases = _aliases(model)
     already = [m for m in model.modules() if isinstance(m, PerforatedLayer)]
     readers = weight_reading_parents(model)
     # Plan every replacement first and change the model only once all of them are known to be
     # valid, so a refused layer never leaves the model half converted.
-    replacements: list[tuple[nn.Module, str, nn.Module]] = []
-    wrapped: list[str] = []
-    paired: list[str] = []
-    paired_norms: set[str] = set()
+    plan = _Plan()
     traced: dict[int, dict[str, str]] = {}
-    skipped: dict[str, str] = {}
 
-    def visit(parent: nn.Module, prefix: str, read_by: str | None) -> None:
+    def visit(parent: nn.Module, prefix: str, read_by: str | None, shared: tuple[str, str] | None) -> None:
         for child_name, child in list(parent.named_children()):
             name = f"{prefix}{child_name}"
             if isinstance(child, PerforatedLayer):
                 continue  # never wrap twice
             reader = read_by or (f"`{prefix[:-1]}`: {readers[id(parent)]}" if id(parent) in readers else None)
+            here = shared or _second_name(name, aliases.get(id(child), []))
             if _matches(child, name, inc) and not _matches(child, name, exc):
                 if reader is not None:
                     if include is not None:
@@ -164,38 +156,29 @@ def perforate(
                             "nn.TransformerEncoderLayer (perforate() converts those so that they call their "
                             "projections)."
                         )
-                    skipped[name] = f"its parent {reader}"
+                    plan.skipped[name] = f"its parent {reader}"
                     continue
-                axis, neurons = _neuron_axis(child, name, axes)
+                _refuse_shared(name, here)
+                norm_name = _resolve_norm(parent, prefix, child_name, norm_pairs, with_norm, traced)
                 norm = None
-                norm_name = norm_pairs.get(name) or (
-                    _norm_after(parent, child_name, traced) if with_norm is True else None
-                )
                 if norm_name is not None:
-                    full = norm_name if name in norm_pairs else f"{prefix}{norm_name}"
-                    norm = modules[full]
-                    holder_name, _, attr = full.rpartition(".")
+                    _refuse_shared(norm_name, _second_name(norm_name, aliases.get(id(modules[norm_name]), [])))
+                    norm = modules[norm_name]
+                    holder_name, _, attr = norm_name.rpartition(".")
                     holder = model.get_submodule(holder_name) if holder_name else model
-                    replacements.append((holder, attr, nn.Identity()))
-                    paired.append(f"{name} + {full}")
-                    paired_norms.add(full)
-                layer = PerforatedLayer(
-                    child,
-                    config=config.for_layer(name),
-                    neuron_axis=axis,
-                    num_neurons=neurons,
-                    norm=norm,
-                    name=name,
-                    output_key=_output_key(child, name, outputs),
-                )
-                replacements.append((parent, child_name, layer))
-                wrapped.append(name)
+                    plan.replacements.append((holder, attr, nn.Identity()))
+                    plan.paired.append(f"{name} + {norm_name}")
+                    plan.paired_norms.add(norm_name)
+                layer = _wrap_child(child, name, config, axes, outputs, norm)
+                plan.replacements.append((parent, child_name, layer))
+                plan.wrapped.append(name)
             else:
                 if _matches(child, name, exc) and _matches(child, name, inc):
-                    skipped[name] = "matched `exclude`"
-                visit(child, f"{name}.", reader)
+                    plan.skipped[name] = "matched `exclude`"
+                visit(child, f"{name}.", reader, here)
 
-    visit(model, "", None)
+    visit(model, "", None, None)
+    wrapped, paired = plan.wrapped, plan.paired
     if not wrapped:
         hint = (
             f" It already has {len(already)} perforated layers; perforate() does not wrap a module twice."
@@ -210,9 +193,9 @@ def perforate(
             unused,
             "globs that each match a perforated layer; the layers are " + ", ".join(wrapped),
         )
-    for holder, attr, replacement in replacements:
+    for holder, attr, replacement in plan.replacements:
         setattr(holder, attr, replacement)
-    _record(model, wrapped, skipped, paired_norms, converted)
+    _record(model, wrapped, plan.skipped, plan.paired_norms, converted)
     log.info("Perforated %d modules: %s", len(wrapped), ", ".join(wrapped))
     if paired:
         log.info("Wrapped together with their norms: %s", ", ".join(paired))
@@ -225,6 +208,116 @@ def perforate(
             stacklevel=2,
         )
     return model
+
+
+@dataclass
+class _Plan:
+    """Every change ``perforate()`` will make, collected before the model is touched."""
+
+    replacements: list[tuple[nn.Module, str, nn.Module]] = field(default_factory=list)
+    wrapped: list[str] = field(default_factory=list)
+    paired: list[str] = field(default_factory=list)
+    paired_norms: set[str] = field(default_factory=set)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def _check_norm_pairs(with_norm: bool | Mapping[str, str], modules: Mapping[str, nn.Module]) -> dict[str, str]:
+    """The ``{module: norm}`` pairs named in ``with_norm`` (none for a bool), each checked.
+
+    Both names must be modules of the model, the second a normalisation layer, and no norm may be
+    paired twice: it moves into one wrapper, so a second one would not get it.
+    """
+    if not isinstance(with_norm, Mapping):
+        return {}
+    pairs = dict(with_norm)
+    for target, norm_name in pairs.items():
+        for n in (target, norm_name):
+            if n not in modules:
+                raise invalid("with_norm", n, "qualified names of modules in the model")
+        if not isinstance(modules[norm_name], NORM_TYPES):
+            raise invalid(f"with_norm[{target!r}]", norm_name, "the name of a normalisation layer")
+    norms = list(pairs.values())
+    twice = sorted({n for n in norms if norms.count(n) > 1})
+    if twice:
+        raise invalid("with_norm", pairs, f"a mapping that pairs each norm with one module ({', '.join(twice)} twice)")
+    return pairs
+
+
+def _resolve_norm(
+    parent: nn.Module,
+    prefix: str,
+    child_name: str,
+    norm_pairs: Mapping[str, str],
+    with_norm: bool | Mapping[str, str],
+    traced: dict[int, dict[str, str]],
+) -> str | None:
+    """The qualified name of the norm to wrap together with ``parent.child_name``, if any.
+
+    A name from the ``with_norm`` mapping is already qualified; one found under ``with_norm=True``
+    (the next layer of a Sequential, or the traced forward of the parent) is a sibling's name.
+    """
+    name = f"{prefix}{child_name}"
+    if name in norm_pairs:
+        return norm_pairs[name]
+    if with_norm is True:
+        sibling = _norm_after(parent, child_name, traced)
+        return None if sibling is None else f"{prefix}{sibling}"
+    return None
+
+
+def _wrap_child(
+    child: nn.Module,
+    name: str,
+    config: DendriteConfig,
+    axes: Mapping[type[nn.Module] | str, int],
+    outputs: Mapping[type[nn.Module] | str, OutputKey],
+    norm: nn.Module | None,
+) -> PerforatedLayer:
+    """The :class:`PerforatedLayer` that replaces ``child`` (named ``name``), with its layer config."""
+    axis, neurons = _neuron_axis(child, name, axes)
+    return PerforatedLayer(
+        child,
+        config=config.for_layer(name),
+        neuron_axis=axis,
+        num_neurons=neurons,
+        norm=norm,
+        name=name,
+        output_key=_output_key(child, name, outputs),
+    )
+
+
+def _aliases(model: nn.Module) -> dict[int, list[str]]:
+    """Every name under which each submodule is registered, by ``id``.
+
+    ``named_modules()`` lists a module once however often it is registered, so a module held by
+    two parents (or twice by one) looks like any other there; its direct registrations show it.
+    """
+    names: dict[int, list[str]] = {}
+    for parent_name, parent in model.named_modules():
+        for key, child in parent._modules.items():
+            if child is not None:
+                names.setdefault(id(child), []).append(f"{parent_name}.{key}" if parent_name else key)
+    return names
+
+
+def _second_name(name: str, registered: list[str]) -> tuple[str, str] | None:
+    """``(name, another name of the same module)``, or ``None`` if it is registered only once."""
+    others = [n for n in registered if n != name]
+    return (name, others[0]) if others else None
+
+
+def _refuse_shared(name: str, shared: tuple[str, str] | None) -> None:
+    """Raise if the module ``name`` (or a container above it, ``shared[0]``) has a second name."""
+    if shared is None:
+        return
+    first, second = shared
+    other = second + name[len(first) :]
+    via = "" if first == name else f" (through `{first}`, which is also `{second}`)"
+    raise PerforationError(
+        f"Module `{name}` is also reachable as `{other}`{via}: one module registered under two names. Wrapping "
+        "it under one name would leave the other calling it without dendrites, and wrapping both would give it "
+        "two sets. Give each place its own module (copy.deepcopy), or `exclude` it under every name."
+    )
 
 
 _RECORD = "_pb_conversion"

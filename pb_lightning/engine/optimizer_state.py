@@ -24,14 +24,14 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from pb_lightning.errors import invalid
+from pb_lightning.errors import choices_of, invalid
 
 OptimizerStateMode = Literal["reset", "carry"]
 
 
 def check_optimizer_state(value: object) -> OptimizerStateMode:
     """``value`` if it is ``"reset"`` or ``"carry"``, else the library's standard error."""
-    if value not in ("reset", "carry"):
+    if value not in choices_of(OptimizerStateMode):
         raise invalid("optimizer_state", value, "'reset' (a fresh optimizer after each restructure) or 'carry'")
     return value  # type: ignore[return-value]
 

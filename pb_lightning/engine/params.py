@@ -2,11 +2,43 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from torch import nn
 
 from pb_lightning.engine.convert import perforated_layers
+
+#: What a parameter is to the algorithm. The order is the order of the optimizer groups.
+Role = Literal["network", "dendrite_output_weights", "dendrites", "candidates"]
+ROLES: tuple[Role, ...] = ("network", "dendrite_output_weights", "dendrites", "candidates")
+
+
+def parameter_roles(model: nn.Module) -> list[tuple[Role, nn.Parameter]]:
+    """Every parameter of ``model`` (each once, in ``model.parameters()`` order) with its role.
+
+    * ``"network"``: the original weights.
+    * ``"dendrite_output_weights"``: the output weights ``w`` of accepted dendrites.
+    * ``"dendrites"``: the other accepted-dendrite weights (fused bank, cascade).
+    * ``"candidates"``: the transient candidate pool of a dendrite phase.
+
+    The one place that decides roles, so that the optimizer groups and the parameter counts can
+    never disagree about what is a dendrite.
+    """
+    layers = perforated_layers(model)
+    output_ids = {id(layer.output_weight) for layer in layers if layer.output_weight is not None}
+    candidate_ids = {id(p) for layer in layers if layer.candidates is not None for p in layer.candidates.parameters()}
+    dendrite_ids = {id(p) for layer in layers for p in layer.dendrite_parameters()} - output_ids
+
+    def role(p: nn.Parameter) -> Role:
+        if id(p) in output_ids:
+            return "dendrite_output_weights"
+        if id(p) in candidate_ids:
+            return "candidates"
+        if id(p) in dendrite_ids:
+            return "dendrites"
+        return "network"
+
+    return [(role(p), p) for p in model.parameters()]
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -36,26 +68,11 @@ def parameter_groups(
         >>> [g["name"] for g in opt.param_groups]
         ['network']
     """
-    layers = perforated_layers(model)
-    output_ids = {id(layer.output_weight) for layer in layers if layer.output_weight is not None}
-    candidate_ids = {id(p) for layer in layers if layer.candidates is not None for p in layer.candidates.parameters()}
-    dendrite_ids = {id(p) for layer in layers for p in layer.dendrite_parameters()} - output_ids
-    groups: dict[str, list[nn.Parameter]] = {
-        "network": [],
-        "dendrite_output_weights": [],
-        "dendrites": [],
-        "candidates": [],
-    }
-    for p in trainable_parameters(model):
-        if id(p) in output_ids:
-            groups["dendrite_output_weights"].append(p)
-        elif id(p) in candidate_ids:
-            groups["candidates"].append(p)
-        elif id(p) in dendrite_ids:
-            groups["dendrites"].append(p)
-        else:
-            groups["network"].append(p)
-    options: dict[str, dict[str, Any]] = {
+    groups: dict[Role, list[nn.Parameter]] = {name: [] for name in ROLES}
+    for name, p in parameter_roles(model):
+        if p.requires_grad:
+            groups[name].append(p)
+    options: dict[Role, dict[str, Any]] = {
         "network": {"weight_decay": weight_decay},
         "dendrite_output_weights": {"weight_decay": 0.0},
         "dendrites": {"weight_decay": weight_decay},
@@ -81,15 +98,11 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
         >>> parameter_counts(perforate(torch.nn.Sequential(torch.nn.Linear(4, 2))))
         {'original': 10, 'dendrites': 0, 'total': 10, 'candidates': 0}
     """
-    layers = perforated_layers(model)
-    dendrite_ids = {id(p) for layer in layers for p in layer.dendrite_parameters()}
-    candidate_ids = {id(p) for layer in layers if layer.candidates is not None for p in layer.candidates.parameters()}
-    original = dendrites = candidates = 0
-    for p in model.parameters():
-        if id(p) in dendrite_ids:
-            dendrites += p.numel()
-        elif id(p) in candidate_ids:
-            candidates += p.numel()
-        else:
-            original += p.numel()
+    counts = dict.fromkeys(ROLES, 0)
+    for name, p in parameter_roles(model):
+        counts[name] += p.numel()
+    original = counts["network"]
+    dendrites = counts["dendrites"] + counts["dendrite_output_weights"]
+    candidates = counts["candidates"]
     return {"original": original, "dendrites": dendrites, "total": original + dendrites, "candidates": candidates}
+

@@ -97,9 +97,6 @@ class SparseBank(DendriteBank):
         index = self.index.view(n, out, k, *([1] * len(kernel))).expand(self.weight.shape)
         return self.weight.new_zeros((n, out, self.in_size, *kernel)).scatter(2, index, self.weight)
 
-    def flops_per_position(self) -> int:
-        return math.prod(self.weight.shape[1:])
-
 
 class _ContiguousGradient(torch.autograd.Function):
     """The identity, whose backward makes the gradient contiguous.

@@ -23,7 +23,7 @@ from pb_lightning.cycle.capacity import CapacityProbe
 from pb_lightning.engine.layer import PerforatedLayer
 from tests.helpers import fast_trainer
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 def _grow(model: nn.Module, *inputs: Any) -> nn.Module:
@@ -467,6 +467,8 @@ def test_an_lstm_classifier_goes_through_the_capacity_test_and_the_summary_is_sh
 
 
 @pytest.mark.slow
+# The problem the test provokes is also reported as a warning at the end of the fit.
+@pytest.mark.filterwarnings("ignore:pb_lightning capacity test found problems:UserWarning")
 def test_the_capacity_test_reports_a_layer_whose_parent_reads_its_weights(tmp_path: Path, caplog: Any) -> None:
     pl.seed_everything(0)
     model = _RecurrentModule(weight_reader=True)

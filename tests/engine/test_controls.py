@@ -21,7 +21,7 @@ from pb_lightning.engine.controls import InertPerforatedLayer, is_inert, make_de
 from pb_lightning.errors import PerforationError
 from tests.helpers import fast_trainer
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 def _net() -> nn.Module:

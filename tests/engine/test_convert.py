@@ -161,3 +161,58 @@ def test_multihead_attention_projections_are_perforated_by_default() -> None:
         "attn.v_proj",
         "attn.out_proj",
     ]
+
+
+class _TwoParents(nn.Module):
+    """Two blocks that hold the same Linear (or, with ``container=True``, the same Sequential)."""
+
+    def __init__(self, container: bool = False) -> None:
+        super().__init__()
+        shared: nn.Module = nn.Linear(4, 4)
+        if container:
+            shared = nn.Sequential(shared)
+        self.a = nn.Sequential(shared, nn.ReLU())
+        self.b = nn.Sequential(shared)
+        self.head = nn.Linear(4, 2)
+
+
+class _TwoNames(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(4, 4)
+        self.second = self.first
+        self.head = nn.Linear(4, 2)
+
+
+@pytest.mark.parametrize(
+    ("model", "name", "other"),
+    [
+        (_TwoParents(), "a.0", "b.0"),
+        (_TwoParents(container=True), "a.0.0", "b.0.0"),
+        (_TwoNames(), "first", "second"),
+    ],
+    ids=["two-parents", "shared-container", "registered-twice"],
+)
+def test_a_module_with_two_names_is_refused_naming_both(model: nn.Module, name: str, other: str) -> None:
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(PerforationError, match=rf"`{name}` is also reachable as `{other}`"):
+        perforate(model)
+    assert [type(m) for m in model.modules()] == before  # nothing half converted
+    assert not any(isinstance(m, PerforatedLayer) for m in model.modules())
+
+
+def test_a_shared_module_excluded_under_every_name_is_no_error() -> None:
+    with pytest.raises(PerforationError, match=r"`a.0` is also reachable as `b.0`"):
+        perforate(_TwoParents(), exclude="b.*")  # still selected as a.0
+    model = perforate(_TwoParents(), exclude=["a.0", "b.0"])
+    assert [layer.name for layer in perforated_layers(model)] == ["head"]
+
+
+def test_a_norm_with_two_names_or_paired_twice_is_refused() -> None:
+    block = Block()
+    block.bn_alias = block.bn
+    with pytest.raises(PerforationError, match=r"`bn` is also reachable as `bn_alias`"):
+        perforate(block, with_norm={"conv": "bn"})
+    seq = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.BatchNorm1d(4))
+    with pytest.raises(PerforationError, match=r"`with_norm` must be a mapping that pairs each norm with one module"):
+        perforate(seq, with_norm={"0": "2", "1": "2"})

@@ -33,10 +33,12 @@ from pb_lightning import (
     start_dendrite_phase,
     trainable_parameters,
 )
+from pb_lightning.engine.config import Normalization
 from pb_lightning.engine.correlation import CorrelationStatistics, batch_moments
+from pb_lightning.errors import choices_of
 
 _F: dict[str, Callable[[Tensor], Tensor]] = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu}
-_NORMALIZATIONS = ("raw", "error_energy", "pearson")
+_NORMALIZATIONS = choices_of(Normalization)
 
 Batch = tuple[Tensor, Tensor]
 

@@ -164,6 +164,35 @@ def _reference(layer: PerforatedLayer, x: Tensor, *, base: Tensor | None = None)
     return out
 
 
+def _compare_with_reference(layer: PerforatedLayer, x: Tensor) -> Tensor:
+    """The layer's forward against :func:`_reference`, without and with gradients; returns the reference.
+
+    With gradients, the outputs and every gradient (input and each trainable parameter) must
+    match too: the no-grad path may take a different (fused, in-place) route than training does.
+    Under ``perforation`` the reference's dendrites see ``x.detach()``, as the layer's do.
+    """
+    module = layer.module
+    with torch.no_grad():
+        expected = _reference(layer, x)
+        torch.testing.assert_close(layer(x), expected, **_TOL)
+    x = x.detach().clone().requires_grad_(True)
+    named = [(name, p) for name, p in layer.named_parameters() if p.requires_grad]
+    dendrite_ids = {id(p) for p in layer.dendrite_parameters()}
+    assert any(id(p) in dendrite_ids for _, p in named)  # some dendrite weight trains in this phase
+    out = layer(x)
+    ref = _reference(layer, x.detach() if layer.config.perforation else x, base=module(x))
+    torch.testing.assert_close(out, ref, **_TOL)
+    g = torch.randn_like(out)
+    inputs = [x, *(p for _, p in named)]
+    got = torch.autograd.grad(out, inputs, g, allow_unused=True)
+    want = torch.autograd.grad(ref, inputs, g, allow_unused=True)
+    for name, a, b in zip(["input", *(n for n, _ in named)], got, want, strict=True):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, **_TOL, msg=lambda m, name=name: f"gradient of {name}: {m}")
+    return expected
+
+
 def _check_layout(layer: PerforatedLayer, num_neurons: int) -> None:
     """The storage layout the reference relies on (and the docs promise)."""
     d = layer.num_dendrites
@@ -198,19 +227,23 @@ def _check_forward(kind: str, num_dendrites: int, config: DendriteConfig, bias: 
     assert (bank.bias is None) == (not bias)
     if bias:
         assert bank.bias.shape == (num_dendrites, 6)
+    expected = _compare_with_reference(layer, x)
     with torch.no_grad():
-        expected = _reference(layer, x)
         assert not torch.allclose(expected, module(x), **_TOL)  # the dendrites are visible
-        torch.testing.assert_close(layer(x), expected, **_TOL)
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d", "conv2d", "conv3d"])
 @pytest.mark.parametrize("num_dendrites", [1, 2, 3, 5])
 @pytest.mark.parametrize("cascade", [True, False], ids=["cascade", "no_cascade"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
-def test_forward_matches_per_dendrite_loop(kind: str, num_dendrites: int, cascade: bool, bias: bool) -> None:
-    """The fused forward equals the per-dendrite loop for every module type, D, and bias/cascade."""
-    _check_forward(kind, num_dendrites, DendriteConfig(cascade=cascade), bias)
+@pytest.mark.parametrize("train_accepted", [False, True], ids=["frozen", "train_accepted"])
+def test_forward_matches_per_dendrite_loop(
+    kind: str, num_dendrites: int, cascade: bool, bias: bool, train_accepted: bool
+) -> None:
+    """The fused forward equals the per-dendrite loop for every module type, D, and bias/cascade,
+    with gradients too, whether the accepted dendrites are frozen or keep training."""
+    config = DendriteConfig(cascade=cascade, train_accepted_dendrites=train_accepted)
+    _check_forward(kind, num_dendrites, config, bias)
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d", "conv2d", "conv3d"])
@@ -259,10 +292,8 @@ def test_conv_hyperparameters_carry_over_to_dendrites(
     module, x = _builtin(kind, True, **_CONV_VARIANTS[variant](int(kind[-2])))
     layer = _perforated(module, x, num_dendrites, DendriteConfig(cascade=cascade, activation="tanh"))
     _check_layout(layer, 6)
-    with torch.no_grad():
-        expected = _reference(layer, x)
-        assert expected.shape == module(x).shape
-        torch.testing.assert_close(layer(x), expected, **_TOL)
+    expected = _compare_with_reference(layer, x)
+    assert expected.shape == module(x).shape
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
@@ -303,10 +334,8 @@ def test_linear_on_sequence_input(cascade: bool) -> None:
     """A Linear on ``[B, T, F]``: neurons are the last axis, scalars broadcast over batch and time."""
     module, x = nn.Linear(4, 6), torch.randn(2, 5, 4)
     layer = _perforated(module, x, 3, DendriteConfig(cascade=cascade))
-    with torch.no_grad():
-        expected = _reference(layer, x)
-        assert expected.shape == (2, 5, 6)
-        torch.testing.assert_close(layer(x), expected, **_TOL)
+    expected = _compare_with_reference(layer, x)
+    assert expected.shape == (2, 5, 6)
 
 
 # --------------------------------------------------------------------------- 2. custom modules
@@ -368,8 +397,9 @@ _CUSTOM: dict[str, tuple[Callable[[], nn.Module], int, tuple[int, ...]]] = {
 @pytest.mark.parametrize("num_dendrites", [1, 3])
 @pytest.mark.parametrize("cascade", [True, False], ids=["cascade", "no_cascade"])
 @pytest.mark.parametrize("activation", ["sigmoid", "relu"])
+@pytest.mark.parametrize("train_accepted", [False, True], ids=["frozen", "train_accepted"])
 def test_custom_module_forward_matches_functional_call_loop(
-    custom: str, num_dendrites: int, cascade: bool, activation: str
+    custom: str, num_dendrites: int, cascade: bool, activation: str, train_accepted: bool
 ) -> None:
     """A custom module's D copies (one ``vmap``) equal D ``functional_call``s, one per set.
 
@@ -378,7 +408,11 @@ def test_custom_module_forward_matches_functional_call_loop(
     """
     factory, axis, shape = _CUSTOM[custom]
     module, x = factory(), torch.randn(*shape)
-    config = DendriteConfig(cascade=cascade, activation=activation)  # type: ignore[arg-type]
+    config = DendriteConfig(
+        cascade=cascade,
+        activation=activation,  # type: ignore[arg-type]
+        train_accepted_dendrites=train_accepted,
+    )
     kind = type(module)
     layer = _perforated(module, x, num_dendrites, config, include=[kind], neuron_axes={kind: axis})
     assert layer.num_neurons == 6
@@ -386,10 +420,9 @@ def test_custom_module_forward_matches_functional_call_loop(
     for name, p in module.named_parameters():
         stacked = getattr(layer.dendrites, name.replace(".", "__"))
         assert stacked.shape == (num_dendrites, *p.shape)
+    expected = _compare_with_reference(layer, x)
     with torch.no_grad():
-        expected = _reference(layer, x)
         assert not torch.allclose(expected, module(x), **_TOL)
-        torch.testing.assert_close(layer(x), expected, **_TOL)
 
 
 # --------------------------------------------------------------------------- 3. zero dendrites, dendrite phase

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import pb_lightning as pb
 from tests.helpers import fast_trainer
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 D, HEADS, FF, B, T = 8, 2, 16, 6, 5
 

@@ -83,11 +83,16 @@ def test_accept_installs_one_frozen_set_with_zero_output_weight() -> None:
 
 def test_accepted_dendrites_keep_training_when_configured() -> None:
     model = _net(DendriteConfig(train_accepted_dendrites=True))
-    for _ in range(2):
-        pb.start_dendrite_phase(model)
-        assert not model[0].dendrites.weight.requires_grad if model[0].dendrites is not None else True
-        pb.accept_dendrites(model)
     layer = model[0]
+    pb.start_dendrite_phase(model)
+    assert layer.dendrites is None  # nothing accepted yet
+    pb.accept_dendrites(model)
+    assert layer.dendrites.weight.requires_grad  # back in the neuron phase: it trains
+    pb.start_dendrite_phase(model)
+    # A dendrite phase trains only the candidates, even with train_accepted_dendrites=True.
+    assert not layer.dendrites.weight.requires_grad
+    assert not layer.output_weight.requires_grad
+    pb.accept_dendrites(model)
     assert layer.dendrites.weight.requires_grad
     assert layer.cascade_weight.requires_grad
     weight = layer.dendrites.weight.detach().clone()
@@ -153,6 +158,22 @@ def test_parameter_counts_split_original_dendrites_and_candidates() -> None:
     pb.accept_dendrites(model)
     # Two sets of 15, one cascade weight per neuron (dendrite 2 on dendrite 1), w of 2 x 3.
     assert pb.parameter_counts(model) == {"original": 15, "dendrites": 30 + 3 + 6, "total": 54, "candidates": 0}
+
+
+def test_parameter_groups_and_counts_agree_on_every_role() -> None:
+    model = _net(DendriteConfig(train_accepted_dendrites=True))
+    for _ in range(2):
+        pb.start_dendrite_phase(model)
+        pb.accept_dendrites(model)
+    # Neuron phase with trainable accepted dendrites: every parameter is in some group.
+    sizes = {g["name"]: sum(p.numel() for p in g["params"]) for g in pb.parameter_groups(model)}
+    counts = pb.parameter_counts(model)
+    assert set(sizes) == {"network", "dendrite_output_weights", "dendrites"}
+    assert sizes["network"] == counts["original"] == sum(p.numel() for p in model.parameters()) - counts["dendrites"]
+    assert sizes["dendrites"] + sizes["dendrite_output_weights"] == counts["dendrites"] > 0
+    pb.start_dendrite_phase(model)
+    sizes = {g["name"]: sum(p.numel() for p in g["params"]) for g in pb.parameter_groups(model)}
+    assert sizes == {"candidates": pb.parameter_counts(model)["candidates"]}
 
 
 def test_perforation_state_round_trips_mid_dendrite_phase() -> None:

@@ -16,7 +16,7 @@ from pb_lightning.cycle.machine import ACCEPT, START_DENDRITE_PHASE, STOP
 from pb_lightning.demos.digits import DigitsDataModule, DigitsMLP
 from tests.helpers import fast_trainer
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 _trainer = fast_trainer
@@ -153,6 +153,8 @@ class _Unloadable(DigitsMLP):
         self.save_hyperparameters(ignore=["required"])
 
 
+# The problem found is also reported as a warning at the end of the fit; the test reads it from the callback.
+@pytest.mark.filterwarnings("ignore:pb_lightning capacity test found problems:UserWarning")
 def test_the_capacity_test_names_the_problem_it_finds(tmp_path: Path) -> None:
     pl.seed_everything(0)
     callback = pb.PerforatedCallback("val_loss", "min", capacity_test=True)
@@ -211,6 +213,8 @@ def test_callback_misconfiguration(kwargs: dict, pattern: str) -> None:
         pb.PerforatedCallback(**kwargs)
 
 
+# The EarlyStopping here is deliberately shorter than a neuron phase (the callback resets it).
+@pytest.mark.filterwarnings("ignore:pb_lightning. EarlyStopping.* can stop training before:UserWarning")
 def test_progress_bar_shows_phase_and_dendrites_and_early_stopping_is_reset(tmp_path: Path) -> None:
     pl.seed_everything(0)
     callback = _fixed(max_dendrites=1)

@@ -23,7 +23,6 @@ from tests.helpers import fast_trainer
 _FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 _OLD = _FIXTURES / "format_v0_dendrite_phase.ckpt"
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 def _trainer(root: Path, callbacks: list[pl.Callback], max_epochs: int) -> pl.Trainer:

@@ -19,7 +19,7 @@ from pb_lightning.demos.digits import DigitsDataModule, DigitsMLP
 from pb_lightning.engine.correlation import CorrelationStatistics
 
 _SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ddp_cycle.py"
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 def _run_ddp(out: Path, *extra: str) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -13,7 +13,7 @@ import yaml
 from pb_lightning.lightning.cli import main
 
 _REPO = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 def test_the_capacity_test_config_runs_through_the_cli(tmp_path: Path, caplog: Any) -> None:
@@ -73,7 +73,9 @@ def test_python_dash_m_runs_the_same_cli(tmp_path: Path, monkeypatch: pytest.Mon
 def test_example_scripts_run(script: str, tmp_path: Path) -> None:
     namespace = runpy.run_path(str(_REPO / "examples" / script))
     result = namespace["main"](["--max-epochs", "3", "--root", str(tmp_path)])
-    assert 0.0 <= result["test_acc"] <= 1.0
+    # Ten balanced classes: chance is 0.1. Three epochs reach 0.52 (MLP) and 0.69 (conv), seeded;
+    # a run that does not learn (or tests an untrained model) stays near 0.1.
+    assert result["test_acc"] > 0.3
 
 
 def test_the_console_command_starts_without_lightnings_args_warning(tmp_path: Path) -> None:

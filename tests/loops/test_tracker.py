@@ -15,9 +15,10 @@ from torch.nn import functional as F
 
 import pb_lightning as pb
 from pb_lightning.demos.digits import DigitsDataModule, DigitsMLP
+from tests.helpers import fast_trainer
 
 _REPO = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 # A score sequence that exercises every decision: baseline, an accepted cycle that improves,
 # a cycle that fails and is retried, and a final failure. Dendrite phases have a fixed length,
@@ -72,16 +73,7 @@ def test_the_plain_loop_and_the_lightning_path_take_the_same_decisions(tmp_path:
     pl.seed_everything(0)
     callback = pb.PerforatedCallback("score", "max", **SCHEDULE)
     lightning_model = _Scripted(hidden=8)
-    pl.Trainer(
-        max_epochs=len(SCORES),
-        callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        num_sanity_val_steps=0,
-    ).fit(lightning_model, DigitsDataModule())
+    fast_trainer(tmp_path, [callback], len(SCORES)).fit(lightning_model, DigitsDataModule())
     # Reasons name the candidates' scores, which differ (different data); decisions may not.
     plain = [(h["action"], h["phase"], h["score"], h["dendrites"]) for h in tracker.machine.state.history]
     lightning = [(h["action"], h["phase"], h["score"], h["dendrites"]) for h in callback.machine.state.history]

@@ -16,8 +16,9 @@ from pb_lightning.demos.digits import DigitsDataModule, DigitsMLP
 from pb_lightning.lightning import recorder
 from pb_lightning.lightning.cli import console
 from pb_lightning.reporting.history import final_report, load_history
+from tests.helpers import fast_trainer
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 def _run(tmp_path: Path, **callback_options: Any) -> tuple[pb.PerforatedCallback, Path, DigitsMLP]:
@@ -34,15 +35,7 @@ def _run(tmp_path: Path, **callback_options: Any) -> tuple[pb.PerforatedCallback
     options.update(callback_options)
     callback = pb.PerforatedCallback("val_loss", "min", **options)
     logger = TensorBoardLogger(tmp_path, name="run")
-    trainer = pl.Trainer(
-        max_epochs=30,
-        callbacks=[callback],
-        logger=logger,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    trainer = fast_trainer(tmp_path, [callback], 30, logger=logger)
     model = DigitsMLP(hidden=8, lr=1e-2)
     trainer.fit(model, DigitsDataModule())
     return callback, Path(logger.log_dir), model
@@ -208,14 +201,8 @@ def test_a_run_without_a_logger_writes_no_files(tmp_path: Path, monkeypatch: pyt
     monkeypatch.chdir(tmp_path)
     pl.seed_everything(0)
     callback = pb.PerforatedCallback("val_loss", "min", neuron_epochs=1, dendrite_epochs=1, max_dendrites=1)
-    trainer = pl.Trainer(
-        max_epochs=3,
-        callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        default_root_dir=tmp_path,
-    )
+    # With the sanity check and the model summary (fast_trainer turns them off): they must write nothing either.
+    trainer = fast_trainer(tmp_path, [callback], 3, enable_model_summary=True, num_sanity_val_steps=2)
     trainer.fit(DigitsMLP(hidden=8, lr=1e-2), DigitsDataModule())
     assert callback.report is not None
     assert list(tmp_path.iterdir()) == []
