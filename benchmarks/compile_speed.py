@@ -28,6 +28,7 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(_HERE.parent), str(_HERE)]
 
 import torch  # noqa: E402
+from common.cli import add_report_options  # noqa: E402
 from machine import render_report, run_meta, save_report  # noqa: E402
 from torch import nn  # noqa: E402
 from torch._dynamo.testing import CompileCounterWithBackend  # noqa: E402
@@ -120,8 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a small MLP, few repeats: checks that it runs")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per form (default 30; 3 with --quick)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/compile_speed"), help="output directory")
-    parser.add_argument("--render", action="store_true", help="only regenerate OUT/results.md from OUT/results.json")
+    add_report_options(parser, default=Path("benchmarks/results/compile_speed"))
     args = parser.parse_args(argv)
     if args.render:
         print(render_report(args.out, markdown))

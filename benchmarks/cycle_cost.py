@@ -42,6 +42,7 @@ sys.path[:0] = [str(_HERE.parent), str(_HERE)]
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 from accuracy import benches, train_one  # noqa: E402
+from common.cli import add_report_options  # noqa: E402
 from machine import render_report, run_meta, save_report  # noqa: E402
 
 from pb_lightning import in_dendrite_phase  # noqa: E402
@@ -231,8 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         help="benchmark groups of accuracy.py (default: digits mnist1d; --quick: digits MLP-8 only)",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cycle_cost"), help="output directory")
-    parser.add_argument("--render", action="store_true", help="only regenerate OUT/results.md from OUT/results.json")
+    add_report_options(parser, default=Path("benchmarks/results/cycle_cost"))
     args = parser.parse_args(argv)
     if args.render:
         print(render_report(args.out, markdown))

@@ -62,7 +62,7 @@ sys.path[:0] = [str(_HERE.parent), str(_HERE)]
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from accuracy import Bench, benches  # noqa: E402
-from common.cli import quiet_lightning  # noqa: E402
+from common.cli import add_report_options, quiet_lightning  # noqa: E402
 from machine import render_report, run_meta, save_report  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
@@ -505,8 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arms", nargs="+", default=None, help="only these arm names (default: all)")
     parser.add_argument("--limit-train", type=int, default=None, help="subsample the training split")
     parser.add_argument("--quick", action="store_true", help="smoke test: digits MLP-8, 2 seeds, short phases")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/research"))
-    parser.add_argument("--render", action="store_true", help="only regenerate OUT/results.md from results.json")
+    add_report_options(parser, default=Path("benchmarks/results/research"))
     args = parser.parse_args(argv)
     if args.render:
         print(render_report(args.out, markdown))
