@@ -176,6 +176,41 @@ REGRESSION_BENCHES = (
         neuron_patience=10,
         task="regression",
     ),
+    # Width 2: a network far from the noise ceiling, where the width frontier is steep.
+    Bench(
+        "Friedman-1 MLP-2",
+        "friedman",
+        "Friedman MLP",
+        2,
+        _regression_mlp(10, 3e-3),
+        {"batch_size": 64},
+        max_epochs=400,
+        neuron_patience=10,
+        task="regression",
+    ),
+    Bench(
+        "Friedman-3 MLP-4",
+        "friedman3",
+        "Friedman MLP",
+        4,
+        _regression_mlp(4, 3e-3),
+        {"batch_size": 64},
+        max_epochs=400,
+        neuron_patience=10,
+        task="regression",
+    ),
+    # Real, small and noisy (284 training points): the regime users bring most often.
+    Bench(
+        "diabetes MLP-4",
+        "diabetes",
+        "diabetes MLP",
+        4,
+        _regression_mlp(10, 3e-3),
+        {"batch_size": 32},
+        max_epochs=400,
+        neuron_patience=10,
+        task="regression",
+    ),
 )
 
 
