@@ -222,12 +222,19 @@ def matched_width(bench: Bench, target: int) -> int:
 
 
 def train_one(
-    bench: Bench, variant: str, width: int, seed: int, quick: bool, extra_callbacks: Sequence[pl.Callback] = ()
+    bench: Bench,
+    variant: str,
+    width: int,
+    seed: int,
+    quick: bool,
+    extra_callbacks: Sequence[pl.Callback] = (),
+    schedule_overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Fit one variant of one benchmark with one seed and evaluate it on the test split once.
 
     ``extra_callbacks`` run beside the :class:`~pb_lightning.PerforatedCallback` (after it), so
-    another benchmark (``cycle_cost.py``) can observe exactly this run.
+    another benchmark (``cycle_cost.py``) can observe exactly this run; ``schedule_overrides``
+    are further callback arguments (e.g. ``dendrite_patience_steps``).
     """
     from models import ArrayDataModule
 
@@ -249,7 +256,7 @@ def train_one(
         sched["restarts_only"] = True
     elif variant not in DENDRITIC:
         sched["max_dendrites"] = 0
-    callback = PerforatedCallback(**sched)
+    callback = PerforatedCallback(**(sched | (schedule_overrides or {})))
     trainer = pl.Trainer(
         max_epochs=12 if quick else bench.max_epochs,
         callbacks=[callback, *extra_callbacks],

@@ -117,12 +117,17 @@ class PhaseClock(pl.Callback):
         }
 
 
-def run_pair(bench_name: str, seed: int, quick: bool) -> dict[str, Any]:
-    """The baseline and the dendritic run of one benchmark and seed, with the dendritic run's clock."""
+def run_pair(bench_name: str, seed: int, quick: bool, patience_steps: int | None = None) -> dict[str, Any]:
+    """The baseline and the dendritic run of one benchmark and seed, with the dendritic run's clock.
+
+    ``patience_steps``: end the dendritic run's dendrite phases in training steps
+    (``PerforatedCallback(dendrite_patience_steps=...)``) instead of at validations only.
+    """
     bench = next(b for group in benches(quick).values() for b in group if b.name == bench_name)
     base = train_one(bench, "base", bench.width, seed, quick)
     clock = PhaseClock()
-    pb = train_one(bench, "pb", bench.width, seed, quick, extra_callbacks=[clock])
+    overrides = None if patience_steps is None else {"dendrite_patience_steps": patience_steps, "dendrite_epochs": None}
+    pb = train_one(bench, "pb", bench.width, seed, quick, extra_callbacks=[clock], schedule_overrides=overrides)
     phases = clock.report()
     clocked = sum(phases["seconds"].values())
     dendrite_s = sum(s for k, s in phases["seconds"].items() if k.startswith("dendrite/"))
@@ -232,6 +237,12 @@ def main(argv: list[str] | None = None) -> int:
         help="benchmark groups of accuracy.py (default: digits mnist1d; --quick: digits MLP-8 only)",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
+    parser.add_argument(
+        "--dendrite-patience-steps",
+        type=int,
+        default=None,
+        help="end the pb runs' dendrite phases this many training steps after the candidates converge",
+    )
     add_report_options(parser, default=Path("benchmarks/results/cycle_cost"))
     args = parser.parse_args(argv)
     if args.render:
@@ -254,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     for seed in range(seeds):
         for name in selected:
-            row = run_pair(name, seed, args.quick)
+            row = run_pair(name, seed, args.quick, args.dendrite_patience_steps)
             rows.append(row)
             print(
                 f"  {name:<24} seed {seed}: wall x{row['wall_ratio']:.2f} epochs x{row['epoch_ratio']:.2f} "

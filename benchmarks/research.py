@@ -114,6 +114,13 @@ VARIANTS: dict[str, Variant] = {
     "clr100": Variant(candidate_lr=100.0, note="candidate LR = 100x network LR"),
     "k1": Variant({"num_candidates": 1}, note="one candidate per neuron (default pool of 4)"),
     "converged": Variant(pretrain_patience=40, note="first neuron phase with patience 40: converge, then grow"),
+    **{
+        f"steps{n}": Variant(
+            schedule={"dendrite_patience_steps": n},
+            note=f"dendrite phases end {n} training steps after the candidates stop improving (mid-epoch)",
+        )
+        for n in (10, 30)
+    },
     "long": Variant(schedule={"max_dendrites": 16, "max_tries": 4}, max_epochs=1000, note="longer budget"),
     **{
         f"fan{k}-{mode}": Variant(
@@ -287,6 +294,8 @@ def schedule_for(bench: Bench, arm: Arm, quick: bool, patience: int | None = Non
         base["restarts_only"] = True
     if arm.variant is not None:
         base |= VARIANTS[arm.variant].schedule
+        if base.get("dendrite_patience_steps") is not None:  # --quick's fixed dendrite phases would exclude it
+            base.pop("dendrite_epochs", None)
     return PhaseSchedule(**base)
 
 
@@ -318,6 +327,8 @@ def fit(bench: Bench, arm: Arm, seed: int, data: dict[str, tuple[Tensor, Tensor]
             optimizer.zero_grad(set_to_none=True)
             criterion(model(x), y).backward()
             optimizer.step()
+            if tracker.add_training_step(model):  # dendrite_patience_steps: accepted mid-epoch
+                optimizer, _ = tracker.setup_optimizer(model)
         epochs += 1
         acc, loss = evaluate(model, x_val, y_val, bench.task)
         before = tracker.machine.state.phase

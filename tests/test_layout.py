@@ -41,8 +41,10 @@ def test_the_engine_and_cycle_import_without_lightning() -> None:
 
 def test_engine_and_cycle_never_import_the_lightning_layer() -> None:
     # The one-way dependency engine → cycle → lightning, checked on the source text.
-    for layer, forbidden in (("engine", ("pb_lightning.cycle", "pb_lightning.lightning", "lightning")),
-                             ("cycle", ("pb_lightning.lightning", "lightning"))):
+    for layer, forbidden in (
+        ("engine", ("pb_lightning.cycle", "pb_lightning.lightning", "lightning")),
+        ("cycle", ("pb_lightning.lightning", "lightning")),
+    ):
         for path in (_PACKAGE / layer).rglob("*.py"):
             for line in path.read_text().splitlines():
                 stripped = line.strip()

@@ -74,6 +74,21 @@ class CycleController:
         decision = self.machine.step(score, candidate_score)
         return decision, self.apply(model, decision, accept=accept)
 
+    def training_step(
+        self, model: nn.Module, candidate_score: float | None, *, accept: Callable[[nn.Module], Any] = accept_dendrites
+    ) -> Decision | None:
+        """After one training step of a dendrite phase (``PhaseSchedule.dendrite_patience_steps``):
+        feed the candidates' score and, if the phase is over, accept. Returns the decision (the
+        trainable parameters changed: rebuild the optimizer) or None.
+
+        Call it only while ``machine.checks_steps``; ``candidate_score`` is
+        :func:`mean_candidate_score` of ``model`` (a caller under DDP broadcasts it first).
+        """
+        decision = self.machine.training_step(candidate_score)
+        if decision is not None:
+            self.apply(model, decision, accept=accept)
+        return decision
+
     def apply(
         self, model: nn.Module, decision: Decision, *, accept: Callable[[nn.Module], Any] = accept_dendrites
     ) -> bool:

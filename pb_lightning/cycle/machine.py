@@ -89,6 +89,13 @@ class PhaseState:
     awaiting_verdict: bool = False
     candidate_best: float | None = None
     candidate_wait: int = 0
+    #: The latest validation score (a dendrite phase ended by steps is decided on it: the
+    #: network has been frozen since).
+    last_score: float | None = None
+    #: Best candidate score and training steps without improvement, checked per step
+    #: (``PhaseSchedule.dendrite_patience_steps``).
+    step_candidate_best: float | None = None
+    step_candidate_wait: int = 0
     done: bool = False
     accepted_cycles: int = 0
     rejected_cycles: int = 0
@@ -130,10 +137,9 @@ class PhaseMachine:
         margin = max(abs(best) * self.schedule.improvement_threshold, self.schedule.improvement_threshold_abs)
         return score < best - margin if self.mode == "min" else score > best + margin
 
-    def _candidate_improved(self, score: float | None) -> bool:
+    def _candidate_improved(self, score: float | None, best: float | None) -> bool:
         if score is None or not math.isfinite(score):
             return False
-        best = self.state.candidate_best
         return best is None or score > best * (1 + self.schedule.candidate_improvement_threshold)
 
     # ------------------------------------------------------------------ the machine
@@ -150,6 +156,7 @@ class PhaseMachine:
         s = self.state
         s.validations += 1
         s.epochs_in_phase += 1
+        s.last_score = float(score)
         phase = s.phase
         if s.done:
             decision = Decision(STOP, "training is already complete")
@@ -158,8 +165,54 @@ class PhaseMachine:
         else:
             decision = self._neuron_step(float(score))
         # Plain strings in the history (a checkpoint loaded with weights_only=True holds no enums).
-        values = (s.validations, phase, float(score), candidate_score, s.dendrites, decision.action.value)
+        self._remember(phase, float(score), candidate_score, decision)
+        return decision
+
+    def _remember(self, phase: str, score: float, candidate_score: float | None, decision: Decision) -> None:
+        s = self.state
+        values = (s.validations, phase, score, candidate_score, s.dendrites, decision.action.value)
         s.history.append(dict(zip(HISTORY_KEYS, (*values, decision.reason), strict=True)))
+
+    @property
+    def checks_steps(self) -> bool:
+        """Whether the caller should call :meth:`training_step` after each training step now.
+
+        True only in a dendrite phase of a schedule with ``dendrite_patience_steps``, and once a
+        validation score exists; the caller then reads the candidates' score (one device read
+        per step). Everywhere else it costs nothing.
+        """
+        s = self.state
+        return (
+            self.schedule.dendrite_patience_steps is not None
+            and s.phase == Phase.DENDRITE
+            and not s.done
+            and s.last_score is not None
+        )
+
+    def training_step(self, candidate_score: float | None) -> Decision | None:
+        """Fold the candidates' score after one training step of a dendrite phase.
+
+        Returns None while the phase goes on (and whenever :attr:`checks_steps` is False), or the
+        ``accept`` decision once the score has not improved by ``candidate_improvement_threshold``
+        for ``dendrite_patience_steps`` steps. That decision is taken on the last validation's
+        score (the network is frozen in a dendrite phase, so a new validation would return the
+        same) and recorded in the history under that validation's number. A score of 0 or less
+        (no candidate scored yet: the statistics are still warming up) is not counted.
+        """
+        if not self.checks_steps or candidate_score is None or not candidate_score > 0:
+            return None
+        s = self.state
+        if self._candidate_improved(candidate_score, s.step_candidate_best):
+            s.step_candidate_best, s.step_candidate_wait = candidate_score, 0
+            return None
+        s.step_candidate_wait += 1
+        patience = self.schedule.dendrite_patience_steps
+        if s.step_candidate_wait < patience:  # type: ignore[operator]
+            return None
+        s.candidate_best = max(s.candidate_best or 0.0, s.step_candidate_best or 0.0)
+        why = f"candidate scores stopped improving for {s.step_candidate_wait} training steps"
+        decision = self._accept(f"{why} (dendrite_patience_steps={patience})")
+        self._remember(Phase.DENDRITE.value, float(s.last_score), candidate_score, decision)  # type: ignore[arg-type]
         return decision
 
     def _neuron_step(self, score: float) -> Decision:
@@ -293,10 +346,11 @@ class PhaseMachine:
         s = self.state
         s.phase, s.epochs_in_phase = Phase.DENDRITE.value, 0
         s.candidate_best, s.candidate_wait = None, 0
+        s.step_candidate_best, s.step_candidate_wait = None, 0
 
     def _dendrite_step(self, candidate_score: float | None) -> Decision:
         s, sched = self.state, self.schedule
-        if self._candidate_improved(candidate_score):
+        if self._candidate_improved(candidate_score, s.candidate_best):
             s.candidate_best, s.candidate_wait = candidate_score, 0
         else:
             s.candidate_wait += 1
@@ -308,6 +362,10 @@ class PhaseMachine:
             why = f"the dendrite phase hit max_dendrite_epochs={sched.max_dendrite_epochs}"
         else:
             return Decision(CONTINUE, "dendrite phase")
+        return self._accept(why)
+
+    def _accept(self, why: str) -> Decision:
+        s = self.state
         s.phase, s.epochs_in_phase = Phase.NEURON.value, 0
         s.phase_best, s.wait = None, 0
         s.dendrites += 1

@@ -30,6 +30,13 @@ class PhaseSchedule:
         neuron_epochs: if set, every neuron phase lasts exactly this many validations (no patience).
         dendrite_epochs: if set, every dendrite phase lasts exactly this many validations.
         max_dendrite_epochs: cap on a dendrite phase's length.
+        dendrite_patience_steps: if set, the candidates' score is also checked after every
+            training step of a dendrite phase, and the phase ends — mid-epoch, at that step — once
+            it has not improved by ``candidate_improvement_threshold`` for this many steps. The
+            network is frozen during the phase, so its last validation score still stands; what
+            is saved is the rest of the frozen epochs: a small data set otherwise ends a dendrite
+            phase only at epoch ends, ``dendrite_patience`` epochs after its candidates stopped
+            learning. Each check reads one number from the device. Not with ``dendrite_epochs``.
         max_dendrites: dendrite sets per layer after which training is complete.
         max_tries: failed cycles in a row (each retried with fresh candidates) after which training
             is complete.
@@ -57,6 +64,7 @@ class PhaseSchedule:
     neuron_epochs: int | None = None
     dendrite_epochs: int | None = None
     max_dendrite_epochs: int = 50
+    dendrite_patience_steps: int | None = None
     max_dendrites: int = 8
     max_tries: int = 2
     require_improvement: bool = True
@@ -75,9 +83,15 @@ class PhaseSchedule:
         for name in ("require_improvement", "restarts_only"):
             if not isinstance(getattr(self, name), bool):
                 raise invalid(f"PhaseSchedule.{name}", getattr(self, name), "a bool")
-        for name in ("neuron_epochs", "dendrite_epochs"):
+        for name in ("neuron_epochs", "dendrite_epochs", "dendrite_patience_steps"):
             if getattr(self, name) is not None:
                 check_int(f"PhaseSchedule.{name}", getattr(self, name), minimum=1)
+        if self.dendrite_epochs is not None and self.dendrite_patience_steps is not None:
+            raise invalid(
+                "PhaseSchedule.dendrite_patience_steps",
+                self.dendrite_patience_steps,
+                f"None while dendrite_epochs={self.dendrite_epochs} fixes every dendrite phase's length",
+            )
         for name in ("improvement_threshold", "improvement_threshold_abs", "candidate_improvement_threshold"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
@@ -101,6 +115,7 @@ class PhaseSchedule:
             cls() if base is None else base,
             neuron_epochs=1,
             dendrite_epochs=1,
+            dendrite_patience_steps=None,
             max_dendrites=CAPACITY_TEST_DENDRITES,
             require_improvement=False,
             restarts_only=False,

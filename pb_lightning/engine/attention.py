@@ -338,8 +338,9 @@ def weight_reading_parents(model: nn.Module) -> dict[int, str]:
         for base, reason in _READS_WEIGHTS.items():
             if isinstance(module, base) and type(module).forward is base.forward:
                 found[id(module)] = (
-                    reason if type(module) is base else f"{type(module).__name__} inherits {base.__name__}.forward: "
-                    f"{reason}"
+                    reason
+                    if type(module) is base
+                    else f"{type(module).__name__} inherits {base.__name__}.forward: {reason}"
                 )
     return found
 

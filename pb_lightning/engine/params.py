@@ -105,4 +105,3 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     dendrites = counts["dendrites"] + counts["dendrite_output_weights"]
     candidates = counts["candidates"]
     return {"original": original, "dendrites": dendrites, "total": original + dendrites, "candidates": candidates}
-

@@ -155,9 +155,7 @@ def _neuron_axis(
     )
 
 
-def _output_key(
-    module: nn.Module, name: str, selectors: Mapping[type[nn.Module] | str, OutputKey]
-) -> OutputKey | None:
+def _output_key(module: nn.Module, name: str, selectors: Mapping[type[nn.Module] | str, OutputKey]) -> OutputKey | None:
     """Which entry of ``module``'s output holds the neurons (``None``: the output is a tensor)."""
     for key, value in selectors.items():
         if (isinstance(key, str) and fnmatch.fnmatchcase(name, key)) or (

@@ -63,9 +63,9 @@ class PerforatedCallback(Callback):
         neuron_patience: validations without improvement that end a neuron phase.
         dendrite_patience, improvement_threshold, improvement_threshold_abs,
             candidate_improvement_threshold, warmup_epochs, neuron_epochs, dendrite_epochs,
-            max_dendrite_epochs, max_dendrites, max_tries: the other switching rules, as the
-            :class:`~pb_lightning.cycle.schedule.PhaseSchedule` fields of the same names (which
-            also give their defaults).
+            max_dendrite_epochs, dendrite_patience_steps, max_dendrites, max_tries: the other
+            switching rules, as the :class:`~pb_lightning.cycle.schedule.PhaseSchedule` fields of
+            the same names (which also give their defaults).
         restarts_only: the schedule without dendrites (``PhaseSchedule.restarts_only``), the
             control that measures what the restart schedule alone is worth.
         capacity_test: the first experiment on a new model (docs/ALGORITHM.md §5): switch every epoch,
@@ -101,6 +101,7 @@ class PerforatedCallback(Callback):
         neuron_epochs: int | None = _SCHEDULE.neuron_epochs,
         dendrite_epochs: int | None = _SCHEDULE.dendrite_epochs,
         max_dendrite_epochs: int = _SCHEDULE.max_dendrite_epochs,
+        dendrite_patience_steps: int | None = _SCHEDULE.dendrite_patience_steps,
         max_dendrites: int = _SCHEDULE.max_dendrites,
         max_tries: int = _SCHEDULE.max_tries,
         restarts_only: bool = _SCHEDULE.restarts_only,
@@ -210,6 +211,26 @@ class PerforatedCallback(Callback):
         self.recorder.record(trainer, module, self.machine, decision, layers)
         if in_dendrite_phase(module):
             checks.forgive_early_stopping(trainer)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # Only with PhaseSchedule.dendrite_patience_steps, in a dendrite phase: accept as soon as
+        # the candidates' score has converged, mid-epoch (the machine decides on the last
+        # validation's score: the network has been frozen since).
+        if not self.machine.checks_steps or (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return
+        module: PerforatedModule = pl_module  # type: ignore[assignment]
+        layers = candidate_scores_by_layer(module)
+        # Every rank steps its own machine with rank 0's score, so all accept at the same step.
+        candidate = trainer.strategy.broadcast(mean_candidate_score(module), src=0)
+        accept = self.probe.checked_accept(accept_dendrites) if self.capacity_test else accept_dendrites
+        decision = self.controller.training_step(module, candidate, accept=accept)
+        if decision is None:
+            return
+        self.recorder.announce(trainer, decision, float(self.machine.state.last_score))  # type: ignore[arg-type]
+        self._restructure(trainer, module)
+        self.recorder.record(trainer, module, self.machine, decision, layers)
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         self.strategy.before_backward(trainer, pl_module)

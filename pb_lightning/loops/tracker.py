@@ -217,6 +217,26 @@ class PerforatedTracker:
             self._finish()
         return model, restructured, complete
 
+    def add_training_step(self, model: nn.Module) -> bool:
+        """Call after every optimizer step; returns ``restructured`` (rebuild the optimizer).
+
+        Needed only with ``PhaseSchedule(dendrite_patience_steps=...)``: in a dendrite phase it
+        reads the candidates' score and accepts the dendrites as soon as that score has
+        converged, mid-epoch, instead of at a later validation. Otherwise it returns False at
+        no cost, so a loop may call it unconditionally.
+        """
+        if not self.machine.checks_steps:
+            return False
+        accept = self.probe.checked_accept(accept_dendrites) if self.capacity_test else accept_dendrites
+        decision = self.controller.training_step(model, mean_candidate_score(model), accept=accept)
+        if decision is None:
+            return False
+        self.last_decision = decision
+        score = self.machine.state.last_score
+        assert score is not None  # checks_steps holds only once a validation score exists
+        self._announce(decision, score, "a training step")
+        return True
+
     def finish(self, model: nn.Module) -> nn.Module:
         """Call when training ends for another reason (an epoch budget): leaves the best model."""
         decision = self.controller.finish(model)

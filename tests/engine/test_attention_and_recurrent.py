@@ -95,8 +95,10 @@ def test_the_converted_attention_computes_what_torch_computes(setting: str, mode
     PerforatableMultiheadAttention.convert(converted)
     assert {n for n, _ in converted.named_children()} == {"q_proj", "k_proj", "v_proj", "out_proj"}
     b, t, s = 3, 4, 6
-    shape = (lambda n, e: (n, e)) if call.get("unbatched") else (
-        (lambda n, e: (b, n, e)) if original.batch_first else (lambda n, e: (n, b, e))
+    shape = (
+        (lambda n, e: (n, e))
+        if call.get("unbatched")
+        else ((lambda n, e: (b, n, e)) if original.batch_first else (lambda n, e: (n, b, e)))
     )
     q = torch.randn(*shape(t, 8))
     k = torch.randn(*shape(s, original.kdim))

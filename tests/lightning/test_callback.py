@@ -117,6 +117,48 @@ def test_resume_from_a_mid_dendrite_phase_checkpoint(tmp_path: Path) -> None:
     ]
 
 
+def _steps_callback() -> pb.PerforatedCallback:
+    # Candidates converge (5% rule, 3 steps) long before the validation patience of 50 would end the phase.
+    return pb.PerforatedCallback(
+        "val_loss",
+        "min",
+        neuron_epochs=3,
+        dendrite_patience=50,
+        dendrite_patience_steps=3,
+        candidate_improvement_threshold=0.05,
+        max_dendrites=2,
+    )
+
+
+def test_a_dendrite_phase_ends_mid_epoch_once_its_candidates_converge(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    seen: list[tuple[int, int, bool]] = []
+
+    class Spy(pl.Callback):
+        def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+            seen.append((trainer.current_epoch, args[-1], pl_module.in_dendrite_phase))
+
+    callback = _steps_callback()
+    model = DigitsMLP(hidden=8, lr=1e-2)
+    trainer = _trainer(tmp_path, [callback, Spy()], max_epochs=20)
+    trainer.fit(model, DigitsDataModule())
+    accepts = [h for h in callback.machine.state.history if h["action"] == ACCEPT]
+    assert len(accepts) == 2
+    assert all("training steps" in h["reason"] for h in accepts)
+    # Each dendrite phase ended inside an epoch: a batch in the dendrite phase, then the rest of
+    # that epoch's batches in the neuron phase, and no validation in between.
+    for epoch in {e for e, _, dendrite in seen if dendrite}:
+        phases = [dendrite for e, _, dendrite in seen if e == epoch]
+        assert phases == sorted(phases, reverse=True), phases
+        assert not phases[-1], phases
+    assert [layer.num_dendrites for layer in model.perforated_layers()] == [2, 2, 2]
+    assert model.perforated_layers()[0].output_weight.abs().sum() > 0  # trained after the mid-epoch accept
+    held = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert {id(p) for p in model.parameters() if p.requires_grad} <= held
+    result = trainer.validate(model, DigitsDataModule(), verbose=False)[0]
+    assert result["val_loss"] == pytest.approx(callback.best_score, rel=1e-5)
+
+
 def test_load_from_checkpoint_rebuilds_the_structure_at_any_point(tmp_path: Path) -> None:
     callback, model, _ = _checkpointed_run(tmp_path, max_epochs=7)
     x = torch.randn(5, 64)

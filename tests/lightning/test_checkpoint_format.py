@@ -24,7 +24,6 @@ _FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 _OLD = _FIXTURES / "format_v0_dendrite_phase.ckpt"
 
 
-
 def _trainer(root: Path, callbacks: list[pl.Callback], max_epochs: int) -> pl.Trainer:
     return fast_trainer(root, callbacks, max_epochs, limit_train_batches=3, enable_checkpointing=True)
 

@@ -180,3 +180,39 @@ def test_killed_and_resumed_ddp_run_ends_exactly_as_the_uninterrupted_one(point:
     result = _kill_and_resume(killed_dir, point, "--devices", "2")
     assert result["resumed_from"] is not None
     _assert_same_run(result, _result(full_dir))
+
+
+# With --steps (dendrite_patience_steps=2) each dendrite phase ends mid-epoch, at the training
+# step its candidates converge: epoch 2 is a whole dendrite epoch, the acceptance comes inside
+# epoch 3 (recorded under validation 3), the next dendrite phase starts at epoch 4's end and is
+# accepted inside epoch 6; the run stops at epoch 7's end: 8 epochs instead of 10.
+STEPS_ACTIONS = [(2, "start_dendrite_phase"), (3, "accept"), (5, "start_dendrite_phase"), (6, "accept"), (8, "stop")]
+STEPS_POINTS = {
+    "batch:2:3": 2,  # a dendrite phase that will end in steps, mid-epoch
+    "optimizer:2": 3,  # inside the mid-epoch acceptance, before the optimizer is rebuilt
+    "batch:3:5": 3,  # late in the epoch whose acceptance came mid-epoch
+    "decided:3": 3,  # that epoch's first neuron-phase validation, before its checkpoint
+    "optimizer:4": 6,  # inside the second mid-epoch acceptance
+}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_steps(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("steps")
+    done = _run(out, "--steps")
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = _result(out)
+    assert [(v, a) for v, a in result["history"] if a != "continue"] == STEPS_ACTIONS
+    assert result["dendrites"] == [2, 2, 2]
+    assert result["epochs"] == 8
+    return result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", list(STEPS_POINTS))
+def test_a_run_killed_around_a_mid_epoch_acceptance_resumes_exactly(
+    point: str, uninterrupted_steps: dict[str, Any], tmp_path: Path
+) -> None:
+    result = _kill_and_resume(tmp_path, point, "--steps")
+    assert result["batches_run"] == 6 * (8 - STEPS_POINTS[point])
+    _assert_same_run(result, uninterrupted_steps)

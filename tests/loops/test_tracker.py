@@ -15,6 +15,7 @@ from torch.nn import functional as F
 
 import pb_lightning as pb
 from pb_lightning.demos.digits import DigitsDataModule, DigitsMLP
+from pb_lightning.engine.transitions import candidate_scores
 from tests.helpers import fast_trainer
 
 _REPO = Path(__file__).resolve().parents[2]
@@ -141,3 +142,50 @@ def test_tracker_misuse_is_named() -> None:
         tracker.set_optimizer(torch.optim.SGD, params=model.parameters(), lr=0.1)
     with pytest.raises(pb.PerforationError, match=r"`schedule` must be a pb_lightning.PhaseSchedule"):
         pb.PerforatedTracker("max", {"neuron_patience": 2})  # type: ignore[arg-type]
+
+
+def test_a_dendrite_phase_ends_at_the_training_step_its_candidates_converge() -> None:
+    torch.manual_seed(0)
+    schedule = pb.PhaseSchedule(neuron_patience=1, dendrite_patience_steps=4, max_dendrites=1)
+    tracker = pb.PerforatedTracker("min", schedule, verbose=False)
+    model = tracker.initialize(nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3)))
+    tracker.set_optimizer(torch.optim.Adam, lr=1e-2)
+    optimizer, _ = tracker.setup_optimizer(model)
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    for score in (1.0, 1.0):  # the first neuron phase ends: a dendrite phase starts
+        model, restructured, _ = tracker.add_validation_score(score, model)
+    assert restructured
+    assert tracker.machine.state.phase == "dendrite"
+    optimizer, _ = tracker.setup_optimizer(model)
+    steps, ended, scores = 0, False, []
+    while not ended and steps < 500:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        steps += 1
+        scores.append(candidate_scores(model))
+        before = model(x).detach()
+        ended = tracker.add_training_step(model)
+    assert ended, "the candidates' score never converged in 500 steps"
+    # Accepted at that step, function-preserving, and the machine now runs a neuron phase.
+    assert tracker.last_decision is not None
+    assert tracker.last_decision.action == "accept"
+    assert [layer.num_dendrites for layer in pb.perforated_layers(model)] == [1, 1]
+    torch.testing.assert_close(model(x), before)
+    assert tracker.machine.state.phase == "neuron"
+    assert not tracker.add_training_step(model)
+    # The step it ended at is the one the rule gives for the mean candidate scores it saw.
+    means = [float(sum(s.sum() for s in step.values()) / sum(s.numel() for s in step.values())) for step in scores]
+    best, wait = None, 0
+    for i, score in enumerate(means):
+        if score <= 0:
+            continue
+        if best is None or score > best * 1.01:
+            best, wait = score, 0
+        else:
+            wait += 1
+            if wait == 4:
+                assert i == steps - 1
+                break
+    else:
+        raise AssertionError("the reference rule did not end the phase")

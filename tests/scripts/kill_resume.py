@@ -148,15 +148,19 @@ def main() -> None:
         "--mode", default="min", help="'max' on val_loss makes every cycle fail: retries, rollbacks, a failed stop"
     )
     parser.add_argument("--ckpt", default="last", help="the checkpoint --resume starts from")
+    parser.add_argument(
+        "--steps", action="store_true", help="end dendrite phases in training steps (dendrite_patience_steps=2)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     pl.seed_everything(SEED, verbose=False)
     point = None if args.resume else os.environ.get("PB_KILL_AT")
     injection = FaultInjection(point)
-    callback = pb.PerforatedCallback(
-        "val_loss", args.mode, neuron_epochs=2, dendrite_epochs=2, max_dendrites=args.max_dendrites
-    )
+    phases: dict[str, Any] = {"dendrite_epochs": 2}
+    if args.steps:  # the candidates converge within an epoch (5% rule): accepted mid-epoch
+        phases = {"dendrite_patience": 50, "dendrite_patience_steps": 2, "candidate_improvement_threshold": 0.05}
+    callback = pb.PerforatedCallback("val_loss", args.mode, neuron_epochs=2, max_dendrites=args.max_dendrites, **phases)
     # A checkpoint after every epoch (save_top_k=1 without a monitor keeps the newest; Lightning
     # 2.6 writes last.ckpt only together with such a save), and last.ckpt beside it.
     checkpoint = ModelCheckpoint(dirpath=args.out / "ckpt", save_last=True, save_top_k=1, every_n_epochs=1)

@@ -1,0 +1,126 @@
+"""A dendrite phase ended in training steps (``PhaseSchedule.dendrite_patience_steps``)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pb_lightning.cycle.machine import ACCEPT, CONTINUE, START_DENDRITE_PHASE, PhaseMachine
+from pb_lightning.cycle.schedule import PhaseSchedule
+from pb_lightning.errors import PerforationError
+
+
+def _in_dendrite_phase(patience_steps: int | None, threshold: float = 0.01) -> PhaseMachine:
+    """A machine whose first neuron phase (patience 1) has just ended: scores 1.0, then 1.0 again."""
+    schedule = PhaseSchedule(
+        neuron_patience=1, dendrite_patience_steps=patience_steps, candidate_improvement_threshold=threshold
+    )
+    machine = PhaseMachine("min", schedule)
+    assert machine.step(1.0).action == CONTINUE
+    assert machine.step(1.0).action == START_DENDRITE_PHASE
+    return machine
+
+
+def _reference_end(scores: list[float], patience: int, threshold: float) -> int | None:
+    """The step (0-based) at which the rule ends the phase, written out plainly."""
+    best, wait = None, 0
+    for i, score in enumerate(scores):
+        if score <= 0:
+            continue
+        if best is None or score > best * (1 + threshold):
+            best, wait = score, 0
+            continue
+        wait += 1
+        if wait >= patience:
+            return i
+    return None
+
+
+@pytest.mark.parametrize(
+    "scores",
+    [
+        [0.0, 0.0, 0.1, 0.2, 0.3, 0.3, 0.3, 0.3, 0.3],  # warm-up zeros are not counted
+        [0.1, 0.2, 0.201, 0.202, 0.25, 0.251, 0.252, 0.253, 0.26],  # < 1% rises are no improvement
+        [0.1, 0.2, 0.4, 0.8, 1.6],  # keeps improving: never ends
+        [0.5, 0.5, 0.5, 0.5],
+    ],
+)
+def test_the_phase_ends_at_the_step_the_rule_says(scores: list[float]) -> None:
+    machine = _in_dendrite_phase(3)
+    ended = None
+    for i, score in enumerate(scores):
+        decision = machine.training_step(score)
+        if decision is not None:
+            assert decision.action == ACCEPT
+            ended = i
+            break
+    assert ended == _reference_end(scores, 3, 0.01)
+    if ended is not None:
+        s = machine.state
+        assert (s.phase, s.dendrites, s.awaiting_verdict) == ("neuron", 1, True)
+        assert machine.training_step(1.0) is None  # a neuron phase: nothing to check
+        # The accept is recorded under the last validation, with its score (the frozen network's).
+        row = machine.state.history[-1]
+        assert (row["validation"], row["score"], row["action"]) == (2, 1.0, ACCEPT)
+        assert "training steps" in row["reason"]
+
+
+def test_after_a_step_ended_phase_the_cycle_goes_on_as_usual() -> None:
+    machine = _in_dendrite_phase(2)
+    for score in (0.3, 0.3, 0.3):
+        decision = machine.training_step(score)
+    assert decision is not None
+    assert decision.action == ACCEPT
+    # The next neuron phase beats the global best (1.0): the cycle is kept, a new dendrite phase starts.
+    actions = [machine.step(score).action for score in (0.9, 0.95)]
+    assert actions == [CONTINUE, START_DENDRITE_PHASE]
+    assert machine.state.accepted_cycles == 1
+    # The new phase counts its steps afresh.
+    assert (machine.state.step_candidate_best, machine.state.step_candidate_wait) == (None, 0)
+
+
+def test_without_the_setting_nothing_is_checked_per_step() -> None:
+    machine = _in_dendrite_phase(None)
+    assert not machine.checks_steps
+    assert all(machine.training_step(0.5) is None for _ in range(100))
+    assert machine.state.phase == "dendrite"
+
+
+def test_a_validation_still_ends_the_phase_by_its_own_patience() -> None:
+    machine = _in_dendrite_phase(1000)
+    actions = [machine.step(1.0, 0.5).action for _ in range(4)]
+    assert actions == [CONTINUE, CONTINUE, CONTINUE, ACCEPT]  # dendrite_patience=3 validations
+
+
+def test_the_step_count_survives_a_state_round_trip() -> None:
+    machine = _in_dendrite_phase(3)
+    for score in (0.3, 0.3, 0.3):
+        assert machine.training_step(score) is None  # wait 2 of 3
+    restored = PhaseMachine("min", machine.schedule)
+    restored.load_state_dict(machine.state_dict())
+    assert restored.state == machine.state
+    assert restored.training_step(0.3) is not None
+    # A state written before the setting existed loads with the counters at their start.
+    old = machine.state_dict()
+    for key in ("last_score", "step_candidate_best", "step_candidate_wait"):
+        del old["state"][key]
+    legacy = PhaseMachine("min", machine.schedule)
+    legacy.load_state_dict(old)
+    assert not legacy.checks_steps  # no validation score yet to decide on: waits for the next validation
+
+
+@pytest.mark.parametrize(
+    ("options", "pattern"),
+    [
+        ({"dendrite_patience_steps": 0}, "dendrite_patience_steps"),
+        ({"dendrite_patience_steps": 2.5}, "dendrite_patience_steps"),
+        ({"dendrite_patience_steps": 5, "dendrite_epochs": 2}, "dendrite_epochs=2"),
+    ],
+)
+def test_bad_settings_are_named(options: dict, pattern: str) -> None:
+    with pytest.raises(PerforationError, match=pattern):
+        PhaseSchedule(**options)
+
+
+def test_the_capacity_test_switches_every_epoch_whatever_the_base_says() -> None:
+    schedule = PhaseSchedule.capacity_test(PhaseSchedule(dendrite_patience_steps=7))
+    assert (schedule.dendrite_epochs, schedule.dendrite_patience_steps) == (1, None)
