@@ -110,6 +110,18 @@ VARIANTS: dict[str, Variant] = {
         {"activation": "relu", "fan_in": 4, "fan_in_mode": "local"},
         note="relu dendrites, each seeing 4 inputs (local windows)",
     ),
+    "trained": Variant(
+        {"train_accepted_dendrites": True},
+        note="accepted dendrites keep learning by gradient descent (as a new neuron's input weights do)",
+    ),
+    "trained-noperf": Variant(
+        {"train_accepted_dendrites": True, "perforation": False},
+        note="trained dendrites, and the error flows through them into earlier layers",
+    ),
+    "relu-fan2-trained": Variant(
+        {"activation": "relu", "fan_in": 2, "fan_in_mode": "local", "train_accepted_dendrites": True},
+        note="relu dendrites seeing 2 inputs, trained after acceptance",
+    ),
     "clr1": Variant(candidate_lr=1.0, note="candidate LR = network LR (default 10x)"),
     "clr100": Variant(candidate_lr=100.0, note="candidate LR = 100x network LR"),
     "k1": Variant({"num_candidates": 1}, note="one candidate per neuron (default pool of 4)"),
