@@ -106,6 +106,10 @@ VARIANTS: dict[str, Variant] = {
         {"activation": "relu", "fan_in": 2, "fan_in_mode": "local"},
         note="relu dendrites, each seeing 2 inputs (local windows)",
     ),
+    "relu-fan2-random": Variant(
+        {"activation": "relu", "fan_in": 2, "fan_in_mode": "random"},
+        note="relu dendrites, each seeing 2 random inputs (is relu-fan2's gain the windows' fit to the target?)",
+    ),
     "relu-fan4": Variant(
         {"activation": "relu", "fan_in": 4, "fan_in_mode": "local"},
         note="relu dendrites, each seeing 4 inputs (local windows)",
