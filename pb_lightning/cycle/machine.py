@@ -89,8 +89,9 @@ class PhaseState:
     awaiting_verdict: bool = False
     candidate_best: float | None = None
     candidate_wait: int = 0
-    #: The latest validation score (a dendrite phase ended by steps is decided on it: the
-    #: network has been frozen since).
+    #: The score of the current weights as far as the machine knows: the latest validation's,
+    #: or, from the start of a dendrite phase, that of the weights it restored (a dendrite phase
+    #: ended by steps is recorded with it: the network is frozen then).
     last_score: float | None = None
     #: Best candidate score and training steps without improvement, checked per step
     #: (``PhaseSchedule.dendrite_patience_steps``).
@@ -194,9 +195,9 @@ class PhaseMachine:
 
         Returns None while the phase goes on (and whenever :attr:`checks_steps` is False), or the
         ``accept`` decision once the score has not improved by ``candidate_improvement_threshold``
-        for ``dendrite_patience_steps`` steps. That decision is taken on the last validation's
-        score (the network is frozen in a dendrite phase, so a new validation would return the
-        same) and recorded in the history under that validation's number. A score of 0 or less
+        for ``dendrite_patience_steps`` steps. That decision is recorded in the history under the
+        last validation's number, with the score of the weights the phase restored (the network
+        is frozen in a dendrite phase, so a validation would return that score). A score of 0 or less
         (no candidate scored yet: the statistics are still warming up) is not counted.
         """
         if not self.checks_steps or candidate_score is None or not candidate_score > 0:
@@ -281,7 +282,7 @@ class PhaseMachine:
                     f"(try {s.tries + 1} of {sched.max_tries})",
                     **rejected,
                 )
-            self._enter_dendrite_phase()
+            self._enter_dendrite_phase(restored_score=s.global_best)
             return Decision(
                 RETRY, f"{verdict}; retrying with fresh candidates (try {s.tries + 1} of {sched.max_tries})", **rejected
             )
@@ -303,7 +304,7 @@ class PhaseMachine:
                 new_global_best=True,
                 verdict=verdict,
             )
-        self._enter_dendrite_phase()
+        self._enter_dendrite_phase(restored_score=s.phase_best)
         return Decision(
             START_DENDRITE_PHASE,
             reason,
@@ -342,8 +343,11 @@ class PhaseMachine:
         s.phase_best, s.wait = None, 0
         s.awaiting_verdict = True
 
-    def _enter_dendrite_phase(self) -> None:
+    def _enter_dendrite_phase(self, *, restored_score: float | None) -> None:
+        """``restored_score``: the score of the weights the decision restores (the phase best for a
+        new cycle, the global best for a retry) — the frozen network's score for the whole phase."""
         s = self.state
+        s.last_score = restored_score
         s.phase, s.epochs_in_phase = Phase.DENDRITE.value, 0
         s.candidate_best, s.candidate_wait = None, 0
         s.step_candidate_best, s.step_candidate_wait = None, 0

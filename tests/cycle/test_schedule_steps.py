@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import pytest
 
-from pb_lightning.cycle.machine import ACCEPT, CONTINUE, START_DENDRITE_PHASE, PhaseMachine
+from pb_lightning.cycle.machine import ACCEPT, CONTINUE, RETRY, START_DENDRITE_PHASE, PhaseMachine
 from pb_lightning.cycle.schedule import PhaseSchedule
 from pb_lightning.errors import PerforationError
 
 
 def _in_dendrite_phase(patience_steps: int | None, threshold: float = 0.01) -> PhaseMachine:
-    """A machine whose first neuron phase (patience 1) has just ended: scores 1.0, then 1.0 again."""
+    """A machine whose first neuron phase (patience 1) has just ended: scores 1.0, then a worse 1.5.
+
+    The dendrite phase runs on the restored best weights (score 1.0), not on the last ones."""
     schedule = PhaseSchedule(
         neuron_patience=1, dendrite_patience_steps=patience_steps, candidate_improvement_threshold=threshold
     )
     machine = PhaseMachine("min", schedule)
     assert machine.step(1.0).action == CONTINUE
-    assert machine.step(1.0).action == START_DENDRITE_PHASE
+    assert machine.step(1.5).action == START_DENDRITE_PHASE
     return machine
 
 
@@ -58,7 +60,7 @@ def test_the_phase_ends_at_the_step_the_rule_says(scores: list[float]) -> None:
         s = machine.state
         assert (s.phase, s.dendrites, s.awaiting_verdict) == ("neuron", 1, True)
         assert machine.training_step(1.0) is None  # a neuron phase: nothing to check
-        # The accept is recorded under the last validation, with its score (the frozen network's).
+        # The accept is recorded under the last validation, with the restored weights' score.
         row = machine.state.history[-1]
         assert (row["validation"], row["score"], row["action"]) == (2, 1.0, ACCEPT)
         assert "training steps" in row["reason"]
@@ -76,6 +78,18 @@ def test_after_a_step_ended_phase_the_cycle_goes_on_as_usual() -> None:
     assert machine.state.accepted_cycles == 1
     # The new phase counts its steps afresh.
     assert (machine.state.step_candidate_best, machine.state.step_candidate_wait) == (None, 0)
+
+
+def test_a_retry_ended_in_steps_is_recorded_with_the_global_best_it_restored() -> None:
+    machine = _in_dendrite_phase(2)
+    for score in (0.3, 0.3, 0.3):
+        machine.training_step(score)
+    # The cycle's neuron phase (1.2, then 1.3) does not beat the global best 1.0: retry from it.
+    assert [machine.step(score).action for score in (1.2, 1.3)] == [CONTINUE, RETRY]
+    decisions = [machine.training_step(score) for score in (0.3, 0.3, 0.3)]
+    assert decisions[-1] is not None
+    assert decisions[-1].action == ACCEPT
+    assert machine.state.history[-1]["score"] == 1.0
 
 
 def test_without_the_setting_nothing_is_checked_per_step() -> None:
