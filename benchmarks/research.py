@@ -27,6 +27,9 @@ and the same batch order):
   the same warm restarts with rollback and retries, no dendrites (the *restart frontier*).
 * ``width@W``: the plain network of width ``W``, trained like ``base`` (the *width frontier*;
   ``base`` is its point at the benchmark's own width).
+* ``patient@W`` (only when named in ``--arms``): the plain network of width ``W`` with
+  ``PATIENT_FACTOR`` times the benchmark's patience — whether the width frontier is short of
+  training rather than of width. Not part of either frontier.
 
 Validation decides everything (phase switches, rollbacks, the weights kept); the test split is
 evaluated once, after each fit. Each dendritic arm is judged by three paired gaps, computed per
@@ -169,6 +172,9 @@ def dendrite_config(net: nn.Module, overrides: dict[str, Any]) -> DendriteConfig
     return DendriteConfig(**options)
 
 
+#: ``patient@W`` arms: plain networks trained with this many times the benchmark's patience.
+PATIENT_FACTOR = 4
+
 #: Widths of the frontiers, as multiples of the benchmark's width.
 WIDTH_MULTIPLES = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 RESTART_MULTIPLES = (1.0, 2.0, 4.0)
@@ -304,8 +310,10 @@ def schedule_for(bench: Bench, arm: Arm, quick: bool, patience: int | None = Non
         base: dict[str, Any] = {"neuron_epochs": 2, "dendrite_epochs": 1, "max_dendrites": 2}
     else:
         base = {"neuron_patience": patience or bench.neuron_patience}
-    if arm.kind in ("base", "width"):
+    if arm.kind in ("base", "width", "patient"):
         base["max_dendrites"] = 0
+    if arm.kind == "patient" and not quick:
+        base["neuron_patience"] = PATIENT_FACTOR * bench.neuron_patience
     if arm.kind == "restart":
         base["restarts_only"] = True
     if arm.variant is not None:
@@ -402,6 +410,8 @@ def arms_for(bench: Bench, variants: list[str], quick: bool) -> list[Arm]:
     arms += [Arm(f"restart@{r}", "restart", r) for r in restart]
     # ``base`` is the frontier's point at the benchmark's own width (the same training).
     arms += [Arm(f"width@{x}", "width", x) for x in widths if x != w]
+    # Run only when named in --arms: is the width frontier short of training, not of width?
+    arms += [Arm(f"patient@{x}", "patient", x) for x in widths]
     return arms
 
 
@@ -458,7 +468,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
             for key in ("test_acc", "params", "epochs", "wall_s", "dendrites_per_layer", "accept_correlation"):
                 stats[key] = _mean_se([r[key] for r in seeds.values() if r[key] is not None])
             stats["vs_base"] = _mean_se([r["test_acc"] - base[s]["test_acc"] for s, r in seeds.items() if s in base])
-            if kind in ("dendrites", "inert", "restart", "base"):
+            if kind in ("dendrites", "inert", "restart", "base", "patient"):
                 for label, arms_ in (("vs_width_frontier", frontier), ("vs_restart_frontier", restart)):
                     gaps, extrapolated = [], 0
                     for s, r in seeds.items():
@@ -493,6 +503,8 @@ def _order(name: str) -> tuple[int, int, str]:
         return (2, int(name.split("@")[1]), name)
     if name.startswith("width@"):
         return (3, int(name.split("@")[1]), name)
+    if name.startswith("patient@"):
+        return (4, int(name.split("@")[1]), name)
     return (1, 0, name)
 
 
@@ -598,7 +610,8 @@ def main(argv: list[str] | None = None) -> int:
         data = splits(bench, args.limit_train)
         for seed in range(args.first_seed, args.first_seed + seeds):
             for arm in arms_for(bench, args.variants, quick):
-                if (args.arms and arm.name not in args.arms) or (name, arm.name, seed) in done:
+                wanted = arm.name in args.arms if args.arms else arm.kind != "patient"
+                if not wanted or (name, arm.name, seed) in done:
                     continue
                 row = fit(bench, arm, seed, data, quick)
                 row["commit"] = meta["commit"]
