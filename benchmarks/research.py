@@ -129,6 +129,10 @@ VARIANTS: dict[str, Variant] = {
         {"activation": "relu", "fan_in": 2, "fan_in_mode": "local", "train_accepted_dendrites": True},
         note="relu dendrites seeing 2 inputs, trained after acceptance",
     ),
+    "relu-fan2-random-trained": Variant(
+        {"activation": "relu", "fan_in": 2, "fan_in_mode": "random", "train_accepted_dendrites": True},
+        note="relu dendrites seeing 2 random inputs, trained after acceptance (the windows' control)",
+    ),
     "clr1": Variant(candidate_lr=1.0, note="candidate LR = network LR (default 10x)"),
     "clr100": Variant(candidate_lr=100.0, note="candidate LR = 100x network LR"),
     "k1": Variant({"num_candidates": 1}, note="one candidate per neuron (default pool of 4)"),
