@@ -457,6 +457,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         base = by_arm.get("base", {})
         frontier = {k: v for k, v in by_arm.items() if k.startswith("width@") or k == "base"}
         restart = {k: v for k, v in by_arm.items() if k.startswith("restart@")}
+        patient = {k: v for k, v in by_arm.items() if k.startswith("patient@")}
 
         def front(arms: dict[str, dict[int, dict[str, Any]]], seed: int) -> list[tuple[float, float]]:
             return [(a[seed]["params"], a[seed]["test_acc"]) for a in arms.values() if seed in a]
@@ -473,7 +474,10 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 stats[key] = _mean_se([r[key] for r in seeds.values() if r[key] is not None])
             stats["vs_base"] = _mean_se([r["test_acc"] - base[s]["test_acc"] for s, r in seeds.items() if s in base])
             if kind in ("dendrites", "inert", "restart", "base", "patient"):
-                for label, arms_ in (("vs_width_frontier", frontier), ("vs_restart_frontier", restart)):
+                frontiers = [("vs_width_frontier", frontier), ("vs_restart_frontier", restart)]
+                if patient and kind != "patient":
+                    frontiers.append(("vs_patient_frontier", patient))
+                for label, arms_ in frontiers:
                     gaps, extrapolated = [], 0
                     for s, r in seeds.items():
                         pts = front(arms_, s)
@@ -542,7 +546,8 @@ def markdown(results: dict[str, Any]) -> str:
         "and then averaged: *vs width frontier* / *vs restart frontier*: the arm's accuracy minus that seed's "
         "plain (`width@W`) / restart-schedule (`restart@W`) networks interpolated in log(parameters) at the arm's "
         "parameter count (`n` extrapolated: seeds outside the frontier's range); *vs inert*: minus its own inert "
-        "control (same cycles, dendrite output weights held at 0). Validation decides everything; test is "
+        "control (same cycles, dendrite output weights held at 0); *vs patient frontier* (where run): minus "
+        "plain networks trained with 4x the patience (`patient@W`). Validation decides everything; test is "
         "evaluated once per fit.",
     ]
     variants = meta.get("variant_notes", {})
@@ -551,15 +556,17 @@ def markdown(results: dict[str, Any]) -> str:
     for bench, arms in results["summary"].items():
         limits = sorted({r["limit_train"] for r in results["runs"] if r["benchmark"] == bench and "limit_train" in r})
         regression = any(r.get("task") == "regression" for r in results["runs"] if r["benchmark"] == bench)
+        patient = any("vs_patient_frontier" in s for s in arms.values())
         lines += [
             "",
             f"## {bench}" + (f" (training split subsampled to the first {limits[0]} examples)" if limits else ""),
             *(["", "Regression: the score is the test R² × 100; gaps are points of explained variance."] * regression),
             "",
             f"| arm | width | params | {'test R² ×100' if regression else 'test acc %'} "
-            "| vs base | vs width frontier | vs restart frontier | vs inert "
-            "| D/layer | epochs | s/fit | seeds |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| vs base | vs width frontier | vs restart frontier | "
+            + ("vs patient frontier | " if patient else "")
+            + "vs inert | D/layer | epochs | s/fit | seeds |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if patient else ""),
         ]
         for name in sorted(arms, key=_order):
             s = arms[name]
@@ -567,7 +574,9 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(
                 f"| {name} | {s['width']} | {_pm(s['params'], 1, 0)} | {_pm(s['test_acc'])} | "
                 f"{_pm(s['vs_base'], sign=True) if name != 'base' else '–'} | {_gap(s, 'vs_width_frontier')} | "
-                f"{_gap(s, 'vs_restart_frontier')} | {_gap(s, 'vs_inert')} | {_pm(s['dendrites_per_layer'], 1, 1)} | "
+                f"{_gap(s, 'vs_restart_frontier')} | "
+                + (f"{_gap(s, 'vs_patient_frontier')} | " if patient else "")
+                + f"{_gap(s, 'vs_inert')} | {_pm(s['dendrites_per_layer'], 1, 1)} | "
                 f"{_pm(s['epochs'], 1, 0)} | {_pm(s['wall_s'], 1, 1)} | {len(s['seeds'])} |"
             )
     return "\n".join(lines)
