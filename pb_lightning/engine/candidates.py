@@ -272,17 +272,23 @@ class CandidatePool(nn.Module):
         everywhere = num_replaced == replace.numel()
         self.best_candidate_score.copy_(torch.where(replace, top, self.best_candidate_score))
         self.best_candidate.copy_(torch.where(replace, candidate, self.best_candidate))
-        taken = self._take(self._learned(), candidate)
-        for name, value in taken.items():
-            best = getattr(self, "best_" + name)
-            if everywhere:
-                # While candidates are learning, every neuron usually improves at every step.
-                best.copy_(value)
-            elif name == "cascade_weight":  # [1, D, out]: the neuron axis is last
-                best.copy_(torch.where(replace, value, best))
-            elif self.bank.per_neuron:  # [1, out, ...]
-                best.copy_(torch.where(replace.view(1, -1, *([1] * (best.dim() - 2))), value, best))
-            # else: a custom module's neurons all hold one candidate, so `everywhere` holds.
+        # Written into the snapshot buffers without set-sized temporaries: a fresh allocation per
+        # layer and step changes how glibc maps and trims the heap, and with it how many pages the
+        # step's large tensors fault in (benchmarks/README.md, issue 16 item 1).
+        rows = None if everywhere else replace.nonzero()[:, 0]
+        for name, t in self._learned().items():
+            best, t = getattr(self, "best_" + name), t.detach()
+            if not self.bank.per_neuron and name != "cascade_weight":
+                # One candidate for every neuron (they share its weights), so `everywhere` holds.
+                torch.index_select(t, 0, candidate[:1], out=best)
+            elif everywhere:  # while candidates learn, every neuron usually improves at every step
+                index = candidate.view(1, *([1] * (name == "cascade_weight")), -1)
+                index = index.view(*index.shape, *([1] * (t.dim() - index.dim())))
+                torch.gather(t, 0, index.expand(1, *t.shape[1:]), out=best)
+            elif name == "cascade_weight":  # [K, D, out]: the neuron axis is last
+                best[0][:, rows] = t[candidate[rows], :, rows].T
+            else:  # [K, out, ...]
+                best[0][rows] = t[candidate[rows], rows]
 
     def _take(self, tensors: dict[str, Tensor], choice: Tensor) -> dict[str, Tensor]:
         """One set ``[1, ...]`` of :meth:`_learned`-named tensors: candidate ``choice[i]`` for neuron ``i``."""
