@@ -337,16 +337,7 @@ class CandidatePool(nn.Module):
             output = self.output_weight.detach().gather(0, choice.view(1, -1))[0]
         return bank, cascade, output
 
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         # A state dict from before one snapshot per neuron holds every candidate's snapshot
         # ([K, ...]) and no best_candidate: keep, per neuron, the one acceptance would have taken.
         scores = state_dict.get(prefix + "best_score")
@@ -359,6 +350,4 @@ class CandidatePool(nn.Module):
                 if key in state_dict:  # (a missing one is reported by the load)
                     old = state_dict[key]
                     state_dict[key] = self._take({name: old}, choice.to(old.device))[name]
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
+        super()._load_from_state_dict(state_dict, prefix, *args)
