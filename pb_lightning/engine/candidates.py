@@ -272,9 +272,9 @@ class CandidatePool(nn.Module):
         everywhere = num_replaced == replace.numel()
         self.best_candidate_score.copy_(torch.where(replace, top, self.best_candidate_score))
         self.best_candidate.copy_(torch.where(replace, candidate, self.best_candidate))
-        # Written into the snapshot buffers without set-sized temporaries: a fresh allocation per
-        # layer and step changes how glibc maps and trims the heap, and with it how many pages the
-        # step's large tensors fault in (benchmarks/README.md, issue 16 item 1).
+        # Written into the snapshot buffers without set-sized temporaries: fresh allocations per
+        # layer and step can change how glibc maps and trims the heap, and with it how many pages
+        # the step's large tensors fault in (benchmarks/README.md, issue 16 item 1).
         rows = None if everywhere else replace.nonzero()[:, 0]
         for name, t in self._learned().items():
             best, t = getattr(self, "best_" + name), t.detach()
