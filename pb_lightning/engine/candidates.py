@@ -77,9 +77,23 @@ class _TracedTap(torch.autograd.Function):
 class CandidatePool(nn.Module):
     """K candidate dendrite sets of one layer, with their correlation statistics and snapshots.
 
-    Per neuron and candidate the pool keeps the best score reached (:attr:`best_score`) and a
-    snapshot of the candidate's weights at that point (the ``best_*`` buffers); acceptance installs
-    the snapshots of each neuron's best candidate.
+    Per candidate and neuron the pool keeps the best score reached (:attr:`best_score`,
+    ``[K, out]``). Per neuron it keeps one snapshot (the ``best_*`` buffers, each shaped like one
+    set, ``[1, ...]``): the weights of the neuron's best candidate at its best step, which candidate
+    that was (:attr:`best_candidate`) and the score it reached there (:attr:`best_candidate_score`).
+    Acceptance installs only that snapshot, so keeping one per candidate (K sets more, the bulk of a
+    dendrite phase's memory in a small network) bought nothing. Ties go to the lowest candidate
+    index, then to the earliest step, so the choice is the one ``best_score.argmax(0)`` made when
+    every candidate kept its own snapshot.
+
+    A candidate set that diverges restarts from fresh weights and its :attr:`best_score` starts
+    over, but a neuron's snapshot taken from it stays: it was taken at a finite score, before the
+    divergence, and is still the best that neuron has seen. The restarted candidate replaces it
+    only by beating its score. So the snapshot's score can exceed every current ``best_score``;
+    :meth:`scores` (the accepted scores) is that snapshot's score.
+
+    Custom modules (a bank that is not ``per_neuron``) share one set of weights across all their
+    neurons, so there a set is judged by its mean score and every neuron holds the same candidate.
 
     Args:
         module: the wrapped module, template of the candidates' operation.
@@ -116,8 +130,10 @@ class CandidatePool(nn.Module):
         self.output_weight = nn.Parameter(zeros(num_candidates, num_neurons)) if config.learning == "gradient" else None
         self.statistics = CorrelationStatistics(num_candidates, num_neurons, config)
         self.register_buffer("best_score", torch.full((num_candidates, num_neurons), -1.0, device=like.device))
+        self.register_buffer("best_candidate", torch.zeros(num_neurons, dtype=torch.long, device=like.device))
+        self.register_buffer("best_candidate_score", torch.full((num_neurons,), -1.0, device=like.device))
         for name, t in self._learned().items():
-            self.register_buffer("best_" + name, t.detach().clone())
+            self.register_buffer("best_" + name, t.detach()[:1].clone())
         #: The loss scale the errors arriving in backward carry (a GradScaler's scale). Statistics
         #: are kept in unscaled units and the gradient handed back is scaled by it.
         self.loss_scale: float = 1.0
@@ -214,7 +230,10 @@ class CandidatePool(nn.Module):
 
     @torch.no_grad()
     def _restart(self, sets: Tensor) -> None:
-        """Give candidate ``sets`` fresh weights and forget their best scores and snapshots."""
+        """Give candidate ``sets`` fresh weights and forget their best scores.
+
+        The neurons' snapshots stay, also those taken from ``sets`` (see the class docstring).
+        """
         index = self.bank.structure().get("index")
         fan_in = None if index is None else index.shape[-1]
         fresh = make_bank(self._template, self.num_candidates, self.config.init_scale, fan_in=fan_in, index=index)
@@ -226,61 +245,109 @@ class CandidatePool(nn.Module):
         if self.output_weight is not None:
             self.output_weight[sets] = 0.0
         self.best_score[sets] = -1.0
-        for name, current in self._learned().items():
-            getattr(self, "best_" + name)[sets] = current[sets]
 
     @torch.no_grad()
     def _record_best(self, score: Tensor) -> None:
         if not self.bank.per_neuron:
             # One custom-module copy serves every neuron, so it is judged by its mean score.
             score = score.mean(1, keepdim=True).expand_as(score)
-        improved = score > self.best_score
-        num_improved = int(improved.sum())
-        if num_improved == 0:
+        if self.statistics.diverged is not None:
+            # A set that went non-finite in this batch restarts before the next forward: its
+            # score here (of zeroed moments) and its weights are no candidate for a snapshot.
+            score = score.masked_fill(self.statistics.diverged.view(-1, 1), float("nan"))
+        improved = score > self.best_score  # False where the score is NaN
+        self.best_score.copy_(torch.where(improved, score, self.best_score))
+        # The snapshot goes to the best candidate of this step, the lowest index among equals
+        # (argmax returns the first maximum), if it beats the neuron's snapshot, or equals it from
+        # a lower index: the order (score, then lowest candidate, then earliest step) in which the
+        # old per-candidate snapshots were chosen. Only candidates that improved their own best can
+        # get there: any other score is at most its best, which the snapshot already weighed.
+        step = torch.where(improved, score, float("-inf"))
+        top, candidate = step.max(0)
+        held = self.best_candidate_score
+        replace = (top > held) | ((top == held) & (candidate < self.best_candidate))
+        num_replaced = int(replace.sum())  # the one wait for the device in this method
+        if num_replaced == 0:
             return
-        if num_improved == improved.numel():
-            # While candidates are learning, every score usually rises at every step: whole-tensor
-            # copies then do the same as the masked ones below without building index lists.
-            self.best_score.copy_(score)
-            for name, current in self._learned().items():
-                getattr(self, "best_" + name).copy_(current.detach())
-            return
-        self.best_score[improved] = score[improved]
-        set_improved = improved[:, 0]
-        for name, current in self._learned().items():
-            best = getattr(self, "best_" + name)
-            if name == "cascade_weight":  # (K, D, out): the neuron axis is last
-                best.transpose(1, 2)[improved] = current.detach().transpose(1, 2)[improved]
-            elif self.bank.per_neuron:
-                best[improved] = current.detach()[improved]
-            else:
-                best[set_improved] = current.detach()[set_improved]
+        everywhere = num_replaced == replace.numel()
+        self.best_candidate_score.copy_(torch.where(replace, top, self.best_candidate_score))
+        self.best_candidate.copy_(torch.where(replace, candidate, self.best_candidate))
+        # Written into the snapshot buffers without set-sized temporaries: fresh allocations per
+        # layer and step can change how glibc maps and trims the heap, and with it how many pages
+        # the step's large tensors fault in (benchmarks/README.md, issue 16 item 1).
+        rows = None if everywhere else replace.nonzero()[:, 0]
+        for name, t in self._learned().items():
+            best, t = getattr(self, "best_" + name), t.detach()
+            if not self.bank.per_neuron and name != "cascade_weight":
+                # One candidate for every neuron (they share its weights), so `everywhere` holds.
+                torch.index_select(t, 0, candidate[:1], out=best)
+            elif everywhere:  # while candidates learn, every neuron usually improves at every step
+                index = candidate.view(1, *([1] * (name == "cascade_weight")), -1)
+                index = index.view(*index.shape, *([1] * (t.dim() - index.dim())))
+                torch.gather(t, 0, index.expand(1, *t.shape[1:]), out=best)
+            elif name == "cascade_weight":  # [K, D, out]: the neuron axis is last
+                best[0][:, rows] = t[candidate[rows], :, rows].T
+            else:  # [K, out, ...]
+                best[0][rows] = t[candidate[rows], rows]
+
+    def _take(self, tensors: dict[str, Tensor], choice: Tensor) -> dict[str, Tensor]:
+        """One set ``[1, ...]`` of :meth:`_learned`-named tensors: candidate ``choice[i]`` for neuron ``i``."""
+        taken = take_sets(
+            {n: t for n, t in tensors.items() if n != "cascade_weight"}, choice, per_neuron=self.bank.per_neuron
+        )
+        cascade = tensors.get("cascade_weight")
+        if cascade is not None:  # [K, D, out]
+            c = cascade.detach()
+            taken["cascade_weight"] = c.gather(0, choice.view(1, 1, -1).expand(1, *c.shape[1:]))
+        return taken
+
+    def scores(self) -> Tensor:
+        """Each neuron's best score so far, ``[out]``: that of the snapshot acceptance installs.
+
+        Gradient-descent candidates are accepted with their final weights, not a snapshot: theirs
+        is the best score of the candidates as they are (K = 1), which a restart starts over.
+        """
+        if self.config.learning == "gradient":
+            return self.best_score.max(0).values.clamp_min(0)
+        return self.best_candidate_score.clamp_min(0)
 
     def choice(self) -> Tensor:
         """For every neuron, the index of the candidate to accept."""
         if self.config.learning == "gradient":
             return torch.zeros(self.best_score.shape[1], dtype=torch.long, device=self.best_score.device)
-        return self.best_score.argmax(0)
+        return self.best_candidate.clone()  # a copy: the buffer changes at every improvement
 
     def selected(self) -> tuple[dict[str, Tensor], Tensor | None, Tensor | None]:
         """The set to accept: bank tensors ``[1, ...]``, cascade ``[D, out]`` and output weight ``[out]``.
 
         Correlation candidates give their snapshot at the best score; gradient-descent candidates
-        (no correlation objective to snapshot on) give their final weights and output weight.
+        (no correlation objective to snapshot on) give their final weights and output weight. A
+        sparse bank's wiring (``index``) is that of the chosen candidate either way.
         """
         choice = self.choice()
-        snapshot = self.config.learning == "correlation"
-        source = {n: (getattr(self, "best_" + n) if snapshot else t) for n, t in self._learned().items()}
-        bank = take_sets(
-            {n[len("bank__") :]: t for n, t in source.items() if n.startswith("bank__")} | self.bank.structure(),
-            choice,
-            per_neuron=self.bank.per_neuron,
-        )
-        cascade = None
-        if self.cascade_weight is not None:
-            c = source["cascade_weight"].detach()  # (K, D, out)
-            cascade = c.gather(0, choice.view(1, 1, -1).expand(1, *c.shape[1:]))[0]
+        if self.config.learning == "correlation":
+            learned = {n: getattr(self, "best_" + n).detach().clone() for n in self._learned()}
+        else:
+            learned = self._take(self._learned(), choice)
+        bank = {n[len("bank__") :]: t for n, t in learned.items() if n.startswith("bank__")}
+        bank |= take_sets(self.bank.structure(), choice, per_neuron=self.bank.per_neuron)
+        cascade = learned["cascade_weight"][0] if "cascade_weight" in learned else None
         output = None
         if self.output_weight is not None:
             output = self.output_weight.detach().gather(0, choice.view(1, -1))[0]
         return bank, cascade, output
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # A state dict from before one snapshot per neuron holds every candidate's snapshot
+        # ([K, ...]) and no best_candidate: keep, per neuron, the one acceptance would have taken.
+        scores = state_dict.get(prefix + "best_score")
+        if scores is not None and prefix + "best_candidate" not in state_dict:
+            choice = scores.argmax(0)
+            state_dict[prefix + "best_candidate"] = choice
+            state_dict[prefix + "best_candidate_score"] = scores.max(0).values
+            for name in self._learned():
+                key = prefix + "best_" + name
+                if key in state_dict:  # (a missing one is reported by the load)
+                    old = state_dict[key]
+                    state_dict[key] = self._take({name: old}, choice.to(old.device))[name]
+        super()._load_from_state_dict(state_dict, prefix, *args)

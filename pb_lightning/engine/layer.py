@@ -191,7 +191,7 @@ class PerforatedLayer(nn.Module):
         pool = self.candidates
         if pool is None:
             raise RuntimeError(f"Layer `{self.name}` has no candidates to accept.")
-        scores = pool.best_score.max(0).values.clamp_min(0)
+        scores = pool.scores()
         bank, cascade, output = pool.selected()
         if self.config.fan_in is not None and "index" not in bank:
             # fan_in_mode="learned": the chosen dense snapshot keeps its k strongest inputs, and the

@@ -153,7 +153,7 @@ def candidate_scores(model: nn.Module) -> dict[str, Tensor]:
     A training loop can watch these to end the phase when they stop improving.
     """
     return {
-        layer.name: layer.candidates.best_score.max(0).values.clamp_min(0)
+        layer.name: layer.candidates.scores()
         for layer in _layers(model)
         if layer.candidates is not None
     }

@@ -85,6 +85,8 @@ def test_each_phase_of_a_20_layer_model_compiles_to_one_graph_and_matches_eager(
         for mine, theirs in zip(pb.perforated_layers(model), pb.perforated_layers(eager), strict=True):
             assert torch.allclose(mine.candidates.statistics.moments, theirs.candidates.statistics.moments, atol=1e-5)
             assert torch.equal(mine.candidates.best_score, theirs.candidates.best_score)
+            assert torch.equal(mine.candidates.best_candidate, theirs.candidates.best_candidate)
+            assert torch.allclose(mine.candidates.best_bank__weight, theirs.candidates.best_bank__weight, atol=1e-5)
     # The phase change recompiles the model once; the 20 layers do not add a frame each.
     assert backend.frame_count == 2
     assert not counters["graph_break"], dict(counters["graph_break"])

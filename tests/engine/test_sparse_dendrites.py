@@ -217,8 +217,7 @@ def test_learned_mode_keeps_the_strongest_inputs_and_preserves_the_output_exactl
     pool = model[0].candidates
     assert not isinstance(pool.bank, SparseBank)  # learned: dense candidates
     _train_candidates(model, x)
-    choice = pool.choice()
-    snapshot = pool.best_bank__weight.detach().clone()  # [K, out, in, kernel]
+    snapshot = pool.best_bank__weight.detach().clone()  # [1, out, in, kernel]: each neuron's best candidate
     model.eval()
     before = model(x)
     pb.accept_dendrites(model)
@@ -226,7 +225,7 @@ def test_learned_mode_keeps_the_strongest_inputs_and_preserves_the_output_exactl
     assert torch.equal(before, after)
     bank = model[0].dendrites
     for o in range(3):
-        chosen = snapshot[choice[o], o]  # [in, kernel]
+        chosen = snapshot[0, o]  # [in, kernel]
         strongest = sorted(chosen.norm(dim=-1).topk(2).indices.tolist())
         assert bank.index[0, o].tolist() == strongest
         assert torch.equal(bank.weight[0, o], chosen[strongest])
