@@ -152,11 +152,7 @@ def candidate_scores(model: nn.Module) -> dict[str, Tensor]:
 
     A training loop can watch these to end the phase when they stop improving.
     """
-    return {
-        layer.name: layer.candidates.scores()
-        for layer in _layers(model)
-        if layer.candidates is not None
-    }
+    return {layer.name: layer.candidates.scores() for layer in _layers(model) if layer.candidates is not None}
 
 
 def set_loss_scale(model: nn.Module, scale: float) -> None:
