@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 from pb_lightning.cycle.decision import (
@@ -43,6 +43,7 @@ from pb_lightning.cycle.decision import (
     Restore,
     Verdict,
 )
+from pb_lightning.cycle.phase_state import HISTORY_KEYS, PhaseState
 from pb_lightning.cycle.schedule import Mode, PhaseSchedule
 from pb_lightning.errors import invalid
 
@@ -65,42 +66,6 @@ __all__ = [
     "Restore",
     "Verdict",
 ]
-
-#: The fields of each :attr:`PhaseState.history` entry, one per validation.
-HISTORY_KEYS = ("validation", "phase", "score", "candidate_score", "dendrites", "action", "reason")
-
-
-@dataclass
-class PhaseState:
-    """The machine's whole state, plain data (it round-trips through ``weights_only`` checkpoints).
-
-    ``phase`` is therefore the plain string value of a :class:`Phase`, never the enum member.
-    """
-
-    phase: str = Phase.NEURON.value
-    validations: int = 0
-    epochs_in_phase: int = 0
-    phase_best: float | None = None
-    wait: int = 0
-    global_best: float | None = None
-    baseline: float | None = None
-    dendrites: int = 0
-    tries: int = 0
-    awaiting_verdict: bool = False
-    candidate_best: float | None = None
-    candidate_wait: int = 0
-    #: The score of the current weights as far as the machine knows: the latest validation's,
-    #: or, from the start of a dendrite phase, that of the weights it restored (a dendrite phase
-    #: ended by steps is recorded with it: the network is frozen then).
-    last_score: float | None = None
-    #: Best candidate score and training steps without improvement, checked per step
-    #: (``PhaseSchedule.dendrite_patience_steps``).
-    step_candidate_best: float | None = None
-    step_candidate_wait: int = 0
-    done: bool = False
-    accepted_cycles: int = 0
-    rejected_cycles: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
 
 
 class PhaseMachine:

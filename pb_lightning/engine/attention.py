@@ -337,11 +337,8 @@ def weight_reading_parents(model: nn.Module) -> dict[int, str]:
             continue
         for base, reason in _READS_WEIGHTS.items():
             if isinstance(module, base) and type(module).forward is base.forward:
-                found[id(module)] = (
-                    reason
-                    if type(module) is base
-                    else f"{type(module).__name__} inherits {base.__name__}.forward: {reason}"
-                )
+                inherited = f"{type(module).__name__} inherits {base.__name__}.forward: {reason}"
+                found[id(module)] = reason if type(module) is base else inherited
     return found
 
 
