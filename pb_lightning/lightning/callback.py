@@ -199,9 +199,8 @@ class PerforatedCallback(Callback):
         # Every rank steps its own machine with rank 0's inputs, so all take the same decision.
         score, candidate = trainer.strategy.broadcast((score, candidate), src=0)
         self._flat_score = checks.check_flat_score(self._flat_score, score, self.monitor, module)
-        accept = self.probe.checked_accept(accept_dendrites) if self.capacity_test else accept_dendrites
         # Stepped as the tracker steps it: the machine decides, the controller carries it out.
-        decision, restructured = self.controller.step(module, score, candidate, accept=accept)
+        decision, restructured = self.controller.step(module, score, candidate, accept=self._accept())
         self.recorder.announce(trainer, decision, score)
         checks.warn_no_correlation(decision, self.machine.state.candidate_best, module)
         if restructured:
@@ -221,16 +220,26 @@ class PerforatedCallback(Callback):
         if not self.machine.checks_steps or (batch_idx + 1) % trainer.accumulate_grad_batches:
             return
         module: PerforatedModule = pl_module  # type: ignore[assignment]
-        layers = candidate_scores_by_layer(module)
         # Every rank steps its own machine with rank 0's score, so all accept at the same step.
         candidate = trainer.strategy.broadcast(mean_candidate_score(module), src=0)
-        accept = self.probe.checked_accept(accept_dendrites) if self.capacity_test else accept_dendrites
+        layers: dict[str, tuple[float, float]] = {}
+
+        def accept(model: PerforatedModule) -> Any:
+            # The per-layer scores are read only at the step that accepts, just before the
+            # candidates go: not at every step of the phase.
+            layers.update(candidate_scores_by_layer(model))
+            return self._accept()(model)
+
         decision = self.controller.training_step(module, candidate, accept=accept)
         if decision is None:
             return
         self.recorder.announce(trainer, decision, float(self.machine.state.last_score))  # type: ignore[arg-type]
         self._restructure(trainer, module)
         self.recorder.record(trainer, module, self.machine, decision, layers)
+
+    def _accept(self) -> Any:
+        """What installs the dendrites: checked by the capacity probe during the capacity test."""
+        return self.probe.checked_accept(accept_dendrites) if self.capacity_test else accept_dendrites
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         self.strategy.before_backward(trainer, pl_module)

@@ -206,8 +206,7 @@ class PerforatedTracker:
             warnings.warn(message, stacklevel=2)
         if self.capacity_test:
             self.probe.check_finite("score", score, self.machine.state.validations)
-        accept = self.probe.checked_accept(accept_dendrites) if self.capacity_test else accept_dendrites
-        decision, restructured = self.controller.step(model, score, mean_candidate_score(model), accept=accept)
+        decision, restructured = self.controller.step(model, score, mean_candidate_score(model), accept=self._accept())
         self.last_decision = decision
         self._announce(decision, score, when)
         if restructured and self.capacity_test:
@@ -227,8 +226,7 @@ class PerforatedTracker:
         """
         if not self.machine.checks_steps:
             return False
-        accept = self.probe.checked_accept(accept_dendrites) if self.capacity_test else accept_dendrites
-        decision = self.controller.training_step(model, mean_candidate_score(model), accept=accept)
+        decision = self.controller.training_step(model, mean_candidate_score(model), accept=self._accept())
         if decision is None:
             return False
         self.last_decision = decision
@@ -236,6 +234,10 @@ class PerforatedTracker:
         assert score is not None  # checks_steps holds only once a validation score exists
         self._announce(decision, score, "a training step")
         return True
+
+    def _accept(self) -> Any:
+        """What installs the dendrites: checked by the capacity probe during the capacity test."""
+        return self.probe.checked_accept(accept_dendrites) if self.capacity_test else accept_dendrites
 
     def finish(self, model: nn.Module) -> nn.Module:
         """Call when training ends for another reason (an epoch budget): leaves the best model."""
