@@ -127,6 +127,13 @@ def digits_arrays() -> Arrays:
     return x[n_test:], y[n_test:], x[:n_test], y[:n_test]
 
 
+def _test_first(x: np.ndarray, y: np.ndarray) -> Arrays:
+    """Real-valued targets as float32, the first 20% held out as the test part."""
+    x, y = x.astype(np.float32), y.astype(np.float32)
+    n_test = len(y) // 5
+    return x[n_test:], y[n_test:], x[:n_test], y[:n_test]
+
+
 @cache
 def friedman_arrays(n: int = 3000, noise: float = 1.0, seed: int = 1234) -> Arrays:
     """Friedman #1 regression (``sklearn.datasets.make_friedman1``): 10 uniform inputs, 5 of them used.
@@ -137,10 +144,7 @@ def friedman_arrays(n: int = 3000, noise: float = 1.0, seed: int = 1234) -> Arra
     """
     from sklearn.datasets import make_friedman1
 
-    x, y = make_friedman1(n_samples=n, n_features=10, noise=noise, random_state=seed)
-    x, y = x.astype(np.float32), y.astype(np.float32)
-    n_test = n // 5
-    return x[n_test:], y[n_test:], x[:n_test], y[:n_test]
+    return _test_first(*make_friedman1(n_samples=n, n_features=10, noise=noise, random_state=seed))
 
 
 @cache
@@ -154,10 +158,7 @@ def friedman3_arrays(n: int = 3000, noise: float = 0.1, seed: int = 1234) -> Arr
     """
     from sklearn.datasets import make_friedman3
 
-    x, y = make_friedman3(n_samples=n, noise=noise, random_state=seed)
-    x, y = x.astype(np.float32), y.astype(np.float32)
-    n_test = n // 5
-    return x[n_test:], y[n_test:], x[:n_test], y[:n_test]
+    return _test_first(*make_friedman3(n_samples=n, noise=noise, random_state=seed))
 
 
 @cache
@@ -168,9 +169,7 @@ def diabetes_arrays() -> Arrays:
 
     x, y = load_diabetes(return_X_y=True)
     order = np.random.default_rng(0).permutation(len(y))
-    x, y = x[order].astype(np.float32), y[order].astype(np.float32)
-    n_test = len(y) // 5
-    return x[n_test:], y[n_test:], x[:n_test], y[:n_test]
+    return _test_first(x[order], y[order])
 
 
 LOADERS: dict[str, Callable[[], Arrays]] = {

@@ -194,56 +194,31 @@ def _regression_mlp(in_features: int, lr: float) -> Any:
     return make
 
 
+def _regression_bench(name: str, dataset: str, family: str, width: int, inputs: int, batch_size: int = 64) -> Bench:
+    """One regression benchmark: an MLP of ``width`` at LR 3e-3, 400 epochs, patience 10."""
+    return Bench(
+        name,
+        dataset,
+        family,
+        width,
+        _regression_mlp(inputs, 3e-3),
+        {"batch_size": batch_size},
+        max_epochs=400,
+        neuron_patience=10,
+        task="regression",
+    )
+
+
 #: Regression targets (a regime the accuracy benchmark does not have): trained on the mean squared
 #: error of standardised targets, decided on the validation loss, judged by the test R² (× 100 in
 #: the tables, so the gaps read as points of explained variance).
 REGRESSION_BENCHES = (
-    Bench(
-        "Friedman-1 MLP-4",
-        "friedman",
-        "Friedman MLP",
-        4,
-        _regression_mlp(10, 3e-3),
-        {"batch_size": 64},
-        max_epochs=400,
-        neuron_patience=10,
-        task="regression",
-    ),
+    _regression_bench("Friedman-1 MLP-4", "friedman", "Friedman MLP", 4, 10),
     # Width 2: a network far from the noise ceiling, where the width frontier is steep.
-    Bench(
-        "Friedman-1 MLP-2",
-        "friedman",
-        "Friedman MLP",
-        2,
-        _regression_mlp(10, 3e-3),
-        {"batch_size": 64},
-        max_epochs=400,
-        neuron_patience=10,
-        task="regression",
-    ),
-    Bench(
-        "Friedman-3 MLP-4",
-        "friedman3",
-        "Friedman MLP",
-        4,
-        _regression_mlp(4, 3e-3),
-        {"batch_size": 64},
-        max_epochs=400,
-        neuron_patience=10,
-        task="regression",
-    ),
+    _regression_bench("Friedman-1 MLP-2", "friedman", "Friedman MLP", 2, 10),
+    _regression_bench("Friedman-3 MLP-4", "friedman3", "Friedman MLP", 4, 4),
     # Real, small and noisy (284 training points): the regime users bring most often.
-    Bench(
-        "diabetes MLP-4",
-        "diabetes",
-        "diabetes MLP",
-        4,
-        _regression_mlp(10, 3e-3),
-        {"batch_size": 32},
-        max_epochs=400,
-        neuron_patience=10,
-        task="regression",
-    ),
+    _regression_bench("diabetes MLP-4", "diabetes", "diabetes MLP", 4, 10, batch_size=32),
 )
 
 
