@@ -231,14 +231,16 @@ def batch(network: Network, seed: int = 0) -> tuple[Tensor, Tensor]:
     return x.to(network.device), y.to(network.device)
 
 
-def perforated_model(network: Network, num_dendrites: int, *, seed: int = 0) -> nn.Module:
+def perforated_model(
+    network: Network, num_dendrites: int, *, seed: int = 0, config: pb.DendriteConfig | None = None
+) -> nn.Module:
     """The network perforated, with ``num_dendrites`` accepted sets whose output weights are nonzero.
 
     The same seed as :func:`baseline_model` gives the same network weights, so only the dendrites
     differ from the baseline.
     """
     torch.manual_seed(seed)
-    return grow(pb.perforate(network.build()), num_dendrites)
+    return grow(pb.perforate(network.build(), config=config), num_dendrites)
 
 
 def grow(model: nn.Module, num_dendrites: int) -> nn.Module:
@@ -574,6 +576,7 @@ class Settings:
     device: str = "cpu"
     dtype: str = "fp32"
     keep_heap: bool = False
+    compile_statistics: bool = False
 
 
 @dataclass
@@ -719,8 +722,9 @@ def bench_network(network: Network, settings: Settings) -> NetworkResult:
     models: dict[str, nn.Module] = {"": baseline_model(network)}
     for d in neuron_ds:
         models[f"n{d}"] = perforated_model(network, d)
+    phase_config = pb.DendriteConfig(compile_statistics=settings.compile_statistics)
     for (d, k), key in phase_keys.items():
-        models[key] = perforated_model(network, d)
+        models[key] = perforated_model(network, d, config=phase_config)
         pb.start_dendrite_phase(models[key], num_candidates=k)
 
     steps = {key: make_step(model, x, y, network) for key, model in models.items()}
@@ -873,6 +877,8 @@ def markdown(report: dict[str, Any]) -> str:
     if settings.get("keep_heap"):
         tuned = ", ".join(f"{k}={v}" for k, v in _KEEP_HEAP.items())
         lines.insert(4, f"- allocator: glibc malloc keeps freed memory (`--keep-heap`: {tuned})")
+    if settings.get("compile_statistics"):
+        lines.insert(4, "- dendrite phase: `DendriteConfig(compile_statistics=True)` (torch.compile, inductor)")
     for r in nets:
         lines.append(
             f"- `{r['network']}`: forward {r['forward_macs'] / 1e6:.1f} M MACs per batch, unperforated step "
@@ -1018,6 +1024,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="run under glibc malloc settings that keep freed memory for reuse (no page faults per step)",
     )
+    parser.add_argument(
+        "--compile-statistics",
+        action="store_true",
+        help="dendrite-phase models use DendriteConfig(compile_statistics=True) (compiled in the warm-up)",
+    )
     args = parser.parse_args(argv)
     check_report_options(parser, args)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -1055,6 +1066,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         device=args.device,
         dtype=args.dtype,
         keep_heap=args.keep_heap,
+        compile_statistics=args.compile_statistics,
     )
     torch.set_num_threads(settings.threads)
     meta["threads"] = torch.get_num_threads()

@@ -205,11 +205,9 @@ class CandidatePool(nn.Module):
             # all that trains): it refuses a step with no gradient at all, and must see an overflow
             # as a non-finite gradient to skip the step and lower its scale.
             return torch.zeros_like(v) if finite else torch.full_like(v, float("nan"))
-        cov, norm = stats.covariance(), stats.normalizer()
-        self._record_best(cov.abs() / norm)  # = stats.score(), computed once for both uses
-        if self.config.learning != "correlation":
-            return None
-        return stats.objective_gradient(e, axis, scale, covariance=cov, normalizer=norm).to(v.dtype)
+        score, grad = stats.score_and_gradient(e, axis, scale)  # grad: None unless learning="correlation"
+        self._record_best(score)
+        return None if grad is None else grad.to(v.dtype)
 
     @torch.no_grad()
     def _checksum(self) -> float:

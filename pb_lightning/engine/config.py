@@ -77,6 +77,14 @@ class DendriteConfig:
             kernel norm), and the accepted dendrite is that pruned snapshot (it enters with output
             weight 0, so the network's output does not change).
         fan_in_seed: seed of ``fan_in_mode="random"``; vary it to draw other connections.
+        compile_statistics: run the candidates' correlation statistics (batch moments, score,
+            the gradient handed to the candidates) through ``torch.compile``, which fuses their
+            some 20 small ops per layer and step into a few loops: about 2x faster statistics on
+            conv layers and wide pools (benchmarks/README.md, issue 16 item 1). Off by default,
+            because the first dendrite-phase step then compiles for some seconds per layer
+            variant and needs inductor's toolchain (a C++ compiler on CPU, Triton on CUDA).
+            Where compilation fails the statistics run eagerly, say so once in the log, and give
+            the same results; it never changes what is computed.
         overrides: per-layer changes to these fields, as ``{glob over layer names: {field:
             value}}`` (e.g. ``{"head": {"fan_in": None}}``). A layer takes the fields of every
             glob that matches its qualified name, later entries winning. ``learning`` cannot be
@@ -107,6 +115,7 @@ class DendriteConfig:
     fan_in: int | None = None
     fan_in_mode: FanInMode = "local"
     fan_in_seed: int = 0
+    compile_statistics: bool = False
     overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -114,7 +123,7 @@ class DendriteConfig:
         check_choice("DendriteConfig.activation", self.activation, choices_of(Activation))
         check_choice("DendriteConfig.learning", self.learning, choices_of(Learning))
         check_choice("DendriteConfig.normalization", self.normalization, choices_of(Normalization))
-        for name in ("perforation", "cascade", "train_accepted_dendrites"):
+        for name in ("perforation", "cascade", "train_accepted_dendrites", "compile_statistics"):
             if not isinstance(getattr(self, name), bool):
                 raise invalid(f"DendriteConfig.{name}", getattr(self, name), "a bool")
         check_float("DendriteConfig.init_scale", self.init_scale, "a finite float > 0", lambda v: v > 0)

@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from pb_lightning.engine.compiled import compiled_or_eager
 from pb_lightning.engine.config import DendriteConfig
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,51 @@ def batch_moments(v: Tensor, e: Tensor, axis: int) -> Tensor:
     return torch.stack([sum_v, sum_e, sum_vv, sum_ee, sum_ve]).div_(positions)
 
 
+@compiled_or_eager
+def _moments_and_sum(v: Tensor, e: Tensor, axis: int) -> tuple[Tensor, Tensor]:
+    """:func:`batch_moments` and their sum (for the finiteness check), in one compilable function."""
+    moments = batch_moments(v, e, axis)
+    return moments, moments.sum()
+
+
+def _covariance(moments: Tensor) -> Tensor:
+    mean_v, mean_e, _, _, mean_ve = moments.unbind(0)
+    return torch.addcmul(mean_ve, mean_v, mean_e, value=-1)
+
+
+def _normalizer(moments: Tensor, eps: float, mode: str) -> Tensor:
+    mean_v, mean_e, mean_vv, mean_ee, _ = moments.unbind(0)
+    if mode == "raw":
+        return torch.ones_like(mean_v)
+    if mode == "error_energy":
+        return mean_ee + eps
+    # In-place on fresh tensors: these [K, out] ops run for every layer at every step, and
+    # at that size their cost is the per-op overhead, not arithmetic.
+    var_v = torch.addcmul(mean_vv, mean_v, mean_v, value=-1).clamp_min_(0).add_(eps)
+    var_e = torch.addcmul(mean_ee, mean_e, mean_e, value=-1).clamp_min_(0).add_(eps)
+    return var_v.mul_(var_e).sqrt_()
+
+
+def _gradient(e: Tensor, mean_e: Tensor, cov: Tensor, norm: Tensor, axis: int, scale: float) -> Tensor:
+    """``−∂J/∂V`` (see :meth:`CorrelationStatistics.objective_gradient`) from the running estimates."""
+    p = e.numel() // e.shape[axis]
+    coef = torch.sign(cov).div_(norm).mul_(-1.0 / p)  # (K, out)
+    trailing = e.dim() - axis - 1
+    mean_e = mean_e.view(-1, *([1] * trailing))
+    centred = torch.sub(_float32(e), mean_e, alpha=scale)  # scale · (E/scale − Ē), (..., out, ...)
+    return centred.unsqueeze(axis) * coef.view(*coef.shape, *([1] * trailing))
+
+
+@compiled_or_eager
+def _score_and_gradient(
+    moments: Tensor, e: Tensor, axis: int, scale: float, eps: float, mode: str, gradient: bool
+) -> tuple[Tensor, Tensor | None]:
+    """The running score ``S`` ``[K, out]`` and, if ``gradient``, ``−∂J/∂V`` for errors ``e``."""
+    cov, norm = _covariance(moments), _normalizer(moments, eps, mode)
+    score = cov.abs() / norm
+    return score, (_gradient(e, moments[_E, 0], cov, norm, axis, scale) if gradient else None)
+
+
 class CorrelationStatistics(nn.Module):
     """Running moments of candidate outputs and neuron errors for one layer's candidate pool.
 
@@ -119,22 +165,11 @@ class CorrelationStatistics(nn.Module):
 
     def covariance(self) -> Tensor:
         """Running covariance of each candidate with its neuron's error, ``[K, out]``."""
-        mean_v, mean_e, _, _, mean_ve = self.moments.unbind(0)
-        return torch.addcmul(mean_ve, mean_v, mean_e, value=-1)
+        return _covariance(self.moments)
 
     def normalizer(self) -> Tensor:
         """``N`` of the module docstring, ``[K, out]``."""
-        eps, mode = self.config.eps, self.config.normalization
-        mean_v, mean_e, mean_vv, mean_ee, _ = self.moments.unbind(0)
-        if mode == "raw":
-            return torch.ones_like(mean_v)
-        if mode == "error_energy":
-            return mean_ee + eps
-        # In-place on fresh tensors: these [K, out] ops run for every layer at every step, and
-        # at that size their cost is the per-op overhead, not arithmetic.
-        var_v = torch.addcmul(mean_vv, mean_v, mean_v, value=-1).clamp_min_(0).add_(eps)
-        var_e = torch.addcmul(mean_ee, mean_e, mean_e, value=-1).clamp_min_(0).add_(eps)
-        return var_v.mul_(var_e).sqrt_()
+        return _normalizer(self.moments, self.config.eps, self.config.normalization)
 
     def score(self) -> Tensor:
         """The running objective ``S`` per candidate and neuron, ``[K, out]`` (≥ 0)."""
@@ -164,7 +199,7 @@ class CorrelationStatistics(nn.Module):
         skipped too); folding them in would poison every later estimate.
         """
         self.diverged = None
-        moments = batch_moments(v, e, axis)
+        moments, total = _moments_and_sum(self.config.compile_statistics, v, e, axis)
         if scale != 1.0:
             moments[_E] /= scale
             moments[_VE] /= scale
@@ -174,9 +209,12 @@ class CorrelationStatistics(nn.Module):
             # ranks' means is the mean over all of them. A non-finite rank makes every rank skip.
             dist.all_reduce(moments, group=self.process_group)
             moments /= dist.get_world_size(self.process_group)
+            total = moments.sum()
+        elif scale != 1.0:
+            total = moments.sum()
         # A sum is non-finite exactly when some moment is (or the sum overflows, which the full
         # check below then clears): one reduction instead of a check per element on every step.
-        if not math.isfinite(float(moments.sum())):
+        if not math.isfinite(float(total)):
             finite = torch.isfinite(moments)
             if not bool(finite[[_E, _EE]].all()):
                 self.skipped_steps += 1
@@ -217,12 +255,19 @@ class CorrelationStatistics(nn.Module):
         """
         cov = self.covariance() if covariance is None else covariance
         norm = self.normalizer() if normalizer is None else normalizer
-        p = e.numel() // e.shape[axis]
-        coef = torch.sign(cov).div_(norm).mul_(-1.0 / p)  # (K, out)
-        trailing = e.dim() - axis - 1
-        mean_e = self.moments[_E, 0].view(-1, *([1] * trailing))
-        centred = torch.sub(_float32(e), mean_e, alpha=scale)  # scale · (E/scale − Ē), (..., out, ...)
-        return centred.unsqueeze(axis) * coef.view(*coef.shape, *([1] * trailing))
+        return _gradient(e, self.moments[_E, 0], cov, norm, axis, scale)
+
+    def score_and_gradient(self, e: Tensor, axis: int, scale: float = 1.0) -> tuple[Tensor, Tensor | None]:
+        """:meth:`score` and, for correlation learning, :meth:`objective_gradient`, in one call.
+
+        With ``config.compile_statistics`` the two run as one compiled function; otherwise (or
+        where compilation fails) eagerly, with the same ops.
+        """
+        config = self.config
+        gradient = config.learning == "correlation"
+        return _score_and_gradient(
+            config.compile_statistics, self.moments, e, axis, scale, config.eps, config.normalization, gradient
+        )
 
 
 class CandidateObserver(Protocol):

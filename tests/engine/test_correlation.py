@@ -33,6 +33,7 @@ from pb_lightning import (
     start_dendrite_phase,
     trainable_parameters,
 )
+from pb_lightning.engine import correlation
 from pb_lightning.engine.config import Normalization
 from pb_lightning.engine.correlation import CorrelationStatistics, batch_moments
 from pb_lightning.errors import choices_of
@@ -295,18 +296,49 @@ def _close(actual: Tensor, expected: Tensor, rtol: float = 1e-4) -> None:
 
 
 # ----------------------------------------------------------------------- 1. analytic gradient
-@pytest.mark.parametrize("normalization", _NORMALIZATIONS)
-@pytest.mark.parametrize("kind", ["linear", "linear3d", "conv", "conv_grouped"])
-@pytest.mark.parametrize("num_accepted", [0, 2])
-def test_candidate_gradient_equals_autograd_of_the_objective(normalization: str, kind: str, num_accepted: int) -> None:
+_KINDS = ["linear", "linear3d", "conv", "conv_grouped"]
+#: The compiled statistics (``compile_statistics=True``) on every input rank and normalisation, with
+#: and without a cascade; each case compiles for some seconds, so not the whole product.
+_COMPILED_CASES = [
+    ("pearson", "linear", 2),
+    ("pearson", "conv", 2),
+    ("raw", "linear3d", 0),
+    ("error_energy", "conv_grouped", 0),
+]
+_GRADIENT_CASES = [
+    pytest.param(n, k, a, False, id=f"{a}-{k}-{n}") for n in _NORMALIZATIONS for k in _KINDS for a in (0, 2)
+] + [pytest.param(n, k, a, True, id=f"{a}-{k}-{n}-compiled") for n, k, a in _COMPILED_CASES]
+
+
+@pytest.fixture
+def _strict_compile() -> Iterator[None]:
+    """Make a compiled case fail rather than run eagerly behind dynamo's back (recompile limit)."""
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        yield
+    for fn in (correlation._moments_and_sum, correlation._score_and_gradient):
+        assert not fn.failed, f"{fn.fn.__name__} fell back to eager"
+
+
+@pytest.mark.parametrize(("normalization", "kind", "num_accepted", "compiled"), _GRADIENT_CASES)
+@pytest.mark.usefixtures("_strict_compile")
+def test_candidate_gradient_equals_autograd_of_the_objective(
+    normalization: str, kind: str, num_accepted: int, compiled: bool
+) -> None:
     """The gradient the tap hands the candidates is exactly −∂J/∂θ of the documented objective.
 
     Four steps run with an optimizer and every one is checked: ``t = 0`` is the warm-up (moments
     only, no gradient), then ``t = 1, 2, 3`` with EMA decays ``min(0.6, t/(t+1)) = 0.5, 0.6, 0.6``,
     so both the bias-correcting branch and the momentum branch of the decay are exercised, and
-    the statistics the gradient uses include the current batch.
+    the statistics the gradient uses include the current batch. ``compiled``: the same checks,
+    same tolerances, on the ``torch.compile``d statistics.
     """
-    config = DendriteConfig(num_candidates=3, normalization=normalization, warmup_steps=1, statistics_momentum=0.6)  # type: ignore[arg-type]
+    config = DendriteConfig(
+        num_candidates=3,
+        normalization=normalization,  # type: ignore[arg-type]
+        warmup_steps=1,
+        statistics_momentum=0.6,
+        compile_statistics=compiled,
+    )
     model, make_batch = _tiny_model(kind, config)
     _grow_accepted(model, num_accepted)
     start_dendrite_phase(model)
@@ -433,14 +465,21 @@ def test_no_candidate_update_during_warmup_and_steps_count_batches() -> None:
 
 
 # ---------------------------------------------------------------------------- 4. loss scale
-def _scaled_run(normalization: str, factor: float, tell_scale: bool, steps: int = 6) -> tuple[list, list]:
+def _scaled_run(
+    normalization: str, factor: float, tell_scale: bool, steps: int = 6, compiled: bool = False
+) -> tuple[list, list]:
     """Scores of every layer and candidate gradients per step, with the loss multiplied by ``factor``.
 
     Gradients are divided by ``factor`` before the optimizer step when the scale was declared
     (what a GradScaler's unscale does), so both runs follow the same trajectory.
     """
     torch.manual_seed(7)
-    config = DendriteConfig(num_candidates=2, normalization=normalization, warmup_steps=1)  # type: ignore[arg-type]
+    config = DendriteConfig(
+        num_candidates=2,
+        normalization=normalization,  # type: ignore[arg-type]
+        warmup_steps=1,
+        compile_statistics=compiled,
+    )
     model, make_batch = _tiny_model("linear", config)
     start_dendrite_phase(model)
     if tell_scale:
@@ -461,14 +500,16 @@ def _scaled_run(normalization: str, factor: float, tell_scale: bool, steps: int 
     return scores, grads
 
 
-def test_declared_loss_scale_leaves_scores_unchanged_and_scales_gradients_exactly() -> None:
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.usefixtures("_strict_compile")
+def test_declared_loss_scale_leaves_scores_unchanged_and_scales_gradients_exactly(compiled: bool) -> None:
     """Loss × 1024 with ``set_loss_scale(model, 1024)``: same scores, candidate gradients × 1024.
 
     1024 is a power of two, so scaling is exact in floating point and the gradients must be
     *bit-for-bit* 1024 times the unscaled ones — which is what a GradScaler's unscale expects.
     """
-    base_scores, base_grads = _scaled_run("pearson", 1.0, tell_scale=False)
-    scaled_scores, scaled_grads = _scaled_run("pearson", 1024.0, tell_scale=True)
+    base_scores, base_grads = _scaled_run("pearson", 1.0, tell_scale=False, compiled=compiled)
+    scaled_scores, scaled_grads = _scaled_run("pearson", 1024.0, tell_scale=True, compiled=compiled)
     for base, scaled in zip(base_scores, scaled_scores, strict=True):
         for b, s in zip(base, scaled, strict=True):
             torch.testing.assert_close(s, b, rtol=1e-4, atol=0)
@@ -585,10 +626,12 @@ def _poison(kind: str) -> Callable[[nn.Module, Batch], Tensor]:
     return loss_fn
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("kind", ["nan_loss", "inf_error"])
-def test_non_finite_batches_are_skipped(kind: str) -> None:
+@pytest.mark.usefixtures("_strict_compile")
+def test_non_finite_batches_are_skipped(kind: str, compiled: bool) -> None:
     """A non-finite batch leaves the moments alone, counts as skipped and trains nothing."""
-    config = DendriteConfig(num_candidates=2, warmup_steps=1)
+    config = DendriteConfig(num_candidates=2, warmup_steps=1, compile_statistics=compiled)
     model, make_batch = _tiny_model("linear", config)
     start_dendrite_phase(model)
     layer = perforated_layers(model)[0]
