@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from pb_lightning.cycle.machine import ACCEPT, RESTORE_GLOBAL_BEST, RETRY, START_DENDRITE_PHASE, Decision, PhaseMachine
+from pb_lightning.engine.compiled import drop_stale_graphs
 from pb_lightning.engine.transitions import accept_dendrites, candidate_scores, discard_candidates, in_dendrite_phase
 from pb_lightning.engine.transitions import start_dendrite_phase as start_phase
 
@@ -107,6 +108,8 @@ class CycleController:
         elif decision.action == ACCEPT:
             accept(model)
             restructured = True
+        if restructured:
+            drop_stale_graphs(model)
         return restructured
 
     @contextlib.contextmanager

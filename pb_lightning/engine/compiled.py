@@ -20,6 +20,8 @@ from collections.abc import Callable
 from typing import Generic, ParamSpec, TypeVar
 
 import torch
+from torch import nn
+from torch._dynamo.eval_frame import OptimizedModule
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +65,34 @@ class CompiledOrEager(Generic[P, R]):
         self._compiled, self.failed = None, False
 
 
+def is_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` or a submodule runs through ``torch.compile`` (in place, or as an ``OptimizedModule``)."""
+    return any(
+        getattr(m, "_compiled_call_impl", None) is not None or isinstance(m, OptimizedModule) for m in model.modules()
+    )
+
+
+def drop_stale_graphs(model: nn.Module) -> bool:
+    """After a restructure of a compiled ``model``: drop dynamo's graphs (``torch.compiler.reset()``).
+
+    Why: dynamo keeps every graph it compiled for a code object, and the guards of a perforated
+    model's graphs name its structure (how many dendrite sets, whether candidates are attached).
+    Each restructure adds graphs for the new structure (train and eval) beside the dead ones, so
+    after about four restructures the forward reaches dynamo's recompile limit (8) and every
+    later phase runs eagerly. The old structure's graphs can only run again after a roll-back,
+    which then compiles once more. The reset is process-wide: other compiled functions recompile
+    at their next call (time, not results). Returns whether it reset.
+    """
+    if not is_compiled(model):
+        return False
+    torch.compiler.reset()
+    log.info("pb_lightning: reset torch.compile's caches after restructuring a compiled model.")
+    return True
+
+
 def compiled_or_eager(fn: Callable[P, R]) -> CompiledOrEager[P, R]:
     """Decorator form of :class:`CompiledOrEager`: call the result as ``f(enabled, *args)``."""
     return CompiledOrEager(fn)
 
 
-__all__ = ["CompiledOrEager", "compiled_or_eager"]
+__all__ = ["CompiledOrEager", "compiled_or_eager", "drop_stale_graphs", "is_compiled"]
