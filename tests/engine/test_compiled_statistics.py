@@ -123,3 +123,26 @@ def test_a_failed_compilation_runs_eagerly_bit_for_bit_and_says_so_once(
 def test_compile_statistics_must_be_a_bool() -> None:
     with pytest.raises(pb.PerforationError, match=r"`DendriteConfig.compile_statistics` must be a bool; got 'yes'"):
         pb.DendriteConfig(compile_statistics="yes")  # type: ignore[arg-type]
+
+
+def test_only_a_compiled_model_has_its_graphs_dropped_after_a_restructure() -> None:
+    from pb_lightning.engine.compiled import drop_stale_graphs, is_compiled
+
+    plain = nn.Sequential(nn.Linear(3, 4))
+    in_place = nn.Sequential(nn.Linear(3, 4))
+    in_place.compile()
+    wrapped = nn.Sequential(torch.compile(nn.Linear(3, 4)))
+    assert not is_compiled(plain)
+    assert is_compiled(in_place)
+    assert is_compiled(wrapped)
+
+    square = torch.compile(lambda t: t * t)
+    square(torch.ones(2))
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1
+    assert not drop_stale_graphs(plain)
+    square(torch.ones(2))  # still cached: nothing was reset
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert drop_stale_graphs(in_place)
+    square(torch.ones(2))  # reset: compiled again
+    assert counters["stats"]["unique_graphs"] == graphs + 1
