@@ -11,8 +11,12 @@ from typing import Any
 
 from pb_lightning.cycle.decision import Phase
 
-#: The fields of each :attr:`PhaseState.history` entry, one per validation.
-HISTORY_KEYS = ("validation", "phase", "score", "candidate_score", "dendrites", "action", "reason")
+#: The fields of each :attr:`PhaseState.history` entry, one per decision. ``validation`` is the
+#: number of validations so far; ``global_step`` the training steps the caller had run (None where
+#: it does not say: the plain-PyTorch tracker, and rows from before the field). A dendrite phase
+#: ended mid-epoch (``PhaseSchedule.dendrite_patience_steps``) is recorded under the last
+#: validation's number, like that validation's own row: ``global_step`` tells the two apart.
+HISTORY_KEYS = ("validation", "global_step", "phase", "score", "candidate_score", "dendrites", "action", "reason")
 
 
 @dataclass

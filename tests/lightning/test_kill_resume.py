@@ -142,6 +142,7 @@ def _kill_and_resume(out: Path, point: str, *args: str) -> dict[str, Any]:
 
 def _assert_same_run(resumed: dict[str, Any], full: dict[str, Any]) -> None:
     assert resumed["history"] == full["history"]
+    assert resumed["global_steps"] == full["global_steps"]
     assert resumed["dendrites"] == full["dendrites"]
     assert resumed["epochs"] == full["epochs"]
     assert resumed["weights"].keys() == full["weights"].keys()
@@ -168,6 +169,9 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], d
         result = _result(out)
         result["dir"] = out
         assert [(v, a) for v, a in result["history"] if a != "continue"] == scenario.actions
+        # A decision taken mid-epoch shares the last validation's number, never its training step.
+        positions = [(v, step) for (v, _), step in zip(result["history"], result["global_steps"], strict=True)]
+        assert positions == sorted(set(positions))
         assert result["dendrites"] == scenario.dendrites
         assert result["epochs"] == scenario.epochs
         return result
