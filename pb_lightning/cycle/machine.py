@@ -43,7 +43,7 @@ from pb_lightning.cycle.decision import (
     Restore,
     Verdict,
 )
-from pb_lightning.cycle.phase_state import HISTORY_KEYS, PhaseState
+from pb_lightning.cycle.phase_state import HISTORY_KEYS, PhaseState, check_global_step
 from pb_lightning.cycle.schedule import Mode, PhaseSchedule
 from pb_lightning.errors import invalid
 
@@ -66,13 +66,6 @@ __all__ = [
     "Restore",
     "Verdict",
 ]
-
-
-def _check_global_step(global_step: int | None) -> None:
-    if global_step is not None and (
-        isinstance(global_step, bool) or not isinstance(global_step, numbers.Integral) or global_step < 0
-    ):
-        raise invalid("global_step", global_step, "None or a non-negative integer (the training steps run so far)")
 
 
 class PhaseMachine:
@@ -127,7 +120,7 @@ class PhaseMachine:
         """
         if isinstance(score, bool) or not isinstance(score, numbers.Real):
             raise invalid("score", score, "a real number (the monitored validation score)")
-        _check_global_step(global_step)
+        check_global_step(global_step)
         s = self.state
         s.validations += 1
         s.epochs_in_phase += 1
@@ -178,7 +171,7 @@ class PhaseMachine:
         number, and an earlier step. A score of 0 or less (no candidate scored yet: the statistics
         are still warming up) is not counted.
         """
-        _check_global_step(global_step)
+        check_global_step(global_step)
         if not self.checks_steps or candidate_score is None or not candidate_score > 0:
             return None
         s = self.state
