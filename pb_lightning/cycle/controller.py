@@ -66,17 +66,24 @@ class CycleController:
         candidate_score: float | None,
         *,
         accept: Callable[[nn.Module], Any] = accept_dendrites,
+        global_step: int | None = None,
     ) -> tuple[Decision, bool]:
         """Feed one validation score and carry out the decision.
 
-        ``accept`` installs the dendrites (a caller may wrap it with checks). Returns the
-        decision and whether the set of trainable parameters changed (rebuild the optimizer).
+        ``accept`` installs the dendrites (a caller may wrap it with checks); ``global_step`` goes
+        into the history row. Returns the decision and whether the set of trainable parameters
+        changed (rebuild the optimizer).
         """
-        decision = self.machine.step(score, candidate_score)
+        decision = self.machine.step(score, candidate_score, global_step=global_step)
         return decision, self.apply(model, decision, accept=accept)
 
     def training_step(
-        self, model: nn.Module, candidate_score: float | None, *, accept: Callable[[nn.Module], Any] = accept_dendrites
+        self,
+        model: nn.Module,
+        candidate_score: float | None,
+        *,
+        accept: Callable[[nn.Module], Any] = accept_dendrites,
+        global_step: int | None = None,
     ) -> Decision | None:
         """After one training step of a dendrite phase (``PhaseSchedule.dendrite_patience_steps``):
         feed the candidates' score and, if the phase is over, accept. Returns the decision (the
@@ -85,7 +92,7 @@ class CycleController:
         Call it only while ``machine.checks_steps``; ``candidate_score`` is
         :func:`mean_candidate_score` of ``model`` (a caller under DDP broadcasts it first).
         """
-        decision = self.machine.training_step(candidate_score)
+        decision = self.machine.training_step(candidate_score, global_step=global_step)
         if decision is not None:
             self.apply(model, decision, accept=accept)
         return decision

@@ -43,7 +43,7 @@ from pb_lightning.cycle.decision import (
     Restore,
     Verdict,
 )
-from pb_lightning.cycle.phase_state import HISTORY_KEYS, PhaseState
+from pb_lightning.cycle.phase_state import HISTORY_KEYS, PhaseState, check_global_step
 from pb_lightning.cycle.schedule import Mode, PhaseSchedule
 from pb_lightning.errors import invalid
 
@@ -109,16 +109,18 @@ class PhaseMachine:
         return best is None or score > best * (1 + self.schedule.candidate_improvement_threshold)
 
     # ------------------------------------------------------------------ the machine
-    def step(self, score: float, candidate_score: float | None = None) -> Decision:
+    def step(self, score: float, candidate_score: float | None = None, *, global_step: int | None = None) -> Decision:
         """Take one validation's monitored ``score`` and return the decision.
 
         Args:
             score: the monitored validation score.
             candidate_score: during a dendrite phase, the candidates' correlation score (higher is
                 better; e.g. the mean of each neuron's best candidate score). Ignored otherwise.
+            global_step: the training steps run so far, recorded in the history row (only there).
         """
         if isinstance(score, bool) or not isinstance(score, numbers.Real):
             raise invalid("score", score, "a real number (the monitored validation score)")
+        check_global_step(global_step)
         s = self.state
         s.validations += 1
         s.epochs_in_phase += 1
@@ -131,12 +133,14 @@ class PhaseMachine:
         else:
             decision = self._neuron_step(float(score))
         # Plain strings in the history (a checkpoint loaded with weights_only=True holds no enums).
-        self._remember(phase, float(score), candidate_score, decision)
+        self._remember(phase, float(score), candidate_score, decision, global_step)
         return decision
 
-    def _remember(self, phase: str, score: float, candidate_score: float | None, decision: Decision) -> None:
+    def _remember(
+        self, phase: str, score: float, candidate_score: float | None, decision: Decision, global_step: int | None
+    ) -> None:
         s = self.state
-        values = (s.validations, phase, score, candidate_score, s.dendrites, decision.action.value)
+        values = (s.validations, global_step, phase, score, candidate_score, s.dendrites, decision.action.value)
         s.history.append(dict(zip(HISTORY_KEYS, (*values, decision.reason), strict=True)))
 
     @property
@@ -155,16 +159,19 @@ class PhaseMachine:
             and s.last_score is not None
         )
 
-    def training_step(self, candidate_score: float | None) -> Decision | None:
+    def training_step(self, candidate_score: float | None, *, global_step: int | None = None) -> Decision | None:
         """Fold the candidates' score after one training step of a dendrite phase.
 
         Returns None while the phase goes on (and whenever :attr:`checks_steps` is False), or the
         ``accept`` decision once the score has not improved by ``candidate_improvement_threshold``
         for ``dendrite_patience_steps`` steps. That decision is recorded in the history under the
         last validation's number, with the score of the weights the phase restored (the network
-        is frozen in a dendrite phase, so a validation would return that score). A score of 0 or less
-        (no candidate scored yet: the statistics are still warming up) is not counted.
+        is frozen in a dendrite phase, so a validation would return that score) and ``global_step``
+        (the training steps run so far, this one included): that validation's own row has the same
+        number, and an earlier step. A score of 0 or less (no candidate scored yet: the statistics
+        are still warming up) is not counted.
         """
+        check_global_step(global_step)
         if not self.checks_steps or candidate_score is None or not candidate_score > 0:
             return None
         s = self.state
@@ -178,7 +185,7 @@ class PhaseMachine:
         s.candidate_best = max(s.candidate_best or 0.0, s.step_candidate_best or 0.0)
         why = f"candidate scores stopped improving for {s.step_candidate_wait} training steps"
         decision = self._accept(f"{why} (dendrite_patience_steps={patience})")
-        self._remember(Phase.DENDRITE.value, float(s.last_score), candidate_score, decision)  # type: ignore[arg-type]
+        self._remember(Phase.DENDRITE.value, float(s.last_score), candidate_score, decision, global_step)  # type: ignore[arg-type]
         return decision
 
     def _neuron_step(self, score: float) -> Decision:

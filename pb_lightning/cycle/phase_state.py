@@ -6,13 +6,27 @@ older checkpoint may lack, which then loads with these defaults — is readable 
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
 from pb_lightning.cycle.decision import Phase
+from pb_lightning.errors import invalid
 
-#: The fields of each :attr:`PhaseState.history` entry, one per validation.
-HISTORY_KEYS = ("validation", "phase", "score", "candidate_score", "dendrites", "action", "reason")
+#: The fields of each :attr:`PhaseState.history` entry, one per decision. ``validation`` is the
+#: number of validations so far; ``global_step`` the training steps the caller had run (None where
+#: it does not say: the plain-PyTorch tracker, and rows from before the field). A dendrite phase
+#: ended mid-epoch (``PhaseSchedule.dendrite_patience_steps``) is recorded under the last
+#: validation's number, like that validation's own row: ``global_step`` tells the two apart.
+HISTORY_KEYS = ("validation", "global_step", "phase", "score", "candidate_score", "dendrites", "action", "reason")
+
+
+def check_global_step(global_step: int | None) -> None:
+    """Refuse a ``global_step`` for a history row that is not None or a non-negative integer."""
+    if global_step is not None and (
+        isinstance(global_step, bool) or not isinstance(global_step, numbers.Integral) or global_step < 0
+    ):
+        raise invalid("global_step", global_step, "None or a non-negative integer (the training steps run so far)")
 
 
 @dataclass

@@ -200,7 +200,9 @@ class PerforatedCallback(Callback):
         score, candidate = trainer.strategy.broadcast((score, candidate), src=0)
         self._flat_score = checks.check_flat_score(self._flat_score, score, self.monitor, module)
         # Stepped as the tracker steps it: the machine decides, the controller carries it out.
-        decision, restructured = self.controller.step(module, score, candidate, accept=self._accept())
+        decision, restructured = self.controller.step(
+            module, score, candidate, accept=self._accept(), global_step=trainer.global_step
+        )
         self.recorder.announce(trainer, decision, score)
         checks.warn_no_correlation(decision, self.machine.state.candidate_best, module)
         if restructured:
@@ -230,7 +232,7 @@ class PerforatedCallback(Callback):
             layers.update(candidate_scores_by_layer(model))
             return self._accept()(model)
 
-        decision = self.controller.training_step(module, candidate, accept=accept)
+        decision = self.controller.training_step(module, candidate, accept=accept, global_step=trainer.global_step)
         if decision is None:
             return
         self.recorder.announce(trainer, decision, float(self.machine.state.last_score))  # type: ignore[arg-type]

@@ -123,7 +123,12 @@ class RunRecorder:
 
     def finish(self, trainer: pl.Trainer, module: PerforatedModule, machine: PhaseMachine, extra: list[str]) -> dict:
         """At fit end (after the final restore): the closing row, the report, the files."""
-        end = {"validation": machine.state.validations, "phase": "neuron", "score": machine.state.global_best}
+        end = {
+            "validation": machine.state.validations,
+            "global_step": trainer.global_step,
+            "phase": "neuron",
+            "score": machine.state.global_best,
+        }
         self.rows.append(self._row(trainer, module, machine, end, END, "training ended"))
         report = final_report(self.rows, monitor=self.monitor, metric_kind=self.metric_kind, mode=self.mode)
         rank_zero_info("\n".join([format_report(report), *extra]))
@@ -149,6 +154,7 @@ class RunRecorder:
         return {
             "epoch": trainer.current_epoch,
             "validation": entry["validation"],
+            "global_step": entry.get("global_step"),
             "phase": entry["phase"],
             "score": entry["score"],
             "candidate_score": entry.get("candidate_score"),

@@ -50,7 +50,7 @@ def test_the_phase_ends_at_the_step_the_rule_says(scores: list[float]) -> None:
     machine = _in_dendrite_phase(3)
     ended = None
     for i, score in enumerate(scores):
-        decision = machine.training_step(score)
+        decision = machine.training_step(score, global_step=100 + i)
         if decision is not None:
             assert decision.action == ACCEPT
             ended = i
@@ -64,6 +64,9 @@ def test_the_phase_ends_at_the_step_the_rule_says(scores: list[float]) -> None:
         row = machine.state.history[-1]
         assert (row["validation"], row["score"], row["action"]) == (2, 1.0, ACCEPT)
         assert "training steps" in row["reason"]
+        # ... and at the training step it came at: the validation's own row has the same number.
+        assert row["global_step"] == 100 + ended
+        assert machine.state.history[-2]["validation"] == 2
 
 
 def test_after_a_step_ended_phase_the_cycle_goes_on_as_usual() -> None:
@@ -120,6 +123,23 @@ def test_the_step_count_survives_a_state_round_trip() -> None:
     legacy = PhaseMachine("min", machine.schedule)
     legacy.load_state_dict(old)
     assert not legacy.checks_steps  # no validation score yet to decide on: waits for the next validation
+
+
+def test_a_validation_row_records_the_global_step_it_is_given() -> None:
+    machine = PhaseMachine("min", PhaseSchedule(neuron_patience=1, dendrite_patience_steps=2))
+    machine.step(1.0, global_step=10)
+    machine.step(1.5)  # a caller that counts no steps (the plain tracker)
+    assert [h["global_step"] for h in machine.state.history] == [10, None]
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, True, "3"])
+def test_a_bad_global_step_is_named(bad: object) -> None:
+    machine = _in_dendrite_phase(2)
+    with pytest.raises(PerforationError, match="global_step"):
+        machine.training_step(0.5, global_step=bad)  # type: ignore[arg-type]
+    with pytest.raises(PerforationError, match="global_step"):
+        machine.step(1.0, global_step=bad)  # type: ignore[arg-type]
+    assert len(machine.state.history) == 2  # nothing recorded from the bad calls
 
 
 @pytest.mark.parametrize(

@@ -133,10 +133,12 @@ def _steps_callback() -> pb.PerforatedCallback:
 def test_a_dendrite_phase_ends_mid_epoch_once_its_candidates_converge(tmp_path: Path) -> None:
     pl.seed_everything(0)
     seen: list[tuple[int, int, bool]] = []
+    steps: list[int] = []  # trainer.global_step after each training batch, in the order of `seen`
 
     class Spy(pl.Callback):
         def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
             seen.append((trainer.current_epoch, args[-1], pl_module.in_dendrite_phase))
+            steps.append(trainer.global_step)
 
     callback = _steps_callback()
     model = DigitsMLP(hidden=8, lr=1e-2)
@@ -151,6 +153,25 @@ def test_a_dendrite_phase_ends_mid_epoch_once_its_candidates_converge(tmp_path: 
         phases = [dendrite for e, _, dendrite in seen if e == epoch]
         assert phases == sorted(phases, reverse=True), phases
         assert not phases[-1], phases
+    # Each mid-epoch accept shares its validation number with the validation before it; its row
+    # says the training step it came at: the batch where the phase switched (the spy runs after
+    # the callback, so it sees that batch already in the neuron phase). Every other row comes at
+    # the end of its epoch, at that epoch's last step.
+    switched = [steps[i] for i in range(1, len(seen)) if seen[i - 1][2] and not seen[i][2]]
+    epoch_ends = [steps[i] for i in range(len(seen)) if i + 1 == len(seen) or seen[i + 1][0] != seen[i][0]]
+    history = callback.machine.state.history
+    mid_epoch = [i for i, h in enumerate(history) if h["action"] == ACCEPT]
+    assert [history[i]["global_step"] for i in mid_epoch] == switched
+    assert [h["global_step"] for i, h in enumerate(history) if i not in mid_epoch] == epoch_ends
+    for i in mid_epoch:
+        assert history[i - 1]["validation"] == history[i]["validation"]
+        assert history[i - 1]["global_step"] < history[i]["global_step"]
+    assert [(h["validation"], h["global_step"]) for h in history] == sorted(
+        {(h["validation"], h["global_step"]) for h in history}
+    )
+    rows = [r for r in callback.recorder.rows if r["action"] != "end"]
+    assert [r["global_step"] for r in rows] == [h["global_step"] for h in history]
+    assert callback.recorder.rows[-1]["global_step"] == steps[-1]
     assert [layer.num_dendrites for layer in model.perforated_layers()] == [2, 2, 2]
     assert model.perforated_layers()[0].output_weight.abs().sum() > 0  # trained after the mid-epoch accept
     held = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}

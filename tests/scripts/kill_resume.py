@@ -5,8 +5,9 @@
 Without ``PB_KILL_AT`` it runs to the end. With it, the process sends SIGKILL to itself at
 that point — chosen by the test, never by a timer, so a test passes or fails the same way on
 every machine. ``--resume`` continues with ``fit(ckpt_path="last")``. At the end it writes the
-phase history, the dendrite counts, the epoch count, the number of training batches this
-process ran, the checkpoint it resumed from, and the final weights to ``OUT_DIR/result.pt``.
+phase history and the training step of each of its rows, the dendrite counts, the epoch count,
+the number of training batches this process ran, the checkpoint it resumed from, and the final
+weights to ``OUT_DIR/result.pt``.
 
 Points (E: a 0-based epoch, B: a 0-based batch of that epoch, N: a 1-based count):
 
@@ -185,6 +186,7 @@ def main() -> None:
         torch.save(
             {
                 "history": [(h["validation"], h["action"]) for h in callback.machine.state.history],
+                "global_steps": [h["global_step"] for h in callback.machine.state.history],
                 "dendrites": [layer.num_dendrites for layer in model.perforated_layers()],
                 "epochs": trainer.current_epoch,
                 "batches_run": injection.batches_run,
