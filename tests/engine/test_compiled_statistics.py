@@ -29,6 +29,7 @@ def _fresh() -> Iterator[None]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     torch._dynamo.reset()
+    counters.clear()  # dynamo's counters outlive its reset: graphs counted here are this test's
     for fn in _FUNCTIONS:
         fn.reset()
     yield
