@@ -116,7 +116,7 @@ def _normalizer(moments: Tensor, eps: float, mode: str) -> Tensor:
 
 
 def _gradient(e: Tensor, mean_e: Tensor, cov: Tensor, norm: Tensor, axis: int, scale: float) -> Tensor:
-    """``−∂J/∂V`` (see :meth:`CorrelationStatistics.objective_gradient`) from the running estimates."""
+    """``−∂J/∂V`` (see :meth:`CorrelationStatistics.score_and_gradient`) from the running estimates."""
     p = e.numel() // e.shape[axis]
     coef = torch.sign(cov).div_(norm).mul_(-1.0 / p)  # (K, out)
     trailing = e.dim() - axis - 1
@@ -140,7 +140,7 @@ class CorrelationStatistics(nn.Module):
 
     The moments are buffers, so a checkpoint taken mid-dendrite-phase resumes with the same
     estimates. Moments of ``E`` are kept in *unscaled* units: :meth:`update` and
-    :meth:`objective_gradient` take the loss scale the incoming errors carry.
+    :meth:`score_and_gradient` take the loss scale the incoming errors carry.
 
     Args:
         num_candidates: K.
@@ -209,9 +209,8 @@ class CorrelationStatistics(nn.Module):
             # ranks' means is the mean over all of them. A non-finite rank makes every rank skip.
             dist.all_reduce(moments, group=self.process_group)
             moments /= dist.get_world_size(self.process_group)
-            total = moments.sum()
-        elif scale != 1.0:
-            total = moments.sum()
+        if scale != 1.0 or self.process_group is not None:
+            total = moments.sum()  # of the moments as changed above
         # A sum is non-finite exactly when some moment is (or the sum overflows, which the full
         # check below then clears): one reduction instead of a check per element on every step.
         if not math.isfinite(float(total)):
@@ -237,31 +236,14 @@ class CorrelationStatistics(nn.Module):
         self._host_steps = steps + 1
         return True
 
-    def objective_gradient(
-        self,
-        e: Tensor,
-        axis: int,
-        scale: float = 1.0,
-        *,
-        covariance: Tensor | None = None,
-        normalizer: Tensor | None = None,
-    ) -> Tensor:
-        """``−∂J/∂V`` for the batch whose errors are ``e``, broadcast to ``V``'s shape, float32.
-
-        Uses the current running estimates of ``Ē``, ``σ`` and ``N`` (held constant; pass
-        ``covariance``/``normalizer`` if already computed for this step). The minus sign makes it
-        a gradient to *descend*; ``e`` carries the loss scale ``scale`` and so does the result,
-        which a GradScaler's unscale step then brings back to ``−∂J/∂V``.
-        """
-        cov = self.covariance() if covariance is None else covariance
-        norm = self.normalizer() if normalizer is None else normalizer
-        return _gradient(e, self.moments[_E, 0], cov, norm, axis, scale)
-
     def score_and_gradient(self, e: Tensor, axis: int, scale: float = 1.0) -> tuple[Tensor, Tensor | None]:
-        """:meth:`score` and, for correlation learning, :meth:`objective_gradient`, in one call.
+        """:meth:`score` and, for correlation learning, ``−∂J/∂V`` for the batch whose errors are ``e``.
 
-        With ``config.compile_statistics`` the two run as one compiled function; otherwise (or
-        where compilation fails) eagerly, with the same ops.
+        The gradient is broadcast to ``V``'s shape, in float32, from the current running estimates
+        of ``Ē``, ``σ`` and ``N`` (held constant). The minus sign makes it a gradient to *descend*;
+        ``e`` carries the loss scale ``scale`` and so does the result, which a GradScaler's unscale
+        step then brings back to ``−∂J/∂V``. With ``config.compile_statistics`` both run as one
+        compiled function; otherwise (or where compilation fails) eagerly, with the same ops.
         """
         config = self.config
         gradient = config.learning == "correlation"
