@@ -144,6 +144,19 @@ VARIANTS: dict[str, Variant] = {
         )
         for n in (10, 30)
     },
+    # Issue 22's candidates for the default (dendrite phases judged by the plateau rule,
+    # PhaseSchedule.candidate_plateau_fraction, every training step; and a run budget).
+    "plateau-steps20": Variant(
+        schedule={"dendrite_patience_steps": 20, "run_budget": None},
+        note="dendrite phases end once 20 training steps add < 10% of the candidates' score; no run budget",
+    ),
+    **{
+        f"plateau-steps20-budget{b:g}": Variant(
+            schedule={"dendrite_patience_steps": 20, "run_budget": b},
+            note=f"plateau-steps20, and the whole run at most {b:g}x the first neuron phase's validations",
+        )
+        for b in (2.5, 3.0)
+    },
     "long": Variant(schedule={"max_dendrites": 16, "max_tries": 4}, max_epochs=1000, note="longer budget"),
     **{
         f"fan{k}-{mode}": Variant(

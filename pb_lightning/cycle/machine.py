@@ -22,9 +22,10 @@ dendrites, and a training schedule in its own right.
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 from pb_lightning.cycle.decision import (
@@ -46,6 +47,8 @@ from pb_lightning.cycle.decision import (
 from pb_lightning.cycle.phase_state import HISTORY_KEYS, PhaseState, check_global_step
 from pb_lightning.cycle.schedule import Mode, PhaseSchedule
 from pb_lightning.errors import invalid
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "ACCEPT",
@@ -92,6 +95,7 @@ class PhaseMachine:
         if not isinstance(self.schedule, PhaseSchedule):
             raise invalid("schedule", schedule, "a pb_lightning.PhaseSchedule")
         self.state = PhaseState()
+        self._warned_max_dendrite_epochs = False
 
     # ------------------------------------------------------------------ comparisons
     def is_improvement(self, score: float, best: float | None) -> bool:
@@ -103,10 +107,21 @@ class PhaseMachine:
         margin = max(abs(best) * self.schedule.improvement_threshold, self.schedule.improvement_threshold_abs)
         return score < best - margin if self.mode == "min" else score > best + margin
 
-    def _candidate_improved(self, score: float | None, best: float | None) -> bool:
-        if score is None or not math.isfinite(score):
-            return False
-        return best is None or score > best * (1 + self.schedule.candidate_improvement_threshold)
+    def _plateaued(self, window: list[float], score: float | None, size: int) -> bool:
+        """Fold ``score`` into a plateau ``window`` (kept in place) and say whether it is flat.
+
+        The window holds the candidates' running best at its last ``size + 1`` observations,
+        starting with the phase's 0: flat once its last ``size`` observations added no more than
+        ``candidate_plateau_fraction`` of the latest value — of what the whole phase has gained.
+        A missing or non-finite score adds nothing (so candidates that never score end the phase
+        after ``size`` observations, as they did under the old patience rule).
+        """
+        best = window[-1] if window else 0.0
+        if score is not None and math.isfinite(score):
+            best = max(best, float(score))
+        window.append(best)
+        del window[: -(size + 1)]
+        return len(window) > size and window[-1] - window[0] <= self.schedule.candidate_plateau_fraction * window[-1]
 
     # ------------------------------------------------------------------ the machine
     def step(self, score: float, candidate_score: float | None = None, *, global_step: int | None = None) -> Decision:
@@ -132,6 +147,8 @@ class PhaseMachine:
             decision = self._dendrite_step(candidate_score)
         else:
             decision = self._neuron_step(float(score))
+        if decision.action == CONTINUE and self._budget_left() <= 0:
+            decision = self._spend_budget(decision)
         # Plain strings in the history (a checkpoint loaded with weights_only=True holds no enums).
         self._remember(phase, float(score), candidate_score, decision, global_step)
         return decision
@@ -163,28 +180,29 @@ class PhaseMachine:
         """Fold the candidates' score after one training step of a dendrite phase.
 
         Returns None while the phase goes on (and whenever :attr:`checks_steps` is False), or the
-        ``accept`` decision once the score has not improved by ``candidate_improvement_threshold``
-        for ``dendrite_patience_steps`` steps. That decision is recorded in the history under the
-        last validation's number, with the score of the weights the phase restored (the network
-        is frozen in a dendrite phase, so a validation would return that score) and ``global_step``
-        (the training steps run so far, this one included): that validation's own row has the same
-        number, and an earlier step. A score of 0 or less (no candidate scored yet: the statistics
-        are still warming up) is not counted.
+        ``accept`` decision once the last ``dendrite_patience_steps`` steps added less than
+        ``candidate_plateau_fraction`` of the candidates' score. That decision is recorded in the
+        history under the last validation's number, with the score of the weights the phase
+        restored (the network is frozen in a dendrite phase, so a validation would return that
+        score) and ``global_step`` (the training steps run so far, this one included): that
+        validation's own row has the same number, and an earlier step. A score of 0 or less (no
+        candidate scored yet: the statistics are still warming up) is not counted.
         """
         check_global_step(global_step)
         if not self.checks_steps or candidate_score is None or not candidate_score > 0:
             return None
         s = self.state
-        if self._candidate_improved(candidate_score, s.step_candidate_best):
-            s.step_candidate_best, s.step_candidate_wait = candidate_score, 0
-            return None
-        s.step_candidate_wait += 1
         patience = self.schedule.dendrite_patience_steps
-        if s.step_candidate_wait < patience:  # type: ignore[operator]
+        if not s.step_candidate_window:
+            s.step_candidate_window = [0.0]
+        if not self._plateaued(s.step_candidate_window, candidate_score, patience):  # type: ignore[arg-type]
             return None
-        s.candidate_best = max(s.candidate_best or 0.0, s.step_candidate_best or 0.0)
-        why = f"candidate scores stopped improving for {s.step_candidate_wait} training steps"
-        decision = self._accept(f"{why} (dendrite_patience_steps={patience})")
+        s.candidate_best = max(s.candidate_best or 0.0, s.step_candidate_window[-1])
+        why = (
+            f"the candidates' score rose by less than {self.schedule.candidate_plateau_fraction:g} of itself "
+            f"over the last {patience} training steps (dendrite_patience_steps={patience})"
+        )
+        decision = self._accept(why)
         self._remember(Phase.DENDRITE.value, float(s.last_score), candidate_score, decision, global_step)  # type: ignore[arg-type]
         return decision
 
@@ -239,13 +257,14 @@ class PhaseMachine:
             s.tries += 1
             verdict = f"{why}; the cycle did not beat the global best {s.global_best} (phase best {s.phase_best})"
             rejected = {"restore": Restore.GLOBAL_BEST, "new_phase_best": new_best, "verdict": Verdict.REJECTED}
-            if s.tries >= sched.max_tries:
+            if s.tries >= sched.max_tries or self._budget_left() < self._shortest_cycle():
                 s.done = True
-                return Decision(
-                    STOP,
-                    f"{verdict}; {s.tries} failed tries (max_tries={sched.max_tries}): training is complete",
-                    **rejected,
+                why = (
+                    f"{s.tries} failed tries (max_tries={sched.max_tries})"
+                    if s.tries >= sched.max_tries
+                    else f"no retry fits in what is left ({self._budget_note()})"
                 )
+                return Decision(STOP, f"{verdict}; {why}: training is complete", **rejected)
             if sched.restarts_only:
                 self._enter_neuron_phase_after_restart()
                 return Decision(
@@ -260,17 +279,57 @@ class PhaseMachine:
             )
         # The first neuron phase: its best is the baseline every later cycle must beat.
         s.global_best = s.baseline = s.phase_best
+        s.baseline_validations = s.validations
         return self._next_cycle(f"{why}; baseline best {s.phase_best}", new_best, None)
+
+    def _budget_left(self) -> float:
+        """Validations ``run_budget`` leaves (infinite without one, or before the baseline is known)."""
+        s, budget = self.state, self.schedule.run_budget
+        if budget is None or s.baseline_validations is None:
+            return math.inf
+        return math.ceil(budget * s.baseline_validations) - s.validations
+
+    def _shortest_cycle(self) -> int:
+        """The fewest validations a new cycle (or restart) can take: it is not started in less."""
+        sched = self.schedule
+        neuron = sched.neuron_epochs or sched.neuron_patience
+        if sched.restarts_only:
+            return neuron
+        if sched.dendrite_epochs is not None:
+            return neuron + sched.dendrite_epochs
+        return neuron + (0 if sched.dendrite_patience_steps is not None else sched.dendrite_patience + 1)
+
+    def _budget_note(self) -> str:
+        s, budget = self.state, self.schedule.run_budget
+        return (
+            f"run_budget={budget:g} allows {math.ceil(budget * s.baseline_validations)} validations "  # type: ignore[operator]
+            f"({budget:g}x the first neuron phase's {s.baseline_validations}); {s.validations} used"
+        )
+
+    def _spend_budget(self, decision: Decision) -> Decision:
+        """The budget ran out in the middle of a cycle: judge it there, as :meth:`finish` does."""
+        final = self.finish()
+        return replace(
+            final,
+            reason=f"{self._budget_note()}: {final.reason}",
+            new_phase_best=decision.new_phase_best,
+        )
 
     def _next_cycle(self, reason: str, new_best: bool, verdict: Verdict | None) -> Decision:
         s, sched = self.state, self.schedule
-        if sched.restarts_only:
+        out_of_budget = self._budget_left() < self._shortest_cycle()
+        if sched.restarts_only and not out_of_budget:
             return self._next_restart(reason, new_best, verdict)
-        if s.dendrites >= sched.max_dendrites:
+        if s.dendrites >= sched.max_dendrites or out_of_budget:
             s.done = True
+            why = (
+                f"no cycle fits in what is left ({self._budget_note()})"
+                if out_of_budget and s.dendrites < sched.max_dendrites
+                else f"{s.dendrites} dendrite sets reached max_dendrites"
+            )
             return Decision(
                 STOP,
-                f"{reason}; {s.dendrites} dendrite sets reached max_dendrites: training is complete",
+                f"{reason}; {why}: training is complete",
                 restore=RESTORE_PHASE_BEST,
                 new_phase_best=new_best,
                 new_global_best=True,
@@ -321,24 +380,44 @@ class PhaseMachine:
         s = self.state
         s.last_score = restored_score
         s.phase, s.epochs_in_phase = Phase.DENDRITE.value, 0
-        s.candidate_best, s.candidate_wait = None, 0
-        s.step_candidate_best, s.step_candidate_wait = None, 0
+        s.candidate_best, s.candidate_window, s.step_candidate_window = None, [0.0], [0.0]
 
     def _dendrite_step(self, candidate_score: float | None) -> Decision:
         s, sched = self.state, self.schedule
-        if self._candidate_improved(candidate_score, s.candidate_best):
-            s.candidate_best, s.candidate_wait = candidate_score, 0
-        else:
-            s.candidate_wait += 1
+        if candidate_score is not None and math.isfinite(candidate_score):
+            s.candidate_best = max(s.candidate_best or candidate_score, candidate_score)
+        if not s.candidate_window:
+            s.candidate_window = [0.0]
+        flat = self._plateaued(s.candidate_window, candidate_score, sched.dendrite_patience)
         if sched.dendrite_epochs is not None and s.epochs_in_phase >= sched.dendrite_epochs:
-            why = f"the dendrite phase reached its {sched.dendrite_epochs} epochs"
-        elif sched.dendrite_epochs is None and s.candidate_wait >= sched.dendrite_patience:
-            why = f"candidate scores stopped improving for {s.candidate_wait} validations"
+            why = f"the dendrite phase reached its {sched.dendrite_epochs} validations (dendrite_epochs)"
+        elif sched.dendrite_epochs is None and flat:
+            why = (
+                f"the candidates' score rose by less than {sched.candidate_plateau_fraction:g} of itself over the "
+                f"last {sched.dendrite_patience} validations (dendrite_patience={sched.dendrite_patience})"
+            )
         elif s.epochs_in_phase >= sched.max_dendrite_epochs:
             why = f"the dendrite phase hit max_dendrite_epochs={sched.max_dendrite_epochs}"
+            self._warn_max_dendrite_epochs()
         else:
             return Decision(CONTINUE, "dendrite phase")
         return self._accept(why)
+
+    def _warn_max_dendrite_epochs(self) -> None:
+        """Once per machine: a phase that runs to its cap is one the plateau rule did not end."""
+        if self._warned_max_dendrite_epochs:
+            return
+        self._warned_max_dendrite_epochs = True
+        sched = self.schedule
+        log.warning(
+            "A dendrite phase ran to max_dendrite_epochs=%d without its candidates' score levelling off "
+            "(candidate_plateau_fraction=%g over dendrite_patience=%d validations). To end phases sooner, "
+            "raise candidate_plateau_fraction (e.g. 0.2), lower dendrite_patience, set dendrite_patience_steps "
+            "(e.g. 20: judged every training step) or lower max_dendrite_epochs.",
+            sched.max_dendrite_epochs,
+            sched.candidate_plateau_fraction,
+            sched.dendrite_patience,
+        )
 
     def _accept(self, why: str) -> Decision:
         s = self.state
@@ -392,4 +471,4 @@ class PhaseMachine:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output (the schedule of this machine is kept)."""
         self.mode = state.get("mode", self.mode)
-        self.state = PhaseState(**state["state"])
+        self.state = PhaseState.from_dict(state["state"])

@@ -7,7 +7,7 @@ older checkpoint may lack, which then loads with these defaults — is readable 
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from pb_lightning.cycle.decision import Phase
@@ -46,17 +46,32 @@ class PhaseState:
     dendrites: int = 0
     tries: int = 0
     awaiting_verdict: bool = False
+    #: The candidates' best score in the current dendrite phase, and its values at the phase's
+    #: start (0) and at the last validations, the plateau rule's window
+    #: (``PhaseSchedule.candidate_plateau_fraction``).
     candidate_best: float | None = None
-    candidate_wait: int = 0
+    candidate_window: list[float] = field(default_factory=list)
     #: The score of the current weights as far as the machine knows: the latest validation's,
     #: or, from the start of a dendrite phase, that of the weights it restored (a dendrite phase
     #: ended by steps is recorded with it: the network is frozen then).
     last_score: float | None = None
-    #: Best candidate score and training steps without improvement, checked per step
-    #: (``PhaseSchedule.dendrite_patience_steps``).
-    step_candidate_best: float | None = None
-    step_candidate_wait: int = 0
+    #: The same window over training steps (``PhaseSchedule.dendrite_patience_steps``).
+    step_candidate_window: list[float] = field(default_factory=list)
+    #: Validations at the end of the first neuron phase: the unit of ``PhaseSchedule.run_budget``.
+    baseline_validations: int | None = None
     done: bool = False
     accepted_cycles: int = 0
     rejected_cycles: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> PhaseState:
+        """Rebuild a state saved by any version: fields it lacks take their defaults, and fields
+        this version no longer has are dropped (before 0.3 a dendrite phase counted
+        ``candidate_wait`` and ``step_candidate_wait``; such a phase resumes with its plateau
+        window started afresh, from its best score so far)."""
+        known = {f.name for f in fields(cls)}
+        loaded = cls(**{k: v for k, v in state.items() if k in known})
+        if loaded.phase == Phase.DENDRITE.value and not loaded.candidate_window and "candidate_wait" in state:
+            loaded.candidate_window = [0.0 if loaded.candidate_best is None else float(loaded.candidate_best)]
+        return loaded

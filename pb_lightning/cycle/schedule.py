@@ -20,23 +20,41 @@ class PhaseSchedule:
 
     Args:
         neuron_patience: validations without improvement that end a neuron phase.
-        dendrite_patience: validations without improvement of the candidates' score that end a
-            dendrite phase.
+        dendrite_patience: the window, in validations, over which a dendrite phase's plateau is
+            judged (see ``candidate_plateau_fraction``).
         improvement_threshold: relative margin a score must beat the best by to count as an
             improvement (``|best| · threshold``).
         improvement_threshold_abs: absolute margin, required as well.
-        candidate_improvement_threshold: relative margin for the candidates' score.
+        candidate_plateau_fraction: a dendrite phase ends once the candidates' score over the last
+            ``dendrite_patience`` validations (or ``dendrite_patience_steps`` training steps) rose by
+            less than this share of the score itself — of all the phase has gained, since fresh
+            candidates start at 0. Why a share of the gain and not a margin per validation: the
+            candidates reach most of their correlation within a few steps and then creep up by
+            1-3% per epoch for as long as they train; a fixed 1% per validation (the rule before
+            0.3) let that creep reset the patience again and again, so phases ran to
+            ``max_dendrite_epochs`` while adding little (benchmarks/README.md, "Phases that end").
         warmup_epochs: validations before the first dendrite phase may start.
         neuron_epochs: if set, every neuron phase lasts exactly this many validations (no patience).
         dendrite_epochs: if set, every dendrite phase lasts exactly this many validations.
-        max_dendrite_epochs: cap on a dendrite phase's length.
+        max_dendrite_epochs: cap on a dendrite phase's length (reaching it logs a warning once,
+            naming the settings that end phases sooner).
         dendrite_patience_steps: if set, the candidates' score is also checked after every
             training step of a dendrite phase, and the phase ends — mid-epoch, at that step — once
-            it has not improved by ``candidate_improvement_threshold`` for this many steps. The
+            the last this-many steps added less than ``candidate_plateau_fraction`` of it. The
             network is frozen during the phase, so its last validation score still stands; what
             is saved is the rest of the frozen epochs: a small data set otherwise ends a dendrite
             phase only at epoch ends, ``dendrite_patience`` epochs after its candidates stopped
             learning. Each check reads one number from the device. Not with ``dendrite_epochs``.
+        run_budget: if set, the whole run may last at most this many times the first neuron
+            phase's validations (the plain network's own training, which a dendritic run is
+            compared with). A cycle that could not fit in what is left is not started, and a cycle
+            still running when the budget is spent is judged there, as if training had ended (its
+            neuron phase kept only if it beat the global best). Why a budget: each cycle costs a
+            dendrite phase and a whole neuron phase, and without one a run's cost has no bound
+            relative to the network's own training (7-11× on the benchmarks before 0.3). It counts
+            validations, so a resumed run stops at the same point; an epoch with dendrites costs
+            more than a plain one, so the wall-time ratio is somewhat higher than the budget
+            (``benchmarks/cycle_cost.py`` measures it). ``None``: no bound.
         max_dendrites: dendrite sets per layer after which training is complete.
         max_tries: failed cycles in a row (each retried with fresh candidates) after which training
             is complete.
@@ -59,12 +77,13 @@ class PhaseSchedule:
     dendrite_patience: int = 3
     improvement_threshold: float = 1e-4
     improvement_threshold_abs: float = 0.0
-    candidate_improvement_threshold: float = 0.01
+    candidate_plateau_fraction: float = 0.1
     warmup_epochs: int = 0
     neuron_epochs: int | None = None
     dendrite_epochs: int | None = None
     max_dendrite_epochs: int = 50
     dendrite_patience_steps: int | None = None
+    run_budget: float | None = None
     max_dendrites: int = 8
     max_tries: int = 2
     require_improvement: bool = True
@@ -92,10 +111,26 @@ class PhaseSchedule:
                 self.dendrite_patience_steps,
                 f"None while dendrite_epochs={self.dendrite_epochs} fixes every dendrite phase's length",
             )
-        for name in ("improvement_threshold", "improvement_threshold_abs", "candidate_improvement_threshold"):
+        for name in ("improvement_threshold", "improvement_threshold_abs"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
                 raise invalid(f"PhaseSchedule.{name}", value, "a finite float >= 0")
+        fraction = self.candidate_plateau_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+            raise invalid(
+                "PhaseSchedule.candidate_plateau_fraction",
+                fraction,
+                "a float in [0, 1): the share of the candidates' score a patience window must add",
+            )
+        budget = self.run_budget
+        if budget is not None and (
+            isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 1 <= budget < math.inf
+        ):
+            raise invalid(
+                "PhaseSchedule.run_budget",
+                budget,
+                "None or a finite float >= 1 (the whole run's validations as a multiple of the first neuron phase's)",
+            )
 
     @classmethod
     def capacity_test(cls, base: PhaseSchedule | None = None) -> PhaseSchedule:
@@ -116,6 +151,7 @@ class PhaseSchedule:
             neuron_epochs=1,
             dendrite_epochs=1,
             dendrite_patience_steps=None,
+            run_budget=None,
             max_dendrites=CAPACITY_TEST_DENDRITES,
             require_improvement=False,
             restarts_only=False,
