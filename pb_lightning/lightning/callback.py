@@ -62,8 +62,8 @@ class PerforatedCallback(Callback):
         mode: ``"min"`` if lower is better (a loss), ``"max"`` if higher is better (an accuracy).
         neuron_patience: validations without improvement that end a neuron phase.
         dendrite_patience, improvement_threshold, improvement_threshold_abs,
-            candidate_improvement_threshold, warmup_epochs, neuron_epochs, dendrite_epochs,
-            max_dendrite_epochs, dendrite_patience_steps, max_dendrites, max_tries: the other
+            candidate_plateau_fraction, warmup_epochs, neuron_epochs, dendrite_epochs,
+            max_dendrite_epochs, dendrite_patience_steps, run_budget, max_dendrites, max_tries: the other
             switching rules, as the :class:`~pb_lightning.cycle.schedule.PhaseSchedule` fields of
             the same names (which also give their defaults).
         restarts_only: the schedule without dendrites (``PhaseSchedule.restarts_only``), the
@@ -96,12 +96,13 @@ class PerforatedCallback(Callback):
         dendrite_patience: int = _SCHEDULE.dendrite_patience,
         improvement_threshold: float = _SCHEDULE.improvement_threshold,
         improvement_threshold_abs: float = _SCHEDULE.improvement_threshold_abs,
-        candidate_improvement_threshold: float = _SCHEDULE.candidate_improvement_threshold,
+        candidate_plateau_fraction: float = _SCHEDULE.candidate_plateau_fraction,
         warmup_epochs: int = _SCHEDULE.warmup_epochs,
         neuron_epochs: int | None = _SCHEDULE.neuron_epochs,
         dendrite_epochs: int | None = _SCHEDULE.dendrite_epochs,
         max_dendrite_epochs: int = _SCHEDULE.max_dendrite_epochs,
         dendrite_patience_steps: int | None = _SCHEDULE.dendrite_patience_steps,
+        run_budget: float | None = _SCHEDULE.run_budget,
         max_dendrites: int = _SCHEDULE.max_dendrites,
         max_tries: int = _SCHEDULE.max_tries,
         restarts_only: bool = _SCHEDULE.restarts_only,
