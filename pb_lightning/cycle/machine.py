@@ -143,12 +143,15 @@ class PhaseMachine:
         phase = s.phase
         if s.done:
             decision = Decision(STOP, "training is already complete")
+        elif s.phase == Phase.DENDRITE and self._budget_left() <= 0:
+            # No validation would be left to judge what the phase would accept: drop the candidates.
+            decision = self._spend_budget(Decision(CONTINUE, "dendrite phase"))
         elif s.phase == Phase.DENDRITE:
             decision = self._dendrite_step(candidate_score)
         else:
             decision = self._neuron_step(float(score))
-        if decision.action == CONTINUE and self._budget_left() <= 0:
-            decision = self._spend_budget(decision)
+            if decision.action == CONTINUE and self._budget_left() <= 0:
+                decision = self._spend_budget(decision)
         # Plain strings in the history (a checkpoint loaded with weights_only=True holds no enums).
         self._remember(phase, float(score), candidate_score, decision, global_step)
         return decision

@@ -105,10 +105,10 @@ def test_dendrite_phase_ends_by_candidate_patience_or_cap() -> None:
     assert machine.state.phase == "dendrite"
     assert machine.step(0.5, 0.1).action == CONTINUE
     assert machine.step(0.5, 0.2).action == CONTINUE  # +100%: improvement
-    assert machine.step(0.5, 0.201).action == CONTINUE  # +0.5% < 1% threshold: wait 1
-    decision = machine.step(0.5, 0.2)
+    assert machine.step(0.5, 0.21).action == CONTINUE  # 0.1 -> 0.21 over 2 validations: not flat
+    decision = machine.step(0.5, 0.2)  # 0.2 -> 0.21 over the last 2: under 10% of 0.21
     assert decision.action == ACCEPT
-    assert "stopped improving for 2" in decision.reason
+    assert "rose by less than 0.1 of itself over the last 2 validations" in decision.reason
     capped = PhaseMachine("max", PhaseSchedule(neuron_patience=1, dendrite_patience=50, max_dendrite_epochs=3))
     run(capped, [0.5, 0.5])
     assert [capped.step(0.5, 0.1 * (i + 1)).action for i in range(3)] == [CONTINUE, CONTINUE, ACCEPT]
@@ -221,7 +221,11 @@ def test_history_records_every_validation() -> None:
         ({"max_dendrites": -1}, r"max_dendrites` must be an int >= 0"),
         ({"neuron_epochs": 0}, r"neuron_epochs` must be an int >= 1"),
         ({"improvement_threshold": -0.1}, r"improvement_threshold` must be a finite float >= 0"),
-        ({"candidate_improvement_threshold": math.inf}, r"must be a finite float >= 0"),
+        ({"candidate_plateau_fraction": math.inf}, r"candidate_plateau_fraction.*in \[0, 1\)"),
+        ({"candidate_plateau_fraction": 1.0}, r"candidate_plateau_fraction"),
+        ({"run_budget": 0.5}, r"run_budget.*>= 1"),
+        ({"run_budget": math.nan}, r"run_budget"),
+        ({"run_budget": True}, r"run_budget"),
     ],
 )
 def test_schedule_misconfiguration(kwargs: dict, pattern: str) -> None:

@@ -9,12 +9,12 @@ from pb_lightning.cycle.schedule import PhaseSchedule
 from pb_lightning.errors import PerforationError
 
 
-def _in_dendrite_phase(patience_steps: int | None, threshold: float = 0.01) -> PhaseMachine:
+def _in_dendrite_phase(patience_steps: int | None, fraction: float = 0.1) -> PhaseMachine:
     """A machine whose first neuron phase (patience 1) has just ended: scores 1.0, then a worse 1.5.
 
     The dendrite phase runs on the restored best weights (score 1.0), not on the last ones."""
     schedule = PhaseSchedule(
-        neuron_patience=1, dendrite_patience_steps=patience_steps, candidate_improvement_threshold=threshold
+        neuron_patience=1, dendrite_patience_steps=patience_steps, candidate_plateau_fraction=fraction
     )
     machine = PhaseMachine("min", schedule)
     assert machine.step(1.0).action == CONTINUE
@@ -22,17 +22,16 @@ def _in_dendrite_phase(patience_steps: int | None, threshold: float = 0.01) -> P
     return machine
 
 
-def _reference_end(scores: list[float], patience: int, threshold: float) -> int | None:
-    """The step (0-based) at which the rule ends the phase, written out plainly."""
-    best, wait = None, 0
+def _reference_end(scores: list[float], patience: int, fraction: float) -> int | None:
+    """The step (0-based) at which the plateau rule ends the phase, written out plainly: the
+    running best score, starting from the phase's 0, gained no more than ``fraction`` of itself
+    over the last ``patience`` counted steps."""
+    running = [0.0]
     for i, score in enumerate(scores):
         if score <= 0:
             continue
-        if best is None or score > best * (1 + threshold):
-            best, wait = score, 0
-            continue
-        wait += 1
-        if wait >= patience:
+        running.append(max(running[-1], score))
+        if len(running) > patience and running[-1] - running[-1 - patience] <= fraction * running[-1]:
             return i
     return None
 
@@ -41,13 +40,16 @@ def _reference_end(scores: list[float], patience: int, threshold: float) -> int 
     "scores",
     [
         [0.0, 0.0, 0.1, 0.2, 0.3, 0.3, 0.3, 0.3, 0.3],  # warm-up zeros are not counted
-        [0.1, 0.2, 0.201, 0.202, 0.25, 0.251, 0.252, 0.253, 0.26],  # < 1% rises are no improvement
+        [0.1, 0.2, 0.201, 0.202, 0.25, 0.251, 0.252, 0.253, 0.26],  # a jump restarts the wait
+        [0.1, 0.5, 0.51, 0.52, 0.53, 0.54, 0.55],  # a 2% creep per step: flat relative to the gain
         [0.1, 0.2, 0.4, 0.8, 1.6],  # keeps improving: never ends
         [0.5, 0.5, 0.5, 0.5],
+        [0.5, 0.4, 0.3, 0.2],  # a falling score: the running best is what counts
     ],
 )
-def test_the_phase_ends_at_the_step_the_rule_says(scores: list[float]) -> None:
-    machine = _in_dendrite_phase(3)
+@pytest.mark.parametrize("fraction", [0.1, 0.01])
+def test_the_phase_ends_at_the_step_the_rule_says(scores: list[float], fraction: float) -> None:
+    machine = _in_dendrite_phase(3, fraction)
     ended = None
     for i, score in enumerate(scores):
         decision = machine.training_step(score, global_step=100 + i)
@@ -55,7 +57,7 @@ def test_the_phase_ends_at_the_step_the_rule_says(scores: list[float]) -> None:
             assert decision.action == ACCEPT
             ended = i
             break
-    assert ended == _reference_end(scores, 3, 0.01)
+    assert ended == _reference_end(scores, 3, fraction)
     if ended is not None:
         s = machine.state
         assert (s.phase, s.dendrites, s.awaiting_verdict) == ("neuron", 1, True)
@@ -80,7 +82,7 @@ def test_after_a_step_ended_phase_the_cycle_goes_on_as_usual() -> None:
     assert actions == [CONTINUE, START_DENDRITE_PHASE]
     assert machine.state.accepted_cycles == 1
     # The new phase counts its steps afresh.
-    assert (machine.state.step_candidate_best, machine.state.step_candidate_wait) == (None, 0)
+    assert machine.state.step_candidate_window == [0.0]
 
 
 def test_a_retry_ended_in_steps_is_recorded_with_the_global_best_it_restored() -> None:
@@ -118,7 +120,7 @@ def test_the_step_count_survives_a_state_round_trip() -> None:
     assert restored.training_step(0.3) is not None
     # A state written before the setting existed loads with the counters at their start.
     old = machine.state_dict()
-    for key in ("last_score", "step_candidate_best", "step_candidate_wait"):
+    for key in ("last_score", "step_candidate_window"):
         del old["state"][key]
     legacy = PhaseMachine("min", machine.schedule)
     legacy.load_state_dict(old)

@@ -125,7 +125,7 @@ def _steps_callback() -> pb.PerforatedCallback:
         neuron_epochs=3,
         dendrite_patience=50,
         dendrite_patience_steps=3,
-        candidate_improvement_threshold=0.05,
+        candidate_plateau_fraction=0.05,
         max_dendrites=2,
     )
 

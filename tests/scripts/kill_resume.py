@@ -160,7 +160,7 @@ def main() -> None:
     injection = FaultInjection(point)
     phases: dict[str, Any] = {"dendrite_epochs": 2}
     if args.steps:  # the candidates converge within an epoch (5% rule): accepted mid-epoch
-        phases = {"dendrite_patience": 50, "dendrite_patience_steps": 2, "candidate_improvement_threshold": 0.05}
+        phases = {"dendrite_patience": 50, "dendrite_patience_steps": 2, "candidate_plateau_fraction": 0.05}
     callback = pb.PerforatedCallback("val_loss", args.mode, neuron_epochs=2, max_dendrites=args.max_dendrites, **phases)
     # A checkpoint after every epoch (save_top_k=1 without a monitor keeps the newest; Lightning
     # 2.6 writes last.ckpt only together with such a save), and last.ckpt beside it.
