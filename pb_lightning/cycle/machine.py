@@ -167,13 +167,14 @@ class PhaseMachine:
     def checks_steps(self) -> bool:
         """Whether the caller should call :meth:`training_step` after each training step now.
 
-        True only in a dendrite phase of a schedule with ``dendrite_patience_steps``, and once a
-        validation score exists; the caller then reads the candidates' score (one device read
+        True only in a dendrite phase of a schedule with ``dendrite_patience_steps`` (and no fixed
+        ``dendrite_epochs``), and once a validation score exists; the caller then reads the candidates' score (one device read
         per step). Everywhere else it costs nothing.
         """
         s = self.state
         return (
             self.schedule.dendrite_patience_steps is not None
+            and self.schedule.dendrite_epochs is None
             and s.phase == Phase.DENDRITE
             and not s.done
             and s.last_score is not None
@@ -457,7 +458,8 @@ class PhaseMachine:
                 )
             return Decision(
                 STOP,
-                "training ended; the last cycle did not improve",
+                f"training ended; the last cycle did not beat the global best {s.global_best} "
+                f"(phase best {s.phase_best})",
                 restore=RESTORE_GLOBAL_BEST,
                 verdict=Verdict.REJECTED,
             )

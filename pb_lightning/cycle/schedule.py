@@ -44,7 +44,9 @@ class PhaseSchedule:
             network is frozen during the phase, so its last validation score still stands; what
             is saved is the rest of the frozen epochs: a small data set otherwise ends a dendrite
             phase only at epoch ends, ``dendrite_patience`` epochs after its candidates stopped
-            learning. Each check reads one number from the device. Not with ``dendrite_epochs``.
+            learning, and a large one an epoch later than needed. Each check reads one number
+            from the device (only during dendrite phases). Unused with ``dendrite_epochs``, which
+            fixes the phase's length; ``None``: phases are judged at validations only.
         run_budget: if set, the whole run may last at most this many times the first neuron
             phase's validations (the plain network's own training, which a dendritic run is
             compared with). A cycle that could not fit in what is left is not started, and a cycle
@@ -82,8 +84,8 @@ class PhaseSchedule:
     neuron_epochs: int | None = None
     dendrite_epochs: int | None = None
     max_dendrite_epochs: int = 50
-    dendrite_patience_steps: int | None = None
-    run_budget: float | None = None
+    dendrite_patience_steps: int | None = 20
+    run_budget: float | None = 2.5
     max_dendrites: int = 8
     max_tries: int = 2
     require_improvement: bool = True
@@ -105,12 +107,6 @@ class PhaseSchedule:
         for name in ("neuron_epochs", "dendrite_epochs", "dendrite_patience_steps"):
             if getattr(self, name) is not None:
                 check_int(f"PhaseSchedule.{name}", getattr(self, name), minimum=1)
-        if self.dendrite_epochs is not None and self.dendrite_patience_steps is not None:
-            raise invalid(
-                "PhaseSchedule.dendrite_patience_steps",
-                self.dendrite_patience_steps,
-                f"None while dendrite_epochs={self.dendrite_epochs} fixes every dendrite phase's length",
-            )
         for name in ("improvement_threshold", "improvement_threshold_abs"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:

@@ -61,7 +61,9 @@ def test_the_verdict_field_marks_exactly_the_decisions_the_reason_text_used_to(r
     seen = {Verdict.ACCEPTED: 0, Verdict.REJECTED: 0}
     for seed in range(20):
         rng = random.Random(seed)
-        schedule = PhaseSchedule(neuron_patience=2, dendrite_patience=1, max_dendrites=3, restarts_only=restarts_only)
+        schedule = PhaseSchedule(
+            run_budget=None, neuron_patience=2, dendrite_patience=1, max_dendrites=3, restarts_only=restarts_only
+        )
         machine = PhaseMachine("max", schedule)
         decisions = _drive(machine, rng, 200)
         for d in decisions:
@@ -78,7 +80,7 @@ def test_the_verdict_field_marks_exactly_the_decisions_the_reason_text_used_to(r
 
 
 def test_the_history_and_state_hold_plain_strings_that_load_weights_only() -> None:
-    machine = PhaseMachine("min", PhaseSchedule(neuron_epochs=1, dendrite_epochs=1, max_dendrites=1))
+    machine = PhaseMachine("min", PhaseSchedule(run_budget=None, neuron_epochs=1, dendrite_epochs=1, max_dendrites=1))
     for score in (1.0, 1.0, 0.5, 0.4):
         machine.step(score, 0.3)
     machine.finish()
@@ -101,15 +103,15 @@ def test_the_history_and_state_hold_plain_strings_that_load_weights_only() -> No
     ],
 )
 def test_finish_sets_the_verdict_of_the_cycle_it_judges(scores: list[float], verdict: Verdict | None) -> None:
-    machine = PhaseMachine("max", PhaseSchedule(neuron_patience=1, dendrite_epochs=2))
+    machine = PhaseMachine("max", PhaseSchedule(run_budget=None, neuron_patience=1, dendrite_epochs=2))
     for score in scores:
         machine.step(score, 0.5)
     assert machine.finish().verdict is verdict
 
 
 def test_capacity_test_schedule_keeps_the_base_settings_it_does_not_fix() -> None:
-    schedule = PhaseSchedule.capacity_test(PhaseSchedule(max_tries=4, warmup_epochs=2))
+    schedule = PhaseSchedule.capacity_test(PhaseSchedule(run_budget=None, max_tries=4, warmup_epochs=2))
     assert (schedule.neuron_epochs, schedule.dendrite_epochs, schedule.max_dendrites) == (1, 1, 3)
     assert (schedule.require_improvement, schedule.restarts_only) == (False, False)
     assert (schedule.max_tries, schedule.warmup_epochs) == (4, 2)
-    assert PhaseSchedule.capacity_test() == PhaseSchedule.capacity_test(PhaseSchedule())
+    assert PhaseSchedule.capacity_test() == PhaseSchedule.capacity_test(PhaseSchedule(run_budget=None))

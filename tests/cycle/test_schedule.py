@@ -51,12 +51,12 @@ def run(machine: PhaseMachine, scores: list[float], candidate: float = 0.5) -> l
     ],
 )
 def test_neuron_patience(mode: str, scores: list[float], expected: list[str]) -> None:
-    machine = PhaseMachine(mode, PhaseSchedule(neuron_patience=2))  # type: ignore[arg-type]
+    machine = PhaseMachine(mode, PhaseSchedule(run_budget=None, neuron_patience=2))  # type: ignore[arg-type]
     assert run(machine, scores) == expected
 
 
 def test_nan_is_never_a_best() -> None:
-    machine = PhaseMachine("max", PhaseSchedule(neuron_patience=2))
+    machine = PhaseMachine("max", PhaseSchedule(run_budget=None, neuron_patience=2))
     run(machine, [NAN, 0.3, NAN, NAN])
     assert machine.state.global_best == 0.3
 
@@ -73,19 +73,19 @@ def test_nan_is_never_a_best() -> None:
     ],
 )
 def test_improvement_thresholds(relative: float, absolute: float, second: float, improved: bool) -> None:
-    sched = PhaseSchedule(improvement_threshold=relative, improvement_threshold_abs=absolute)
+    sched = PhaseSchedule(run_budget=None, improvement_threshold=relative, improvement_threshold_abs=absolute)
     machine = PhaseMachine("max", sched)
     assert machine.is_improvement(second, 1.0) is improved
     assert PhaseMachine("min", sched).is_improvement(2.0 - second, 1.0) is improved
 
 
 def test_warmup_delays_the_first_dendrite_phase() -> None:
-    machine = PhaseMachine("max", PhaseSchedule(neuron_patience=1, warmup_epochs=4))
+    machine = PhaseMachine("max", PhaseSchedule(run_budget=None, neuron_patience=1, warmup_epochs=4))
     assert run(machine, [0.5, 0.5, 0.5, 0.5]) == [CONTINUE, CONTINUE, CONTINUE, START_DENDRITE_PHASE]
 
 
 def test_fixed_epoch_schedule_ignores_patience() -> None:
-    machine = PhaseMachine("max", PhaseSchedule(neuron_epochs=3, dendrite_epochs=2, neuron_patience=1))
+    machine = PhaseMachine("max", PhaseSchedule(run_budget=None, neuron_epochs=3, dendrite_epochs=2, neuron_patience=1))
     actions = run(machine, [0.1, 0.1, 0.1, 0.1, 0.1, 0.2, 0.3, 0.4])
     assert actions == [
         CONTINUE,
@@ -100,7 +100,7 @@ def test_fixed_epoch_schedule_ignores_patience() -> None:
 
 
 def test_dendrite_phase_ends_by_candidate_patience_or_cap() -> None:
-    machine = PhaseMachine("max", PhaseSchedule(neuron_patience=1, dendrite_patience=2))
+    machine = PhaseMachine("max", PhaseSchedule(run_budget=None, neuron_patience=1, dendrite_patience=2))
     run(machine, [0.5, 0.5])
     assert machine.state.phase == "dendrite"
     assert machine.step(0.5, 0.1).action == CONTINUE
@@ -109,13 +109,15 @@ def test_dendrite_phase_ends_by_candidate_patience_or_cap() -> None:
     decision = machine.step(0.5, 0.2)  # 0.2 -> 0.21 over the last 2: under 10% of 0.21
     assert decision.action == ACCEPT
     assert "rose by less than 0.1 of itself over the last 2 validations" in decision.reason
-    capped = PhaseMachine("max", PhaseSchedule(neuron_patience=1, dendrite_patience=50, max_dendrite_epochs=3))
+    capped = PhaseMachine(
+        "max", PhaseSchedule(run_budget=None, neuron_patience=1, dendrite_patience=50, max_dendrite_epochs=3)
+    )
     run(capped, [0.5, 0.5])
     assert [capped.step(0.5, 0.1 * (i + 1)).action for i in range(3)] == [CONTINUE, CONTINUE, ACCEPT]
 
 
 def test_an_accepted_cycle_that_improves_starts_the_next_one() -> None:
-    machine = PhaseMachine("max", PhaseSchedule(neuron_patience=1, dendrite_patience=1))
+    machine = PhaseMachine("max", PhaseSchedule(run_budget=None, neuron_patience=1, dendrite_patience=1))
     actions = run(machine, [0.5, 0.5, 0.5, 0.5, 0.7, 0.7])
     assert actions == [CONTINUE, START_DENDRITE_PHASE, CONTINUE, ACCEPT, CONTINUE, START_DENDRITE_PHASE]
     assert machine.state.global_best == 0.7
@@ -124,7 +126,7 @@ def test_an_accepted_cycle_that_improves_starts_the_next_one() -> None:
 
 
 def test_a_cycle_that_does_not_beat_the_global_best_is_retried_then_training_stops() -> None:
-    machine = PhaseMachine("max", PhaseSchedule(neuron_patience=1, dendrite_patience=1, max_tries=2))
+    machine = PhaseMachine("max", PhaseSchedule(run_budget=None, neuron_patience=1, dendrite_patience=1, max_tries=2))
     run(machine, [0.5, 0.5, 0.5, 0.5])  # baseline 0.5, dendrite phase, accept
     decision = machine.step(0.5)  # tie with the global best: not an improvement
     assert decision.action == CONTINUE
@@ -143,7 +145,7 @@ def test_a_cycle_that_does_not_beat_the_global_best_is_retried_then_training_sto
 
 
 def test_a_success_resets_the_retry_count() -> None:
-    machine = PhaseMachine("max", PhaseSchedule(neuron_patience=1, dendrite_patience=1, max_tries=2))
+    machine = PhaseMachine("max", PhaseSchedule(run_budget=None, neuron_patience=1, dendrite_patience=1, max_tries=2))
     run(machine, [0.5, 0.5, 0.5, 0.5, 0.4, 0.4])  # first try fails
     assert machine.state.tries == 1
     run(machine, [0.5, 0.5, 0.8, 0.8])  # retry succeeds
@@ -152,7 +154,9 @@ def test_a_success_resets_the_retry_count() -> None:
 
 
 def test_max_dendrites_ends_training_with_the_best_model() -> None:
-    machine = PhaseMachine("min", PhaseSchedule(neuron_patience=1, dendrite_patience=1, max_dendrites=1))
+    machine = PhaseMachine(
+        "min", PhaseSchedule(run_budget=None, neuron_patience=1, dendrite_patience=1, max_dendrites=1)
+    )
     actions = run(machine, [1.0, 1.0, 1.0, 1.0, 0.5, 0.5])
     assert actions[-1] == STOP
     assert machine.state.dendrites == 1
@@ -161,14 +165,14 @@ def test_max_dendrites_ends_training_with_the_best_model() -> None:
 
 
 def test_max_dendrites_zero_never_starts_a_dendrite_phase() -> None:
-    machine = PhaseMachine("max", PhaseSchedule(neuron_patience=1, max_dendrites=0))
+    machine = PhaseMachine("max", PhaseSchedule(run_budget=None, neuron_patience=1, max_dendrites=0))
     decision = [machine.step(s) for s in (0.5, 0.5)][-1]
     assert decision.action == STOP
     assert decision.restore == RESTORE_PHASE_BEST
 
 
 def test_decisions_say_when_to_snapshot() -> None:
-    machine = PhaseMachine("max", PhaseSchedule(neuron_patience=1))
+    machine = PhaseMachine("max", PhaseSchedule(run_budget=None, neuron_patience=1))
     first, second = machine.step(0.5), machine.step(0.4)
     assert first.new_phase_best
     assert not second.new_phase_best
@@ -187,7 +191,9 @@ def test_decisions_say_when_to_snapshot() -> None:
     ],
 )
 def test_finish_leaves_the_global_best(scores: list[float], action: str, restore: str, dendrites: int) -> None:
-    machine = PhaseMachine("max", PhaseSchedule(neuron_patience=1, dendrite_patience=1, neuron_epochs=None))
+    machine = PhaseMachine(
+        "max", PhaseSchedule(run_budget=None, neuron_patience=1, dendrite_patience=1, neuron_epochs=None)
+    )
     run(machine, scores)
     decision = machine.finish()
     assert (decision.action, decision.restore) == (action, restore)
@@ -195,9 +201,9 @@ def test_finish_leaves_the_global_best(scores: list[float], action: str, restore
 
 
 def test_state_round_trips_as_plain_data_at_every_step() -> None:
-    machine = PhaseMachine("max", PhaseSchedule(neuron_patience=1, dendrite_patience=1))
+    machine = PhaseMachine("max", PhaseSchedule(run_budget=None, neuron_patience=1, dendrite_patience=1))
     scores = [0.5, 0.5, 0.5, 0.5, 0.7, 0.7, 0.7, 0.7, 0.6, 0.6]
-    twin = PhaseMachine("max", PhaseSchedule(neuron_patience=1, dendrite_patience=1))
+    twin = PhaseMachine("max", PhaseSchedule(run_budget=None, neuron_patience=1, dendrite_patience=1))
     for s in scores:
         c = 0.3 if machine.state.phase == "dendrite" else None
         state = json.loads(json.dumps(machine.state_dict()))  # plain types only
@@ -206,7 +212,7 @@ def test_state_round_trips_as_plain_data_at_every_step() -> None:
 
 
 def test_history_records_every_validation() -> None:
-    machine = PhaseMachine("max", PhaseSchedule(neuron_patience=1, dendrite_patience=1))
+    machine = PhaseMachine("max", PhaseSchedule(run_budget=None, neuron_patience=1, dendrite_patience=1))
     run(machine, [0.5, 0.5, 0.5, 0.5])
     assert [h["action"] for h in machine.state.history] == [CONTINUE, START_DENDRITE_PHASE, CONTINUE, ACCEPT]
     assert [h["phase"] for h in machine.state.history] == ["neuron", "neuron", "dendrite", "dendrite"]

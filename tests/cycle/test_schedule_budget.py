@@ -23,7 +23,9 @@ from pb_lightning.cycle.schedule import PhaseSchedule
 
 
 def _machine(budget: float | None, **options: object) -> PhaseMachine:
-    schedule = PhaseSchedule(neuron_patience=2, dendrite_patience=1, run_budget=budget, **options)  # type: ignore[arg-type]
+    schedule = PhaseSchedule(
+        neuron_patience=2, dendrite_patience=1, dendrite_patience_steps=None, run_budget=budget, **options
+    )  # type: ignore[arg-type]
     machine = PhaseMachine("min", schedule)
     # The first neuron phase: 4 validations (best at the 2nd), then a dendrite phase starts.
     actions = [machine.step(s).action for s in (1.0, 0.9, 0.9, 0.9)]
@@ -75,7 +77,9 @@ def test_a_dendrite_phase_cut_by_the_budget_drops_its_candidates() -> None:
 
 def test_no_cycle_is_started_that_cannot_fit_in_what_is_left() -> None:
     # 1.5 x 4 = 6 validations: 2 left, and a cycle takes at least neuron_patience 2 + 2.
-    machine = PhaseMachine("min", PhaseSchedule(neuron_patience=2, dendrite_patience=1, run_budget=1.5))
+    machine = PhaseMachine(
+        "min", PhaseSchedule(neuron_patience=2, dendrite_patience=1, dendrite_patience_steps=None, run_budget=1.5)
+    )
     decisions = [machine.step(s) for s in (1.0, 0.9, 0.9, 0.9)]
     assert decisions[-1].action == STOP
     assert decisions[-1].restore == RESTORE_PHASE_BEST
@@ -129,7 +133,7 @@ def test_the_budget_survives_a_state_round_trip() -> None:
 def test_a_slow_creep_ends_the_phase() -> None:
     """Candidates that creep up by 2% per validation forever: the old 1%-per-validation rule never
     ended such a phase; the plateau rule does once the creep is small next to the phase's gain."""
-    machine = PhaseMachine("min", PhaseSchedule(neuron_patience=1, dendrite_patience=3))
+    machine = PhaseMachine("min", PhaseSchedule(neuron_patience=1, dendrite_patience=3, run_budget=None))
     [machine.step(s) for s in (1.0, 1.0)]
     scores = [0.07 * 1.02**i for i in range(40)]
     ended = next(i for i, c in enumerate(scores) if machine.step(1.0, c).action == ACCEPT)
@@ -138,7 +142,9 @@ def test_a_slow_creep_ends_the_phase() -> None:
 
 
 def test_a_phase_that_hits_its_cap_warns_once_naming_the_settings(caplog: pytest.LogCaptureFixture) -> None:
-    machine = PhaseMachine("min", PhaseSchedule(neuron_patience=1, dendrite_patience=2, max_dendrite_epochs=3))
+    machine = PhaseMachine(
+        "min", PhaseSchedule(neuron_patience=1, dendrite_patience=2, max_dendrite_epochs=3, run_budget=None)
+    )
     caplog.set_level(logging.WARNING, logger="pb_lightning.cycle.machine")
     for _ in range(2):  # two phases that grow by half each validation: never flat
         while machine.state.phase != "dendrite":

@@ -1,4 +1,4 @@
-"""``PhaseSchedule(restarts_only=True)``: the restart schedule without dendrites, decision by decision."""
+"""``PhaseSchedule(run_budget=None, restarts_only=True)``: the restart schedule without dendrites, decision by decision."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from pb_lightning.errors import PerforationError
 def _machine(**kwargs: object) -> PhaseMachine:
     options: dict[str, object] = {"neuron_patience": 1, "restarts_only": True}
     options.update(kwargs)
-    return PhaseMachine("max", PhaseSchedule(**options))  # type: ignore[arg-type]
+    return PhaseMachine("max", PhaseSchedule(run_budget=None, **options))  # type: ignore[arg-type]
 
 
 def test_an_ended_neuron_phase_restarts_from_its_best_weights() -> None:
@@ -137,10 +137,10 @@ def test_finish_judges_the_running_restart() -> None:
 
 
 def test_the_dendritic_schedule_is_unchanged_by_default() -> None:
-    machine = PhaseMachine("max", PhaseSchedule(neuron_patience=1))
+    machine = PhaseMachine("max", PhaseSchedule(run_budget=None, neuron_patience=1))
     assert [machine.step(s).action for s in (0.5, 0.5)] == [CONTINUE, START_DENDRITE_PHASE]
 
 
 def test_restarts_only_must_be_a_bool() -> None:
     with pytest.raises(PerforationError, match="restarts_only"):
-        PhaseSchedule(restarts_only="yes")  # type: ignore[arg-type]
+        PhaseSchedule(run_budget=None, restarts_only="yes")  # type: ignore[arg-type]

@@ -14,7 +14,7 @@ def _in_dendrite_phase(patience_steps: int | None, fraction: float = 0.1) -> Pha
 
     The dendrite phase runs on the restored best weights (score 1.0), not on the last ones."""
     schedule = PhaseSchedule(
-        neuron_patience=1, dendrite_patience_steps=patience_steps, candidate_plateau_fraction=fraction
+        neuron_patience=1, dendrite_patience_steps=patience_steps, candidate_plateau_fraction=fraction, run_budget=None
     )
     machine = PhaseMachine("min", schedule)
     assert machine.step(1.0).action == CONTINUE
@@ -128,7 +128,7 @@ def test_the_step_count_survives_a_state_round_trip() -> None:
 
 
 def test_a_validation_row_records_the_global_step_it_is_given() -> None:
-    machine = PhaseMachine("min", PhaseSchedule(neuron_patience=1, dendrite_patience_steps=2))
+    machine = PhaseMachine("min", PhaseSchedule(run_budget=None, neuron_patience=1, dendrite_patience_steps=2))
     machine.step(1.0, global_step=10)
     machine.step(1.5)  # a caller that counts no steps (the plain tracker)
     assert [h["global_step"] for h in machine.state.history] == [10, None]
@@ -149,14 +149,24 @@ def test_a_bad_global_step_is_named(bad: object) -> None:
     [
         ({"dendrite_patience_steps": 0}, "dendrite_patience_steps"),
         ({"dendrite_patience_steps": 2.5}, "dendrite_patience_steps"),
-        ({"dendrite_patience_steps": 5, "dendrite_epochs": 2}, "dendrite_epochs=2"),
     ],
 )
 def test_bad_settings_are_named(options: dict, pattern: str) -> None:
     with pytest.raises(PerforationError, match=pattern):
-        PhaseSchedule(**options)
+        PhaseSchedule(run_budget=None, **options)
 
 
 def test_the_capacity_test_switches_every_epoch_whatever_the_base_says() -> None:
-    schedule = PhaseSchedule.capacity_test(PhaseSchedule(dendrite_patience_steps=7))
+    schedule = PhaseSchedule.capacity_test(PhaseSchedule(run_budget=None, dendrite_patience_steps=7))
     assert (schedule.dendrite_epochs, schedule.dendrite_patience_steps) == (1, None)
+
+
+def test_fixed_dendrite_phases_are_not_judged_per_step() -> None:
+    """``dendrite_epochs`` fixes the phase's length: the default per-step check stands aside."""
+    machine = PhaseMachine("min", PhaseSchedule(neuron_patience=1, dendrite_epochs=2, run_budget=None))
+    assert machine.schedule.dendrite_patience_steps is not None  # the default
+    [machine.step(s) for s in (1.0, 1.5)]
+    assert machine.state.phase == "dendrite"
+    assert not machine.checks_steps
+    assert all(machine.training_step(0.5) is None for _ in range(50))
+    assert [machine.step(1.0, 0.5).action for _ in range(2)] == [CONTINUE, ACCEPT]
