@@ -289,7 +289,7 @@ class PhaseMachine:
     def _budget_left(self) -> float:
         """Validations ``run_budget`` leaves (infinite without one, or before the baseline is known)."""
         s, budget = self.state, self.schedule.run_budget
-        if budget is None or s.baseline_validations is None:
+        if budget is None or s.baseline_validations is None or self.schedule.neuron_epochs is not None:
             return math.inf
         return math.ceil(budget * s.baseline_validations) - s.validations
 

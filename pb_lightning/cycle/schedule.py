@@ -56,7 +56,8 @@ class PhaseSchedule:
             relative to the network's own training (7-11× on the benchmarks before 0.3). It counts
             validations, so a resumed run stops at the same point; an epoch with dendrites costs
             more than a plain one, so the wall-time ratio is somewhat higher than the budget
-            (``benchmarks/cycle_cost.py`` measures it). ``None``: no bound.
+            (``benchmarks/cycle_cost.py`` measures it). ``None``: no bound. Not applied with
+            ``neuron_epochs``: fixed neuron phases already set the run's length.
         max_dendrites: dendrite sets per layer after which training is complete.
         max_tries: failed cycles in a row (each retried with fresh candidates) after which training
             is complete.

@@ -171,3 +171,9 @@ def test_a_state_from_before_the_plateau_rule_loads_mid_phase() -> None:
     restored.load_state_dict(old)
     assert restored.state.candidate_window == [0.3]  # the window restarts from the best so far
     assert [restored.step(1.0, 0.3).action, restored.step(1.0, 0.3).action] == [CONTINUE, ACCEPT]
+
+
+def test_fixed_neuron_phases_set_the_run_length_themselves() -> None:
+    machine = PhaseMachine("min", PhaseSchedule(neuron_epochs=2, dendrite_epochs=1, run_budget=1.0, max_dendrites=3))
+    actions = [machine.step(1.0 - 0.01 * i, 0.5).action for i in range(12)]
+    assert actions.count(ACCEPT) == 3  # three whole cycles, although run_budget=1.0

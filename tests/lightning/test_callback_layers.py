@@ -34,7 +34,8 @@ def test_the_callbacks_schedule_arguments_are_phase_schedules_fields_with_its_de
     # ... and the callback passes every one of them through.
     custom = {name: (3 if fields[name].type.startswith("int") else 0.25) for name in SCHEDULE_ARGUMENTS}
     custom["restarts_only"] = True
-    custom["dendrite_epochs"] = None  # a fixed dendrite-phase length excludes dendrite_patience_steps
+    custom["dendrite_epochs"] = None
+    custom["run_budget"] = 1.75  # at least 1
     schedule = pb.PerforatedCallback(**custom).schedule
     assert {name: getattr(schedule, name) for name in SCHEDULE_ARGUMENTS} == custom
 

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 # so the decisions depend on the validation scores alone (candidates see different data here).
 # Values exact in float32, which Lightning logs.
 SCORES = [0.5] + [0.625] * 4 + [0.75] * 4 + [0.6875] * 4 + [0.71875] * 3
-SCHEDULE = {"neuron_patience": 1, "dendrite_epochs": 1, "max_tries": 2, "max_dendrites": 4}
+SCHEDULE = {"neuron_patience": 1, "dendrite_epochs": 1, "max_tries": 2, "max_dendrites": 4, "run_budget": None}
 
 
 def _loop(
