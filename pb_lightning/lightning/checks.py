@@ -99,7 +99,9 @@ def probe_shapes(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
     if example is None:
         return
     example = move_data_to_device(example, pl_module.device)
-    was_training = pl_module.training
+    # Each module's own mode is put back, not the root's: Lightning trains every module in the
+    # mode the user left it in, and ``train(was_training)`` would overwrite all of them.
+    modes = [(module, module.training) for module in pl_module.modules()]
     pl_module.eval()
     with torch.no_grad(), trainer.precision_plugin.forward_context():
         if isinstance(example, (tuple, list)):
@@ -108,7 +110,8 @@ def probe_shapes(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
             pl_module(**example)
         else:
             pl_module(example)
-    pl_module.train(was_training)
+    for module, training in modes:
+        module.training = training
 
 
 def check_early_stopping(trainer: pl.Trainer, schedule: PhaseSchedule) -> None:

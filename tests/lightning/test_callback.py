@@ -117,6 +117,20 @@ def test_resume_from_a_mid_dendrite_phase_checkpoint(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.filterwarnings("ignore:Found .* module.* in eval mode")
+def test_a_model_left_in_eval_mode_trains_through_its_dendrite_phase(tmp_path: Path) -> None:
+    # E.g. a trained model evaluated by hand before fit: Lightning keeps the modes (and only
+    # warns), so the dendrite phase's backward pass must reach the candidates in eval mode too.
+    pl.seed_everything(0)
+    model = DigitsMLP(hidden=8, lr=1e-2)
+    model.configure_model()
+    model.eval()
+    callback = _fixed(max_dendrites=1)
+    _trainer(tmp_path, [callback], max_epochs=4).fit(model, DigitsDataModule())
+    assert [h["action"] for h in callback.machine.state.history][1:] == [START_DENDRITE_PHASE, "continue", ACCEPT]
+    assert callback.machine.state.candidate_best > 0  # the candidates learned a correlation
+
+
 def _steps_callback() -> pb.PerforatedCallback:
     # Candidates converge (5% rule, 3 steps) long before the validation patience of 50 would end the phase.
     return pb.PerforatedCallback(
@@ -380,3 +394,18 @@ class _Manual(DigitsMLP):
 def test_manual_optimization_is_refused(tmp_path: Path) -> None:
     with pytest.raises(pb.PerforationError, match=r"needs automatic optimization"):
         _trainer(tmp_path, [_fixed()], max_epochs=1).fit(_Manual(), DigitsDataModule())
+
+
+def test_the_shape_probe_leaves_each_module_in_its_own_mode() -> None:
+    # Lightning trains every module in the mode the user left it in; the probe of
+    # example_input_array at fit start must not switch them all to the root's mode.
+    from pb_lightning.lightning.checks import probe_shapes
+
+    model = DigitsMLP(hidden=8, lr=1e-2)
+    model.configure_model()
+    model.example_input_array = torch.randn(2, 64)
+    model.net[2].eval()
+    probe_shapes(pl.Trainer(logger=False, enable_progress_bar=False), model)
+    assert model.training
+    assert model.net[0].training
+    assert not model.net[2].training
