@@ -10,6 +10,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.demos.boring_classes import BoringModel
+from torch.utils.data import DataLoader, TensorDataset
 
 import pb_lightning as pb
 from pb_lightning.cycle.machine import ACCEPT, START_DENDRITE_PHASE, STOP
@@ -269,6 +270,49 @@ def test_the_callback_needs_a_perforated_module(tmp_path: Path) -> None:
 def test_a_missing_monitor_is_named_with_what_was_logged(tmp_path: Path) -> None:
     with pytest.raises(pb.PerforationError, match=r"monitor='val_accuracy'.*\['train_loss', 'val_acc', 'val_loss'\]"):
         _trainer(tmp_path, [_fixed(monitor="val_accuracy")], max_epochs=1).fit(DigitsMLP(), DigitsDataModule())
+
+
+def test_a_missing_monitor_is_named_at_the_sanity_check(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path, [_fixed(monitor="val_los")], max_epochs=1, num_sanity_val_steps=1)
+    with pytest.raises(
+        pb.PerforationError, match=r"not logged at the sanity check.*Close to 'val_los': \['val_loss'\]"
+    ):
+        trainer.fit(DigitsMLP(), DigitsDataModule())
+    assert trainer.global_step == 0  # before any training
+
+
+class _TwoValidationSets(DigitsDataModule):
+    def val_dataloader(self) -> list[DataLoader]:
+        return [super().val_dataloader(), super().val_dataloader()]
+
+
+class _LossPerLoader(DigitsMLP):
+    def validation_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        x, y = batch
+        self.log("val_loss", torch.nn.functional.cross_entropy(self(x), y))
+
+
+def test_a_monitor_logged_per_dataloader_names_the_keys_it_was_logged_as(tmp_path: Path) -> None:
+    with pytest.raises(pb.PerforationError) as raised:
+        _trainer(tmp_path, [_fixed()], max_epochs=1).fit(_LossPerLoader(), _TwoValidationSets())
+    message = str(raised.value)
+    assert "['val_loss/dataloader_idx_0', 'val_loss/dataloader_idx_1']" in message
+    assert "add_dataloader_idx=False" in message
+    assert "Log it in `validation_step`" not in message
+
+
+class _EmptyValidationSet(DigitsDataModule):
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(torch.zeros(0, 64), torch.zeros(0, dtype=torch.long)), batch_size=4)
+
+
+@pytest.mark.filterwarnings("ignore:Total length of `DataLoader` across ranks is zero")
+def test_a_validation_without_a_score_is_reported_once(tmp_path: Path) -> None:
+    with pytest.warns(UserWarning, match=r"validation of epoch 0 produced no 'val_loss' score.*no batches") as seen:
+        _trainer(tmp_path, [_fixed()], max_epochs=3).fit(DigitsMLP(), _EmptyValidationSet())
+    assert sum("produced no 'val_loss' score" in str(w.message) for w in seen) == 1
 
 
 def test_no_validation_loop_is_refused(tmp_path: Path) -> None:
