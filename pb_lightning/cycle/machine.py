@@ -45,6 +45,7 @@ from pb_lightning.cycle.decision import (
 )
 from pb_lightning.cycle.phase_state import HISTORY_KEYS, PhaseState, check_global_step
 from pb_lightning.cycle.schedule import Mode, PhaseSchedule
+from pb_lightning.cycle.scores import format_scores, score_change
 from pb_lightning.errors import invalid
 
 __all__ = [
@@ -197,7 +198,7 @@ class PhaseMachine:
             s.wait += 1
         if sched.neuron_epochs is not None:
             over = s.epochs_in_phase >= sched.neuron_epochs
-            why = f"the neuron phase reached its {sched.neuron_epochs} epochs"
+            why = f"the neuron phase reached its {sched.neuron_epochs} validations (neuron_epochs)"
         else:
             over = s.wait >= sched.neuron_patience
             why = f"no improvement for {s.wait} validations (neuron_patience={sched.neuron_patience})"
@@ -234,10 +235,11 @@ class PhaseMachine:
             previous_best = s.global_best
             if self._judge_cycle(keep_unimproved=not sched.require_improvement):
                 s.tries = 0
-                verdict = f"{why}; the cycle improved the global best {previous_best} -> {s.phase_best}"
+                verdict = f"{why}; the cycle improved the global best {score_change(previous_best, s.phase_best)}"
                 return self._next_cycle(verdict, new_best, Verdict.ACCEPTED)
             s.tries += 1
-            verdict = f"{why}; the cycle did not beat the global best {s.global_best} (phase best {s.phase_best})"
+            best, phase = format_scores(s.global_best, s.phase_best)
+            verdict = f"{why}; the cycle did not beat the global best {best} (phase best {phase})"
             rejected = {"restore": Restore.GLOBAL_BEST, "new_phase_best": new_best, "verdict": Verdict.REJECTED}
             if s.tries >= sched.max_tries:
                 s.done = True
@@ -260,7 +262,7 @@ class PhaseMachine:
             )
         # The first neuron phase: its best is the baseline every later cycle must beat.
         s.global_best = s.baseline = s.phase_best
-        return self._next_cycle(f"{why}; baseline best {s.phase_best}", new_best, None)
+        return self._next_cycle(f"{why}; baseline best {format_scores(s.phase_best)[0]}", new_best, None)
 
     def _next_cycle(self, reason: str, new_best: bool, verdict: Verdict | None) -> Decision:
         s, sched = self.state, self.schedule
@@ -331,11 +333,11 @@ class PhaseMachine:
         else:
             s.candidate_wait += 1
         if sched.dendrite_epochs is not None and s.epochs_in_phase >= sched.dendrite_epochs:
-            why = f"the dendrite phase reached its {sched.dendrite_epochs} epochs"
+            why = f"the dendrite phase reached its {sched.dendrite_epochs} validations (dendrite_epochs)"
         elif sched.dendrite_epochs is None and s.candidate_wait >= sched.dendrite_patience:
             why = f"candidate scores stopped improving for {s.candidate_wait} validations"
         elif s.epochs_in_phase >= sched.max_dendrite_epochs:
-            why = f"the dendrite phase hit max_dendrite_epochs={sched.max_dendrite_epochs}"
+            why = f"the dendrite phase reached max_dendrite_epochs={sched.max_dendrite_epochs} validations"
         else:
             return Decision(CONTINUE, "dendrite phase")
         return self._accept(why)

@@ -371,10 +371,10 @@ def perforation_summary(model: nn.Module) -> str:
         kind = type(layer.module).__name__
         extra = f" + {type(layer.norm).__name__}" if layer.norm is not None else ""
         output = f", dendrites added to output[{layer.output_key!r}]" if layer.output_key is not None else ""
-        lines.append(
-            f"  {names[id(layer)]:<40} {kind}{extra}: {layer.num_neurons} neurons, {layer.num_dendrites} dendrite "
-            f"sets{output}"
-        )
+        # A custom module's neurons are counted from its first output: before that, say so.
+        count = layer.num_neurons
+        neurons = "neurons counted at its first forward" if count is None else f"{count} neurons"
+        lines.append(f"  {names[id(layer)]:<40} {kind}{extra}: {neurons}, {layer.num_dendrites} dendrite sets{output}")
     converted = [f"{p}.{n}" if p and n else p or n for p, r in records for n in r["converted"]]
     if converted:
         lines.append(f"  converted to call their projections as modules: {', '.join(converted)}")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from pb_lightning import PerforatedLayer, PerforationError, perforate, perforated_layers
+from pb_lightning import PerforatedLayer, PerforationError, perforate, perforated_layers, perforation_summary
 from tests.helpers import Mixer
 
 
@@ -126,8 +126,10 @@ def test_custom_module_with_a_named_neuron_axis_learns_its_neuron_count_on_first
     layer = perforated_layers(model)[0]
     assert layer.name == "0"
     assert layer.num_neurons is None
+    assert "Mixer: neurons counted at its first forward, 0 dendrite sets" in perforation_summary(model)
     model(torch.randn(3, 5))
     assert layer.num_neurons == 6
+    assert "Mixer: 6 neurons" in perforation_summary(model)
 
 
 def test_lazy_modules_are_refused_until_materialised() -> None:
