@@ -251,7 +251,10 @@ class ModuleBank(DendriteBank):
 
         kind = type(self._skeleton)
         y: Tensor | None = None
-        if kind not in _NOT_BATCHABLE and not isinstance(self._skeleton, nn.RNNBase):
+        # torch.export specializes the batch size of vmap'd code (a graph for one batch only),
+        # so an exported model runs the copies one after another, with a dynamic batch.
+        exporting = torch.compiler.is_exporting()
+        if kind not in _NOT_BATCHABLE and not isinstance(self._skeleton, nn.RNNBase) and not exporting:
             in_dims = (0,) * len(names) + (None,) * len(inputs)
             try:
                 y = torch.func.vmap(run, in_dims=in_dims)(*params, *inputs)  # (N, *y.shape)
@@ -266,7 +269,7 @@ class ModuleBank(DendriteBank):
                     str(error).splitlines()[0],
                 )
         if y is None:
-            if kind not in _SEQUENTIAL_LOGGED:
+            if kind not in _SEQUENTIAL_LOGGED and not exporting:
                 _SEQUENTIAL_LOGGED.add(kind)
                 log.info("pb_lightning: the dendrite copies of %s run one after another (no vmap).", kind.__name__)
             y = torch.stack([run(*(p[i] for p in params), *inputs) for i in range(self.num_sets)])

@@ -31,7 +31,7 @@ from pb_lightning.engine.cascade import _triangle, accepted_activations, add_wei
 from pb_lightning.engine.config import DendriteConfig
 from pb_lightning.engine.outputs import replace_output, select_output
 from pb_lightning.engine.sparse_banks import check_fan_in, connections, make_bank, prune
-from pb_lightning.errors import PerforationError
+from pb_lightning.errors import PerforationError, torchscript_refused
 
 
 class PerforatedLayer(nn.Module):
@@ -219,6 +219,10 @@ class PerforatedLayer(nn.Module):
         if self.candidates is not None:
             self.candidates.loss_scale = float(scale)
             self.candidates.scaled = True
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        # torch.jit.script (and LightningModule.to_torchscript) calls this before compiling.
+        raise torchscript_refused(self.name)
 
     # ------------------------------------------------------------------ forward
     def forward(self, *args: Any, **kwargs: Any) -> Any:

@@ -453,3 +453,20 @@ def test_the_shape_probe_leaves_each_module_in_its_own_mode() -> None:
     assert model.training
     assert model.net[0].training
     assert not model.net[2].training
+
+
+def test_torchscript_of_a_deployed_lightning_module_is_refused_by_pb_lightning() -> None:
+    # Not Lightning's "DigitsMLP is not attached to a `Trainer`", which says nothing about what works.
+    model = DigitsMLP(hidden=8, lr=1e-2)
+    model.configure_model()
+    x = torch.randn(4, 64)
+    model(x)
+    model.start_dendrite_phase()
+    model.accept_dendrites()
+    deployed = pb.to_inference(model)
+    with pytest.raises(pb.PerforationError, match=r"TorchScript .*\(layer `net\.0`\).*torch\.export\.export"):
+        torch.jit.trace(deployed, x)
+    with pytest.raises(pb.PerforationError, match=r"TorchScript .* torch\.onnx\.export"):
+        model.to_torchscript()
+    exported = torch.export.export(deployed, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    assert torch.allclose(exported.module()(x[:3]), deployed(x[:3]))
