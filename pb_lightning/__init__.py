@@ -42,6 +42,7 @@ from pb_lightning.engine.transitions import (
     start_dendrite_phase,
 )
 from pb_lightning.errors import PerforationError
+from pb_lightning.loops.sampling import EpochShuffleSampler
 from pb_lightning.loops.tracker import PerforatedTracker
 
 if TYPE_CHECKING:
@@ -91,6 +92,7 @@ __all__ = [
     "Decision",
     "DendriteConfig",
     "DendriteInferenceLayer",
+    "EpochShuffleSampler",
     "PerforatedCallback",
     "PerforatedLayer",
     "PerforatedModule",

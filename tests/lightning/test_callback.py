@@ -132,6 +132,35 @@ def test_a_model_left_in_eval_mode_trains_through_its_dendrite_phase(tmp_path: P
     assert callback.machine.state.candidate_best > 0  # the candidates learned a correlation
 
 
+class _ShuffledBySeedAndEpoch(DigitsDataModule):
+    def train_dataloader(self) -> DataLoader:
+        data = self._splits["train"]
+        return DataLoader(data, batch_size=self.batch_size, sampler=pb.EpochShuffleSampler(data, seed=0))
+
+
+def _shuffled_run(root: Path, max_epochs: int, ckpt_path: Path | None = None) -> DigitsMLP:
+    pl.seed_everything(0)
+    checkpoint = ModelCheckpoint(dirpath=root / "ckpt", save_top_k=-1, every_n_epochs=1)
+    model = DigitsMLP(hidden=8, lr=1e-2)
+    trainer = _trainer(root, [_fixed(max_dendrites=1), checkpoint], max_epochs=max_epochs, enable_checkpointing=True)
+    trainer.fit(model, _ShuffledBySeedAndEpoch(), ckpt_path=ckpt_path)
+    return model
+
+
+def test_a_resumed_run_with_the_epoch_shuffle_sampler_ends_at_the_same_weights(tmp_path: Path) -> None:
+    # DataLoader(shuffle=True) keeps its generator out of the checkpoint, so a resumed run sees
+    # other batch orders; EpochShuffleSampler's order is a function of (seed, epoch) alone.
+    full = _shuffled_run(tmp_path / "full", max_epochs=6)
+    _shuffled_run(tmp_path / "part", max_epochs=3)  # "killed" one epoch into the dendrite phase
+    resumed = _shuffled_run(tmp_path / "resumed", 6, tmp_path / "part" / "ckpt" / "epoch=2-step=51.ckpt")
+    expected, got = full.state_dict(), resumed.state_dict()
+    assert list(got) == list(expected)
+    assert all(torch.equal(got[key], expected[key]) for key in expected)
+    assert [layer.num_dendrites for layer in resumed.perforated_layers()] == [
+        layer.num_dendrites for layer in full.perforated_layers()
+    ]
+
+
 def _steps_callback() -> pb.PerforatedCallback:
     # Candidates converge (5% rule, 3 steps) long before the validation patience of 50 would end the phase.
     return pb.PerforatedCallback(
