@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pb_lightning.engine.outputs import output_entry
 from pb_lightning.errors import PerforationError
 
 log = logging.getLogger(__name__)
@@ -247,7 +248,7 @@ class ModuleBank(DendriteBank):
         def run(*flat: Any) -> Tensor:
             ps, args = flat[: len(names)], flat[len(names) :]
             out = torch.func.functional_call(self._skeleton, dict(zip(self._names, ps, strict=True)), args, kwargs)
-            return out if key is None else out[key]
+            return out if key is None else output_entry(out, key)
 
         kind = type(self._skeleton)
         y: Tensor | None = None

@@ -82,7 +82,8 @@ def perforate(
             ``{"conv1": "bn1"}`` names pairs by qualified name. The norm's old place becomes an
             ``nn.Identity``. ``True`` that pairs nothing warns.
         output_selectors: for modules whose output is a tuple (or dict), which entry holds the
-            neurons, keyed by module type or name glob: ``{MyBlock: 0}``. Dendrites are added to
+            neurons, keyed by module type or name glob: ``{MyBlock: 0}`` (a str also names the field
+            of a named tuple or dataclass output). Dendrites are added to
             that entry; the others pass through unchanged. Recurrent layers default to ``0``
             (``output``, not ``h_n``): a model that reads ``h_n`` would not see the dendrites; read
             ``output[:, -1]`` instead, or, for a GRU, select ``1``.

@@ -29,7 +29,7 @@ from pb_lightning.engine.banks import DendriteBank, iter_stacked
 from pb_lightning.engine.candidates import CandidatePool, _tap
 from pb_lightning.engine.cascade import _triangle, accepted_activations, add_weighted
 from pb_lightning.engine.config import DendriteConfig
-from pb_lightning.engine.outputs import replace_output, select_output
+from pb_lightning.engine.outputs import not_a_tensor, replace_output, select_output
 from pb_lightning.engine.sparse_banks import check_fan_in, connections, make_bank, prune
 from pb_lightning.errors import PerforationError, torchscript_refused
 
@@ -232,9 +232,17 @@ class PerforatedLayer(nn.Module):
         key = self.output_key
         if key is not None:
             y = select_output(out, key, self.name)
+        elif not isinstance(y, Tensor):  # a tuple, dict or object, and no output_selectors entry
+            raise not_a_tensor(out, self.name, self.module)
         if self.norm is not None:
             y = self.norm(y)
         if self._num_neurons is None:  # a custom module: its output tells the neuron count
+            if y.dim() == 0:
+                raise PerforationError(
+                    f"Layer `{self.name}` ({type(self.module).__name__}): its output is a scalar (shape ()), which has "
+                    "no neuron axis; exclude this module (perforate(..., exclude=[...])) and perforate the layers "
+                    "inside it."
+                )
             if not -y.dim() <= self.neuron_axis < y.dim():
                 raise PerforationError(
                     f"Layer `{self.name}` ({type(self.module).__name__}): neuron_axis={self.neuron_axis} does not "
