@@ -278,9 +278,9 @@ class PerforatedLayer(nn.Module):
             return y if key is None else replace_output(out, key, y)
         gradient_learning = pool.output_weight is not None
         # Candidates learn from whatever backward pass follows a forward with gradients, whatever
-        # the module's train/eval mode: Lightning keeps the modes a user set (a model evaluated
-        # by hand, or loaded with load_from_checkpoint, stays in eval mode), and in a dendrite
-        # phase the tap is the only thing a loss can backpropagate through.
+        # the module's train/eval mode: Lightning keeps the modes a user set (a trained model put
+        # in eval mode to be evaluated before fine-tuning stays in it, with only a warning), and in
+        # a dendrite phase the tap is the only thing a loss can backpropagate through.
         observe = torch.is_grad_enabled()
         if not (observe or gradient_learning):
             # correlation candidates do not change the output: skip them when not learning
