@@ -200,7 +200,8 @@ def markdown(report: dict[str, Any]) -> str:
         "those validations all return the same score).",
         "",
         "| benchmark | seeds | base acc | pb acc | D | base epochs | pb epochs | base s | pb s "
-        f"| wall × | epochs × | dendrite wall | dendrite epochs | dendrite steps | frozen val | ≤ {TARGET_WALL_RATIO:g}× |",
+        "| wall × | epochs × | dendrite wall | dendrite epochs | dendrite steps | frozen val "
+        f"| ≤ {TARGET_WALL_RATIO:g}× |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for s in report["summary"]:

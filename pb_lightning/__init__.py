@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pb_lightning import _moved
-from pb_lightning.cycle.machine import Decision, PhaseMachine
+from pb_lightning.cycle.decision import Decision
+from pb_lightning.cycle.machine import PhaseMachine
 from pb_lightning.cycle.schedule import PhaseSchedule
 from pb_lightning.engine.candidates import CandidatePool
 from pb_lightning.engine.config import DendriteConfig
@@ -42,6 +43,7 @@ from pb_lightning.engine.transitions import (
     start_dendrite_phase,
 )
 from pb_lightning.errors import PerforationError
+from pb_lightning.loops.sampling import EpochShuffleSampler
 from pb_lightning.loops.tracker import PerforatedTracker
 
 if TYPE_CHECKING:
@@ -91,6 +93,7 @@ __all__ = [
     "Decision",
     "DendriteConfig",
     "DendriteInferenceLayer",
+    "EpochShuffleSampler",
     "PerforatedCallback",
     "PerforatedLayer",
     "PerforatedModule",

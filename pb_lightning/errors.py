@@ -59,3 +59,20 @@ def check_float(argument: str, value: object, valid: str, ok: Callable[[float], 
     for which ``ok`` holds."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
         raise invalid(argument, value, valid)
+
+
+def torchscript_refused(layer: str) -> PerforationError:
+    """The error for TorchScript (``torch.jit.trace``/``script``) of a model with dendrites.
+
+    TorchScript is in maintenance in torch 2.x and cannot express the dendrite layers (their
+    forward takes the wrapped module's ``*args, **kwargs``; sparse dendrites use a custom
+    autograd function that a trace cannot save; a trace check sees the fused dendrite operation
+    differ between invocations). ``torch.export`` and the ONNX exporter built on it handle them,
+    with a dynamic batch, so the refusal points there instead of a half-working trace.
+    """
+    return PerforationError(
+        f"pb_lightning: TorchScript (torch.jit.trace / torch.jit.script / to_torchscript) cannot compile "
+        f"pb_lightning's dendrite layers (layer `{layer}`). Deploy the copy pb_lightning.to_inference(model) "
+        "returns with torch.export.export(deployed, (x,), dynamic_shapes=...) or torch.onnx.export(deployed, (x,), "
+        "path, dynamo=True); the README's 'Deploy' section shows both."
+    )

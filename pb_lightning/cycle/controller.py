@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pb_lightning.cycle.machine import ACCEPT, RESTORE_GLOBAL_BEST, RETRY, START_DENDRITE_PHASE, Decision, PhaseMachine
+from pb_lightning.cycle.decision import ACCEPT, RESTORE_GLOBAL_BEST, RETRY, START_DENDRITE_PHASE, Decision
+from pb_lightning.cycle.machine import PhaseMachine
 from pb_lightning.engine.compiled import drop_stale_graphs
 from pb_lightning.engine.transitions import accept_dendrites, candidate_scores, discard_candidates, in_dendrite_phase
 from pb_lightning.engine.transitions import start_dendrite_phase as start_phase

@@ -22,7 +22,6 @@ dendrites, and a training schedule in its own right.
 
 from __future__ import annotations
 
-import logging
 import math
 import numbers
 from dataclasses import asdict, replace
@@ -30,7 +29,6 @@ from typing import Any
 
 from pb_lightning.cycle.decision import (
     ACCEPT,
-    ACTIONS,
     CONTINUE,
     RESTART,
     RESTORE_GLOBAL_BEST,
@@ -38,37 +36,25 @@ from pb_lightning.cycle.decision import (
     RETRY,
     START_DENDRITE_PHASE,
     STOP,
-    Action,
     Decision,
     Phase,
     Restore,
     Verdict,
 )
+from pb_lightning.cycle.limits import (
+    budget_left,
+    budget_note,
+    plateau_reason,
+    plateaued,
+    shortest_cycle,
+    warn_max_dendrite_epochs,
+)
 from pb_lightning.cycle.phase_state import HISTORY_KEYS, PhaseState, check_global_step
 from pb_lightning.cycle.schedule import Mode, PhaseSchedule
+from pb_lightning.cycle.scores import format_scores, score_change
 from pb_lightning.errors import invalid
 
-log = logging.getLogger(__name__)
-
-__all__ = [
-    "ACCEPT",
-    "ACTIONS",
-    "CONTINUE",
-    "HISTORY_KEYS",
-    "RESTART",
-    "RESTORE_GLOBAL_BEST",
-    "RESTORE_PHASE_BEST",
-    "RETRY",
-    "START_DENDRITE_PHASE",
-    "STOP",
-    "Action",
-    "Decision",
-    "Phase",
-    "PhaseMachine",
-    "PhaseState",
-    "Restore",
-    "Verdict",
-]
+__all__ = ["PhaseMachine"]
 
 
 class PhaseMachine:
@@ -107,22 +93,6 @@ class PhaseMachine:
         margin = max(abs(best) * self.schedule.improvement_threshold, self.schedule.improvement_threshold_abs)
         return score < best - margin if self.mode == "min" else score > best + margin
 
-    def _plateaued(self, window: list[float], score: float | None, size: int) -> bool:
-        """Fold ``score`` into a plateau ``window`` (kept in place) and say whether it is flat.
-
-        The window holds the candidates' running best at its last ``size + 1`` observations,
-        starting with the phase's 0: flat once its last ``size`` observations added no more than
-        ``candidate_plateau_fraction`` of the latest value — of what the whole phase has gained.
-        A missing or non-finite score adds nothing (so candidates that never score end the phase
-        after ``size`` observations, as they did under the old patience rule).
-        """
-        best = window[-1] if window else 0.0
-        if score is not None and math.isfinite(score):
-            best = max(best, float(score))
-        window.append(best)
-        del window[: -(size + 1)]
-        return len(window) > size and window[-1] - window[0] <= self.schedule.candidate_plateau_fraction * window[-1]
-
     # ------------------------------------------------------------------ the machine
     def step(self, score: float, candidate_score: float | None = None, *, global_step: int | None = None) -> Decision:
         """Take one validation's monitored ``score`` and return the decision.
@@ -143,15 +113,15 @@ class PhaseMachine:
         phase = s.phase
         if s.done:
             decision = Decision(STOP, "training is already complete")
-        elif s.phase == Phase.DENDRITE and self._budget_left() <= 0:
+        elif s.phase == Phase.DENDRITE and budget_left(self.schedule, self.state) <= 0:
             # No validation would be left to judge what the phase would accept: drop the candidates.
-            decision = self._spend_budget(Decision(CONTINUE, "dendrite phase"))
+            decision = self._spend_budget(new_phase_best=False)
         elif s.phase == Phase.DENDRITE:
             decision = self._dendrite_step(candidate_score)
         else:
             decision = self._neuron_step(float(score))
-            if decision.action == CONTINUE and self._budget_left() <= 0:
-                decision = self._spend_budget(decision)
+            if decision.action == CONTINUE and budget_left(self.schedule, self.state) <= 0:
+                decision = self._spend_budget(new_phase_best=decision.new_phase_best)
         # Plain strings in the history (a checkpoint loaded with weights_only=True holds no enums).
         self._remember(phase, float(score), candidate_score, decision, global_step)
         return decision
@@ -167,9 +137,9 @@ class PhaseMachine:
     def checks_steps(self) -> bool:
         """Whether the caller should call :meth:`training_step` after each training step now.
 
-        True only in a dendrite phase of a schedule with ``dendrite_patience_steps`` (and no fixed
-        ``dendrite_epochs``), and once a validation score exists; the caller then reads the candidates' score (one device read
-        per step). Everywhere else it costs nothing.
+        True only in a dendrite phase of a schedule with ``dendrite_patience_steps`` (and no
+        fixed ``dendrite_epochs``), and once a validation score exists; the caller then reads the
+        candidates' score (one device read per step). Everywhere else it costs nothing.
         """
         s = self.state
         return (
@@ -196,17 +166,11 @@ class PhaseMachine:
         if not self.checks_steps or candidate_score is None or not candidate_score > 0:
             return None
         s = self.state
-        patience = self.schedule.dendrite_patience_steps
-        if not s.step_candidate_window:
-            s.step_candidate_window = [0.0]
-        if not self._plateaued(s.step_candidate_window, candidate_score, patience):  # type: ignore[arg-type]
+        size, fraction = self.schedule.dendrite_patience_steps, self.schedule.candidate_plateau_fraction
+        if not plateaued(s.step_candidate_window, candidate_score, size, fraction):  # type: ignore[arg-type]
             return None
         s.candidate_best = max(s.candidate_best or 0.0, s.step_candidate_window[-1])
-        why = (
-            f"the candidates' score rose by less than {self.schedule.candidate_plateau_fraction:g} of itself "
-            f"over the last {patience} training steps (dendrite_patience_steps={patience})"
-        )
-        decision = self._accept(why)
+        decision = self._accept(plateau_reason(fraction, size, "training steps", "dendrite_patience_steps"))  # type: ignore[arg-type]
         self._remember(Phase.DENDRITE.value, float(s.last_score), candidate_score, decision, global_step)  # type: ignore[arg-type]
         return decision
 
@@ -219,7 +183,7 @@ class PhaseMachine:
             s.wait += 1
         if sched.neuron_epochs is not None:
             over = s.epochs_in_phase >= sched.neuron_epochs
-            why = f"the neuron phase reached its {sched.neuron_epochs} epochs"
+            why = f"the neuron phase reached its {sched.neuron_epochs} validations (neuron_epochs)"
         else:
             over = s.wait >= sched.neuron_patience
             why = f"no improvement for {s.wait} validations (neuron_patience={sched.neuron_patience})"
@@ -256,17 +220,18 @@ class PhaseMachine:
             previous_best = s.global_best
             if self._judge_cycle(keep_unimproved=not sched.require_improvement):
                 s.tries = 0
-                verdict = f"{why}; the cycle improved the global best {previous_best} -> {s.phase_best}"
+                verdict = f"{why}; the cycle improved the global best {score_change(previous_best, s.phase_best)}"
                 return self._next_cycle(verdict, new_best, Verdict.ACCEPTED)
             s.tries += 1
-            verdict = f"{why}; the cycle did not beat the global best {s.global_best} (phase best {s.phase_best})"
+            best, phase = format_scores(s.global_best, s.phase_best)
+            verdict = f"{why}; the cycle did not beat the global best {best} (phase best {phase})"
             rejected = {"restore": Restore.GLOBAL_BEST, "new_phase_best": new_best, "verdict": Verdict.REJECTED}
-            if s.tries >= sched.max_tries or self._budget_left() < self._shortest_cycle():
+            if s.tries >= sched.max_tries or budget_left(self.schedule, self.state) < shortest_cycle(self.schedule):
                 s.done = True
                 why = (
                     f"{s.tries} failed tries (max_tries={sched.max_tries})"
                     if s.tries >= sched.max_tries
-                    else f"no retry fits in what is left ({self._budget_note()})"
+                    else f"no retry fits in what is left ({budget_note(self.schedule, self.state)})"
                 )
                 return Decision(STOP, f"{verdict}; {why}: training is complete", **rejected)
             if sched.restarts_only:
@@ -284,50 +249,22 @@ class PhaseMachine:
         # The first neuron phase: its best is the baseline every later cycle must beat.
         s.global_best = s.baseline = s.phase_best
         s.baseline_validations = s.validations
-        return self._next_cycle(f"{why}; baseline best {s.phase_best}", new_best, None)
+        return self._next_cycle(f"{why}; baseline best {format_scores(s.phase_best)[0]}", new_best, None)
 
-    def _budget_left(self) -> float:
-        """Validations ``run_budget`` leaves (infinite without one, or before the baseline is known)."""
-        s, budget = self.state, self.schedule.run_budget
-        if budget is None or s.baseline_validations is None or self.schedule.neuron_epochs is not None:
-            return math.inf
-        return math.ceil(budget * s.baseline_validations) - s.validations
-
-    def _shortest_cycle(self) -> int:
-        """The fewest validations a new cycle (or restart) can take: it is not started in less."""
-        sched = self.schedule
-        neuron = sched.neuron_epochs or sched.neuron_patience
-        if sched.restarts_only:
-            return neuron
-        if sched.dendrite_epochs is not None:
-            return neuron + sched.dendrite_epochs
-        return neuron + (0 if sched.dendrite_patience_steps is not None else sched.dendrite_patience + 1)
-
-    def _budget_note(self) -> str:
-        s, budget = self.state, self.schedule.run_budget
-        return (
-            f"run_budget={budget:g} allows {math.ceil(budget * s.baseline_validations)} validations "  # type: ignore[operator]
-            f"({budget:g}x the first neuron phase's {s.baseline_validations}); {s.validations} used"
-        )
-
-    def _spend_budget(self, decision: Decision) -> Decision:
+    def _spend_budget(self, *, new_phase_best: bool) -> Decision:
         """The budget ran out in the middle of a cycle: judge it there, as :meth:`finish` does."""
-        final = self.finish()
-        return replace(
-            final,
-            reason=f"{self._budget_note()}: {final.reason}",
-            new_phase_best=decision.new_phase_best,
-        )
+        final, note = self.finish(), budget_note(self.schedule, self.state)
+        return replace(final, reason=f"{note}: {final.reason}", new_phase_best=new_phase_best)
 
     def _next_cycle(self, reason: str, new_best: bool, verdict: Verdict | None) -> Decision:
         s, sched = self.state, self.schedule
-        out_of_budget = self._budget_left() < self._shortest_cycle()
+        out_of_budget = budget_left(self.schedule, self.state) < shortest_cycle(self.schedule)
         if sched.restarts_only and not out_of_budget:
             return self._next_restart(reason, new_best, verdict)
         if s.dendrites >= sched.max_dendrites or out_of_budget:
             s.done = True
             why = (
-                f"no cycle fits in what is left ({self._budget_note()})"
+                f"no cycle fits in what is left ({budget_note(self.schedule, self.state)})"
                 if out_of_budget and s.dendrites < sched.max_dendrites
                 else f"{s.dendrites} dendrite sets reached max_dendrites"
             )
@@ -390,38 +327,20 @@ class PhaseMachine:
         s, sched = self.state, self.schedule
         if candidate_score is not None and math.isfinite(candidate_score):
             s.candidate_best = max(s.candidate_best or candidate_score, candidate_score)
-        if not s.candidate_window:
-            s.candidate_window = [0.0]
-        flat = self._plateaued(s.candidate_window, candidate_score, sched.dendrite_patience)
+        flat = plateaued(s.candidate_window, candidate_score, sched.dendrite_patience, sched.candidate_plateau_fraction)
         if sched.dendrite_epochs is not None and s.epochs_in_phase >= sched.dendrite_epochs:
             why = f"the dendrite phase reached its {sched.dendrite_epochs} validations (dendrite_epochs)"
         elif sched.dendrite_epochs is None and flat:
-            why = (
-                f"the candidates' score rose by less than {sched.candidate_plateau_fraction:g} of itself over the "
-                f"last {sched.dendrite_patience} validations (dendrite_patience={sched.dendrite_patience})"
-            )
+            patience = sched.dendrite_patience
+            why = plateau_reason(sched.candidate_plateau_fraction, patience, "validations", "dendrite_patience")
         elif s.epochs_in_phase >= sched.max_dendrite_epochs:
-            why = f"the dendrite phase hit max_dendrite_epochs={sched.max_dendrite_epochs}"
-            self._warn_max_dendrite_epochs()
+            why = f"the dendrite phase reached max_dendrite_epochs={sched.max_dendrite_epochs} validations"
+            if not self._warned_max_dendrite_epochs:
+                self._warned_max_dendrite_epochs = True
+                warn_max_dendrite_epochs(sched)
         else:
             return Decision(CONTINUE, "dendrite phase")
         return self._accept(why)
-
-    def _warn_max_dendrite_epochs(self) -> None:
-        """Once per machine: a phase that runs to its cap is one the plateau rule did not end."""
-        if self._warned_max_dendrite_epochs:
-            return
-        self._warned_max_dendrite_epochs = True
-        sched = self.schedule
-        log.warning(
-            "A dendrite phase ran to max_dendrite_epochs=%d without its candidates' score levelling off "
-            "(candidate_plateau_fraction=%g over dendrite_patience=%d validations). To end phases sooner, "
-            "raise candidate_plateau_fraction (e.g. 0.2), lower dendrite_patience, set dendrite_patience_steps "
-            "(e.g. 20: judged every training step) or lower max_dendrite_epochs.",
-            sched.max_dendrite_epochs,
-            sched.candidate_plateau_fraction,
-            sched.dendrite_patience,
-        )
 
     def _accept(self, why: str) -> Decision:
         s = self.state
@@ -458,8 +377,9 @@ class PhaseMachine:
                 )
             return Decision(
                 STOP,
-                f"training ended; the last cycle did not beat the global best {s.global_best} "
-                f"(phase best {s.phase_best})",
+                "training ended; the last cycle did not beat the global best {} (phase best {})".format(
+                    *format_scores(s.global_best, s.phase_best)
+                ),
                 restore=RESTORE_GLOBAL_BEST,
                 verdict=Verdict.REJECTED,
             )

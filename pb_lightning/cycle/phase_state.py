@@ -72,6 +72,9 @@ class PhaseState:
         window started afresh, from its best score so far)."""
         known = {f.name for f in fields(cls)}
         loaded = cls(**{k: v for k, v in state.items() if k in known})
-        if loaded.phase == Phase.DENDRITE.value and not loaded.candidate_window and "candidate_wait" in state:
-            loaded.candidate_window = [0.0 if loaded.candidate_best is None else float(loaded.candidate_best)]
+        if loaded.phase == Phase.DENDRITE.value:
+            if not loaded.candidate_window:
+                loaded.candidate_window = [0.0 if loaded.candidate_best is None else float(loaded.candidate_best)]
+            if not loaded.step_candidate_window:
+                loaded.step_candidate_window = [0.0]
         return loaded

@@ -46,11 +46,44 @@ def as_score(value: Any, argument: str = "score") -> float:
     return float(number)
 
 
-def nonfinite_message(name: str, score: float, when: str) -> str | None:
-    """The warning for a NaN or infinite ``score`` (None if it is finite); ``when`` says at which epoch."""
+def nonfinite_message(name: str | None, score: float, when: str) -> str | None:
+    """The warning for a NaN or infinite ``score`` (None if it is finite); ``when`` says at which epoch.
+
+    ``name`` is the monitored metric's name, or None where the score has none (the tracker's
+    ``score`` argument), so the message never reads "the validation score score".
+    """
     if math.isfinite(score):
         return None
+    what = "the validation score" if name is None else f"the validation score {name}"
     return (
-        f"pb_lightning: the validation score {name} is {score} at {when}; it counts as no improvement "
+        f"pb_lightning: {what} is {score} at {when}; it counts as no improvement "
         "and never as a new best. A diverged loss or a metric computed over no samples gives such scores."
     )
+
+
+def format_scores(*scores: float | None) -> list[str]:
+    """``scores`` as text, with as many significant digits as it takes for unequal ones to differ.
+
+    Six digits read well, but two scores closer than that (95.6330 and 95.6331 under a small
+    improvement threshold) would print as the same number next to the words "improved": the
+    digits grow, up to float's 17, until every pair of unequal scores reads differently.
+
+    Example::
+
+        >>> format_scores(0.2970280051, 0.2703150213)
+        ['0.297028', '0.270315']
+        >>> format_scores(95.63300323, 95.63304123)
+        ['95.633', '95.63304']
+    """
+    finite = [s for s in scores if s is not None]
+    digits = 6
+    while digits < 17 and any(
+        a != b and f"{a:.{digits}g}" == f"{b:.{digits}g}" for i, a in enumerate(finite) for b in finite[i + 1 :]
+    ):
+        digits += 1
+    return ["n/a" if s is None else f"{s:.{digits}g}" for s in scores]
+
+
+def score_change(before: float | None, after: float | None) -> str:
+    """``"before -> after"``, with the digits that show the change (see :func:`format_scores`)."""
+    return " -> ".join(format_scores(before, after))

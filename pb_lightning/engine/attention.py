@@ -233,9 +233,9 @@ class PerforatableMultiheadAttention(nn.MultiheadAttention):
                 raise RuntimeError(
                     f"key_padding_mask has shape {tuple(key_padding_mask.shape)}; expected {(bsz, src_len)}."
                 )
-            key_padding_mask = (
-                key_padding_mask.view(bsz, 1, 1, src_len).expand(-1, num_heads, -1, -1).reshape(-1, 1, src_len)
-            )
+            # Shapes named, not inferred: an empty sequence (src_len = 0) leaves -1 nothing to infer from.
+            expanded = key_padding_mask.view(bsz, 1, 1, src_len).expand(-1, num_heads, -1, -1)
+            key_padding_mask = expanded.reshape(bsz * num_heads, 1, src_len)
             attn_mask = key_padding_mask if attn_mask is None else attn_mask + key_padding_mask
         dropout_p = self.dropout if self.training else 0.0
         if need_weights:
@@ -248,7 +248,8 @@ class PerforatableMultiheadAttention(nn.MultiheadAttention):
             if dropout_p > 0.0:
                 weights = F.dropout(weights, p=dropout_p)
             attn = torch.bmm(weights, v).transpose(0, 1).reshape(tgt_len * bsz, embed_dim)
-            out = self.out_proj(attn).view(tgt_len, bsz, -1)
+            out = self.out_proj(attn)  # its width named: an empty batch leaves -1 nothing to infer from
+            out = out.view(tgt_len, bsz, out.shape[-1])
             weights = weights.view(bsz, num_heads, tgt_len, src_len)
             if average_attn_weights:
                 weights = weights.mean(dim=1)
@@ -259,13 +260,14 @@ class PerforatableMultiheadAttention(nn.MultiheadAttention):
             if attn_mask.size(0) == 1 and attn_mask.dim() == 3:
                 attn_mask = attn_mask.unsqueeze(0)
             else:
-                attn_mask = attn_mask.view(bsz, num_heads, -1, src_len)
+                attn_mask = attn_mask.view(bsz, num_heads, attn_mask.shape[-2], src_len)
         q = q.view(bsz, num_heads, tgt_len, head_dim)
         k = k.view(bsz, num_heads, src_len, head_dim)
         v = v.view(bsz, num_heads, src_len, head_dim)
         attn = F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal)
         attn = attn.permute(2, 0, 1, 3).reshape(bsz * tgt_len, embed_dim)
-        out = self.out_proj(attn).view(tgt_len, bsz, -1)
+        out = self.out_proj(attn)
+        out = out.view(tgt_len, bsz, out.shape[-1])
         if not is_batched:
             out = out.squeeze(1)
         return out, None

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pb_lightning.engine.outputs import output_entry
 from pb_lightning.errors import PerforationError
 
 log = logging.getLogger(__name__)
@@ -247,11 +248,14 @@ class ModuleBank(DendriteBank):
         def run(*flat: Any) -> Tensor:
             ps, args = flat[: len(names)], flat[len(names) :]
             out = torch.func.functional_call(self._skeleton, dict(zip(self._names, ps, strict=True)), args, kwargs)
-            return out if key is None else out[key]
+            return out if key is None else output_entry(out, key)
 
         kind = type(self._skeleton)
         y: Tensor | None = None
-        if kind not in _NOT_BATCHABLE and not isinstance(self._skeleton, nn.RNNBase):
+        # torch.export specializes the batch size of vmap'd code (a graph for one batch only),
+        # so an exported model runs the copies one after another, with a dynamic batch.
+        exporting = torch.compiler.is_exporting()
+        if kind not in _NOT_BATCHABLE and not isinstance(self._skeleton, nn.RNNBase) and not exporting:
             in_dims = (0,) * len(names) + (None,) * len(inputs)
             try:
                 y = torch.func.vmap(run, in_dims=in_dims)(*params, *inputs)  # (N, *y.shape)
@@ -266,7 +270,7 @@ class ModuleBank(DendriteBank):
                     str(error).splitlines()[0],
                 )
         if y is None:
-            if kind not in _SEQUENTIAL_LOGGED:
+            if kind not in _SEQUENTIAL_LOGGED and not exporting:
                 _SEQUENTIAL_LOGGED.add(kind)
                 log.info("pb_lightning: the dendrite copies of %s run one after another (no vmap).", kind.__name__)
             y = torch.stack([run(*(p[i] for p in params), *inputs) for i in range(self.num_sets)])

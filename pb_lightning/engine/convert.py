@@ -82,7 +82,8 @@ def perforate(
             ``{"conv1": "bn1"}`` names pairs by qualified name. The norm's old place becomes an
             ``nn.Identity``. ``True`` that pairs nothing warns.
         output_selectors: for modules whose output is a tuple (or dict), which entry holds the
-            neurons, keyed by module type or name glob: ``{MyBlock: 0}``. Dendrites are added to
+            neurons, keyed by module type or name glob: ``{MyBlock: 0}`` (a str also names the field
+            of a named tuple or dataclass output). Dendrites are added to
             that entry; the others pass through unchanged. Recurrent layers default to ``0``
             (``output``, not ``h_n``): a model that reads ``h_n`` would not see the dendrites; read
             ``output[:, -1]`` instead, or, for a GRU, select ``1``.
@@ -371,10 +372,10 @@ def perforation_summary(model: nn.Module) -> str:
         kind = type(layer.module).__name__
         extra = f" + {type(layer.norm).__name__}" if layer.norm is not None else ""
         output = f", dendrites added to output[{layer.output_key!r}]" if layer.output_key is not None else ""
-        lines.append(
-            f"  {names[id(layer)]:<40} {kind}{extra}: {layer.num_neurons} neurons, {layer.num_dendrites} dendrite "
-            f"sets{output}"
-        )
+        # A custom module's neurons are counted from its first output: before that, say so.
+        count = layer.num_neurons
+        neurons = "neurons counted at its first forward" if count is None else f"{count} neurons"
+        lines.append(f"  {names[id(layer)]:<40} {kind}{extra}: {neurons}, {layer.num_dendrites} dendrite sets{output}")
     converted = [f"{p}.{n}" if p and n else p or n for p, r in records for n in r["converted"]]
     if converted:
         lines.append(f"  converted to call their projections as modules: {', '.join(converted)}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import torch
 from torch import nn
 
 from pb_lightning.engine.banks import DendriteBank
@@ -12,6 +13,7 @@ from pb_lightning.engine.cascade import accepted_activations, add_weighted
 from pb_lightning.engine.convert import perforated_layers
 from pb_lightning.engine.layer import PerforatedLayer
 from pb_lightning.engine.outputs import replace_output, select_output
+from pb_lightning.errors import torchscript_refused
 
 
 class DendriteInferenceLayer(nn.Module):
@@ -48,7 +50,14 @@ class DendriteInferenceLayer(nn.Module):
                 raise
             return getattr(module, name)
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        # torch.jit.script calls this on every submodule before compiling: refuse by name here,
+        # instead of TorchScript's error about variable argument lists.
+        raise torchscript_refused(self.name)
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.jit.is_tracing():  # see errors.torchscript_refused for why (torch.export works)
+            raise torchscript_refused(self.name)
         out = self.module(*args, **kwargs)
         key = self.output_key
         y = out if key is None else select_output(out, key, self.name)
@@ -66,7 +75,8 @@ def to_inference(model: nn.Module) -> nn.Module:
     Every perforated layer becomes a :class:`DendriteInferenceLayer` (or, without dendrites, its
     plain module — followed by its norm layer where one was wrapped in). Candidates are dropped.
     The copy is in eval mode with gradients switched off; its outputs equal the trained model's in
-    eval mode.
+    eval mode. Deploy it with ``torch.export`` or ONNX (``torch.onnx.export(..., dynamo=True)``):
+    TorchScript of a copy with dendrites is refused (:func:`~pb_lightning.errors.torchscript_refused`).
     """
     deployed = copy.deepcopy(model)
     for layer in perforated_layers(deployed):
@@ -82,6 +92,12 @@ def to_inference(model: nn.Module) -> nn.Module:
     deployed.__dict__.pop("_pb_frozen_by_dendrite_phase", None)
     deployed.eval()
     deployed.requires_grad_(False)
+    if hasattr(type(deployed), "_jit_is_scripting"):
+        # A LightningModule copy: its ``trainer`` property raises when no Trainer is attached,
+        # and torch.jit.trace reads every attribute first, so the trace would fail with "not
+        # attached to a Trainer" before reaching the dendrites' own explanation. The flag (what
+        # Lightning's to_torchscript sets) makes ``trainer`` None on this deployment copy only.
+        deployed._jit_is_scripting = True
     return deployed
 
 

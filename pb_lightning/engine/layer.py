@@ -29,9 +29,9 @@ from pb_lightning.engine.banks import DendriteBank, iter_stacked
 from pb_lightning.engine.candidates import CandidatePool, _tap
 from pb_lightning.engine.cascade import _triangle, accepted_activations, add_weighted
 from pb_lightning.engine.config import DendriteConfig
-from pb_lightning.engine.outputs import replace_output, select_output
+from pb_lightning.engine.outputs import not_a_tensor, replace_output, select_output
 from pb_lightning.engine.sparse_banks import check_fan_in, connections, make_bank, prune
-from pb_lightning.errors import PerforationError
+from pb_lightning.errors import PerforationError, torchscript_refused
 
 
 class PerforatedLayer(nn.Module):
@@ -220,6 +220,10 @@ class PerforatedLayer(nn.Module):
             self.candidates.loss_scale = float(scale)
             self.candidates.scaled = True
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        # torch.jit.script (and LightningModule.to_torchscript) calls this before compiling.
+        raise torchscript_refused(self.name)
+
     # ------------------------------------------------------------------ forward
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         # One frame for the whole forward (it shows in small networks' steps); a tuple output's
@@ -228,9 +232,17 @@ class PerforatedLayer(nn.Module):
         key = self.output_key
         if key is not None:
             y = select_output(out, key, self.name)
+        elif not isinstance(y, Tensor):  # a tuple, dict or object, and no output_selectors entry
+            raise not_a_tensor(out, self.name, self.module)
         if self.norm is not None:
             y = self.norm(y)
         if self._num_neurons is None:  # a custom module: its output tells the neuron count
+            if y.dim() == 0:
+                raise PerforationError(
+                    f"Layer `{self.name}` ({type(self.module).__name__}): its output is a scalar (shape ()), which has "
+                    "no neuron axis; exclude this module (perforate(..., exclude=[...])) and perforate the layers "
+                    "inside it."
+                )
             if not -y.dim() <= self.neuron_axis < y.dim():
                 raise PerforationError(
                     f"Layer `{self.name}` ({type(self.module).__name__}): neuron_axis={self.neuron_axis} does not "
@@ -265,7 +277,11 @@ class PerforatedLayer(nn.Module):
         if pool is None:
             return y if key is None else replace_output(out, key, y)
         gradient_learning = pool.output_weight is not None
-        observe = self.training and torch.is_grad_enabled()
+        # Candidates learn from whatever backward pass follows a forward with gradients, whatever
+        # the module's train/eval mode: Lightning keeps the modes a user set (a trained model put
+        # in eval mode to be evaluated before fine-tuning stays in it, with only a warning), and in
+        # a dendrite phase the tap is the only thing a loss can backpropagate through.
+        observe = torch.is_grad_enabled()
         if not (observe or gradient_learning):
             # correlation candidates do not change the output: skip them when not learning
             return y if key is None else replace_output(out, key, y)

@@ -31,7 +31,8 @@ from torch import Tensor
 
 from pb_lightning.cycle.capacity import CapacityProbe
 from pb_lightning.cycle.controller import CycleController, mean_candidate_score
-from pb_lightning.cycle.machine import STOP, PhaseMachine
+from pb_lightning.cycle.decision import STOP
+from pb_lightning.cycle.machine import PhaseMachine
 from pb_lightning.cycle.schedule import PhaseSchedule
 from pb_lightning.engine.convert import perforation_summary
 from pb_lightning.engine.optimizer_state import OptimizerStateMode
@@ -128,6 +129,7 @@ class PerforatedCallback(Callback):
         self.recorder = RunRecorder(monitor, mode, resolve_metric_kind(metric_kind, monitor), output_dir)
         self._flat_score: float | None = None
         self._pending_score: float | None = None
+        self._said_no_score = False
         self._before_validation: Any = None
         self._module: PerforatedModule | None = None
         #: The final report (see :func:`pb_lightning.reporting.history.final_report`), set when fit ends.
@@ -179,7 +181,14 @@ class PerforatedCallback(Callback):
         self._before_validation = trainer.callback_metrics.get(self.monitor)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
+        if trainer.sanity_checking:
+            # The sanity check's metrics decide nothing, but they name the logged keys: a monitor
+            # missing from them is reported now, not after a whole training epoch. (With several
+            # validation dataloaders Lightning shows no metric at the sanity check: nothing to say.)
+            if trainer.callback_metrics:
+                checks.check_monitor_logged(trainer, self.monitor)
             return
         # Remember the score; the decision waits for the end of the training epoch, so that with
         # several validations per epoch (val_check_interval < 1) only the last one counts.
@@ -189,8 +198,10 @@ class PerforatedCallback(Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         score, self._pending_score = self._pending_score, None
-        if score is not None:  # None: no validation this epoch (check_val_every_n_epoch > 1)
+        if score is not None:
             self._decide(trainer, pl_module, score)
+        elif not self._said_no_score:  # no validation this epoch (check_val_every_n_epoch > 1), or an empty one
+            self._said_no_score = checks.warn_no_score(trainer, self.monitor)
         self.recorder.show_progress(trainer, pl_module, self.machine)
 
     def _decide(self, trainer: pl.Trainer, pl_module: pl.LightningModule, score: float) -> None:

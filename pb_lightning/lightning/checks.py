@@ -8,6 +8,7 @@ which only decides and restructures.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 import os
@@ -23,7 +24,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from pb_lightning.cycle.capacity import CapacityProbe
-from pb_lightning.cycle.machine import ACCEPT, Decision
+from pb_lightning.cycle.decision import ACCEPT, Decision
 from pb_lightning.cycle.schedule import PhaseSchedule
 from pb_lightning.cycle.scores import as_score, nonfinite_message
 from pb_lightning.engine.transitions import in_dendrite_phase
@@ -99,7 +100,9 @@ def probe_shapes(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
     if example is None:
         return
     example = move_data_to_device(example, pl_module.device)
-    was_training = pl_module.training
+    # Each module's own mode is put back, not the root's: Lightning trains every module in the
+    # mode the user left it in, and ``train(was_training)`` would overwrite all of them.
+    modes = [(module, module.training) for module in pl_module.modules()]
     pl_module.eval()
     with torch.no_grad(), trainer.precision_plugin.forward_context():
         if isinstance(example, (tuple, list)):
@@ -108,7 +111,8 @@ def probe_shapes(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
             pl_module(**example)
         else:
             pl_module(example)
-    pl_module.train(was_training)
+    for module, training in modes:
+        module.training = training
 
 
 def check_early_stopping(trainer: pl.Trainer, schedule: PhaseSchedule) -> None:
@@ -169,18 +173,7 @@ def read_score(trainer: pl.Trainer, monitor: str, before_validation: Any) -> flo
     ``before_validation`` is the value ``callback_metrics`` held when the validation started:
     the same object afterwards means the validation did not log the metric (only training did).
     """
-    value = trainer.callback_metrics.get(monitor)
-    strategy = trainer.strategy
-    if not strategy.reduce_boolean_decision(value is not None, all=True):
-        logged = sorted(trainer.callback_metrics)
-        if strategy.reduce_boolean_decision(value is not None, all=False):
-            where = "was logged on some ranks but not on others; log it on every rank (with sync_dist=True)"
-        else:
-            where = f"was not logged; logged metrics are {logged}"
-        raise PerforationError(
-            f"PerforatedCallback(monitor={monitor!r}): the metric {where}. Log it in "
-            f"`validation_step` with `self.log({monitor!r}, ..., sync_dist=True)`."
-        )
+    value = check_monitor_logged(trainer, monitor)
     if value is before_validation:
         raise PerforationError(
             f"PerforatedCallback(monitor={monitor!r}): the metric was not logged during validation (is it "
@@ -191,6 +184,77 @@ def read_score(trainer: pl.Trainer, monitor: str, before_validation: Any) -> flo
     if message is not None:
         rank_zero_warn(message)
     return score
+
+
+def check_monitor_logged(trainer: pl.Trainer, monitor: str) -> Any:
+    """The monitored metric's value in ``callback_metrics``, or an error naming what was logged.
+
+    Called at the end of every validation of a fit, the sanity check's included: a monitor that
+    is never logged is a typo or a misunderstanding, and the sanity check already knows the
+    logged keys — waiting for the first training epoch's validation costs a whole epoch.
+    """
+    value = trainer.callback_metrics.get(monitor)
+    strategy = trainer.strategy
+    if strategy.reduce_boolean_decision(value is not None, all=True):
+        return value
+    if strategy.reduce_boolean_decision(value is not None, all=False):
+        raise PerforationError(
+            f"PerforatedCallback(monitor={monitor!r}): the metric was logged on some ranks but not on others; "
+            f"log it on every rank in `validation_step` with `self.log({monitor!r}, ..., sync_dist=True)`."
+        )
+    raise PerforationError(missing_monitor_message(monitor, sorted(trainer.callback_metrics), trainer.sanity_checking))
+
+
+def missing_monitor_message(monitor: str, logged: list[str], sanity_checking: bool = False) -> str:
+    """Why ``monitor`` is not among the ``logged`` keys, and the keys it was probably meant to be.
+
+    With several validation dataloaders Lightning logs each metric once per dataloader, as
+    ``name/dataloader_idx_N``: the name the user logged is then never a key, and "log it in
+    validation_step" would be wrong advice, so those keys are named with the two ways out.
+    """
+    when = " at the sanity check" if sanity_checking else ""
+    message = f"PerforatedCallback(monitor={monitor!r}): the metric was not logged{when}; logged metrics are {logged}."
+    per_loader = [key for key in logged if key.startswith(monitor + "/dataloader_idx_")]
+    close = per_loader or difflib.get_close_matches(monitor, logged, n=3, cutoff=0.6)
+    if per_loader:
+        message += (
+            f" With several validation dataloaders Lightning logs it per dataloader, as {per_loader}: set monitor "
+            f"to one of these, or log one value for all of them with `self.log({monitor!r}, ..., "
+            "add_dataloader_idx=False)`."
+        )
+    elif close:
+        message += f" Close to {monitor!r}: {close}; set monitor to the one you mean."
+    else:
+        message += (
+            f" Log it in `validation_step` with `self.log({monitor!r}, ..., sync_dist=True)`, or set monitor to "
+            "one of the logged metrics."
+        )
+    if sanity_checking:
+        message += (
+            " (If it is logged only after the sanity check, log it during the sanity check too, or set "
+            "Trainer(num_sanity_val_steps=0).)"
+        )
+    return message
+
+
+def warn_no_score(trainer: pl.Trainer, monitor: str) -> bool:
+    """Say that the validation produced no score; returns whether it said so.
+
+    A validation over dataloaders without a single batch (an empty validation set, or a
+    ``limit_val_batches`` that rounds down to 0) runs no hook at all, so without this the
+    callback would take no decision, add no dendrite and say nothing while the run spends its
+    whole budget. ``trainer.num_val_batches`` is known from the first validation that was due.
+    """
+    batches = trainer.num_val_batches
+    if not batches or sum(batches) > 0:
+        return False
+    rank_zero_warn(
+        f"pb_lightning: the validation of epoch {trainer.current_epoch} produced no {monitor!r} score: the "
+        f"validation dataloaders have no batches (num_val_batches={list(batches)}). PerforatedCallback decides "
+        "only from validation scores, so this run trains without ever adding dendrites. Give it a non-empty "
+        "validation set (and a `limit_val_batches` that keeps at least one batch)."
+    )
+    return True
 
 
 def check_flat_score(previous: float | None, score: float, monitor: str, pl_module: pl.LightningModule) -> float | None:

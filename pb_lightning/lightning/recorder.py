@@ -15,7 +15,9 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from pb_lightning.cycle.machine import ACCEPT, CONTINUE, HISTORY_KEYS, Decision, PhaseMachine, Verdict
+from pb_lightning.cycle.decision import ACCEPT, CONTINUE, Decision, Verdict
+from pb_lightning.cycle.machine import PhaseMachine
+from pb_lightning.cycle.phase_state import HISTORY_KEYS
 from pb_lightning.cycle.schedule import PhaseSchedule
 from pb_lightning.engine.params import parameter_counts
 from pb_lightning.engine.transitions import candidate_scores, in_dendrite_phase

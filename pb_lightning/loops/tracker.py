@@ -32,7 +32,8 @@ from torch import nn
 
 from pb_lightning.cycle.capacity import CapacityProbe
 from pb_lightning.cycle.controller import CycleController, mean_candidate_score
-from pb_lightning.cycle.machine import CONTINUE, Decision, PhaseMachine
+from pb_lightning.cycle.decision import CONTINUE, Decision
+from pb_lightning.cycle.machine import PhaseMachine
 from pb_lightning.cycle.schedule import PhaseSchedule
 from pb_lightning.cycle.scores import as_score, nonfinite_message
 from pb_lightning.engine.config import DendriteConfig
@@ -136,14 +137,19 @@ class PerforatedTracker:
         self._current: torch.optim.Optimizer | None = None
         #: The capacity test's verdict, once it has finished.
         self.capacity_report: str | None = None
+        self._summarised = False
 
     # ------------------------------------------------------------------ steps 2-4
     def initialize(self, model: nn.Module, **perforate_options: Any) -> nn.Module:
         """Perforate ``model`` (options as for :func:`pb_lightning.perforate`) and return it."""
         perforate_options.setdefault("config", DendriteConfig())
         model = perforate(model, **perforate_options)
-        # What was perforated and what was skipped (and why), as the callback shows at fit start.
-        log.log(logging.INFO if self.verbose else logging.DEBUG, "%s", perforation_summary(model))
+        # What was perforated and what was skipped (and why), as the callback shows at fit start:
+        # once per tracker (at INFO), since a loop that calls initialize again (a resumed or
+        # re-created model) would otherwise repeat the same summary each time.
+        level = logging.INFO if self.verbose and not self._summarised else logging.DEBUG
+        log.log(level, "%s", perforation_summary(model))
+        self._summarised = True
         if self.capacity_test:
             self.probe.start(model)
         return model
@@ -201,7 +207,7 @@ class PerforatedTracker:
         """
         score = as_score(score)
         when = f"epoch {epoch}" if epoch is not None else f"validation {self.machine.state.validations + 1}"
-        message = nonfinite_message("score", score, when)
+        message = nonfinite_message(None, score, when)
         if message is not None:
             warnings.warn(message, stacklevel=2)
         if self.capacity_test:

@@ -12,6 +12,8 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
+from pb_lightning.cycle.scores import format_scores
+
 MetricKind = Literal["auto", "accuracy", "error", "other"]
 
 HISTORY_FILE = "pb_history.json"
@@ -83,15 +85,13 @@ def final_report(
 def format_report(report: dict[str, Any]) -> str:
     """The report as the lines the callback logs."""
 
-    def fmt(value: float | None) -> str:
-        return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.6g}"
+    def known(value: float | None) -> float | None:
+        return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
     monitor = report["monitor"]
-    lines = [
-        "pb_lightning summary",
-        f"  best {monitor} before dendrites: {fmt(report.get('best_before_dendrites'))}",
-        f"  final best {monitor}: {fmt(report.get('final_best'))}",
-    ]
+    # With the digits that tell the two apart: a real improvement must never read as equal scores.
+    before, final = format_scores(known(report.get("best_before_dendrites")), known(report.get("final_best")))
+    lines = ["pb_lightning summary", f"  best {monitor} before dendrites: {before}", f"  final best {monitor}: {final}"]
     if report.get("remaining_error_reduction") is not None:
         lines.append(f"  remaining error reduced by {100 * report['remaining_error_reduction']:.1f}%")
     layers = ", ".join(f"{name}: {count}" for name, count in report.get("dendrites_per_layer", {}).items())

@@ -9,8 +9,8 @@ import random
 import pytest
 import torch
 
-from pb_lightning.cycle.decision import Action, Decision, Phase, Restore, StrEnum, Verdict
-from pb_lightning.cycle.machine import RESTART, RETRY, STOP, PhaseMachine
+from pb_lightning.cycle.decision import RESTART, RETRY, STOP, Action, Decision, Phase, Restore, StrEnum, Verdict
+from pb_lightning.cycle.machine import PhaseMachine
 from pb_lightning.cycle.schedule import PhaseSchedule
 
 

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from pb_lightning.cycle.machine import (
+from pb_lightning.cycle.decision import (
     ACCEPT,
     CONTINUE,
     RESTORE_GLOBAL_BEST,
@@ -15,8 +15,8 @@ from pb_lightning.cycle.machine import (
     RETRY,
     START_DENDRITE_PHASE,
     STOP,
-    PhaseMachine,
 )
+from pb_lightning.cycle.machine import PhaseMachine
 from pb_lightning.cycle.schedule import PhaseSchedule
 from pb_lightning.errors import PerforationError
 
@@ -252,3 +252,21 @@ def test_the_machine_refuses_a_score_that_is_not_a_real_number(score: object) ->
     with pytest.raises(PerforationError, match=r"score"):
         machine.step(score)  # type: ignore[arg-type]
     assert machine.state.validations == 0
+
+
+def test_a_real_improvement_never_reads_as_equal_scores() -> None:
+    # Six significant digits would print both as 95.633: the digits grow until they differ.
+    machine = PhaseMachine("max", PhaseSchedule(neuron_epochs=1, dendrite_epochs=1, improvement_threshold=0))
+    machine.step(95.63300323486328)  # baseline (a float32 accuracy)
+    machine.step(95.63300323486328, 0.5)  # dendrite phase
+    decision = machine.step(95.63304138183594)  # the cycle's neuron phase ends: improved
+    assert decision.reason.endswith("improved the global best 95.633 -> 95.63304")
+
+
+def test_fixed_phase_lengths_are_counted_in_validations() -> None:
+    # With check_val_every_n_epoch=2 a phase of neuron_epochs=2 lasts four epochs: say what it counts.
+    machine = PhaseMachine("min", PhaseSchedule(neuron_epochs=2, dendrite_epochs=2))
+    machine.step(1.0)
+    assert "neuron phase reached its 2 validations (neuron_epochs)" in machine.step(0.9).reason
+    machine.step(0.9, 0.5)
+    assert "dendrite phase reached its 2 validations (dendrite_epochs)" in machine.step(0.9, 0.5).reason

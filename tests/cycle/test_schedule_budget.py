@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from pb_lightning.cycle.machine import (
+from pb_lightning.cycle.decision import (
     ACCEPT,
     CONTINUE,
     RESTART,
@@ -16,9 +16,9 @@ from pb_lightning.cycle.machine import (
     RESTORE_PHASE_BEST,
     START_DENDRITE_PHASE,
     STOP,
-    PhaseMachine,
     Verdict,
 )
+from pb_lightning.cycle.machine import PhaseMachine
 from pb_lightning.cycle.schedule import PhaseSchedule
 
 

@@ -8,7 +8,8 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pb_lightning.cycle.machine import RETRY, START_DENDRITE_PHASE, STOP, PhaseMachine
+from pb_lightning.cycle.decision import RETRY, START_DENDRITE_PHASE, STOP
+from pb_lightning.cycle.machine import PhaseMachine
 from pb_lightning.cycle.schedule import PhaseSchedule
 
 scores = st.one_of(

@@ -1,4 +1,4 @@
-"""``PhaseSchedule(run_budget=None, restarts_only=True)``: the restart schedule without dendrites, decision by decision."""
+"""``PhaseSchedule(restarts_only=True)``: the restart schedule without dendrites, decision by decision."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from pb_lightning.cycle.machine import (
+from pb_lightning.cycle.decision import (
     ACCEPT,
     CONTINUE,
     RESTART,
@@ -15,8 +15,8 @@ from pb_lightning.cycle.machine import (
     RETRY,
     START_DENDRITE_PHASE,
     STOP,
-    PhaseMachine,
 )
+from pb_lightning.cycle.machine import PhaseMachine
 from pb_lightning.cycle.schedule import PhaseSchedule
 from pb_lightning.errors import PerforationError
 

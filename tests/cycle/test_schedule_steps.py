@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pb_lightning.cycle.machine import ACCEPT, CONTINUE, RETRY, START_DENDRITE_PHASE, PhaseMachine
+from pb_lightning.cycle.decision import ACCEPT, CONTINUE, RETRY, START_DENDRITE_PHASE
+from pb_lightning.cycle.machine import PhaseMachine
 from pb_lightning.cycle.schedule import PhaseSchedule
 from pb_lightning.errors import PerforationError
 

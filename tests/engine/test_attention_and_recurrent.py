@@ -127,6 +127,32 @@ def test_the_converted_attention_computes_what_torch_computes(setting: str, mode
         torch.testing.assert_close(got_weights, expected_weights, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("need_weights", [True, False])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_the_converted_attention_takes_an_empty_batch_as_torch_does(need_weights: bool, batch_first: bool) -> None:
+    # torch returns empty outputs for a batch of 0; the converted path inferred a -1 from no elements.
+    original = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+    model = pb.perforate(nn.Sequential(copy.deepcopy(original)))
+    x = torch.randn(0, 3, 8) if batch_first else torch.randn(3, 0, 8)
+    expected, expected_weights = original(x, x, x, need_weights=need_weights)
+    got, got_weights = model[0](x, x, x, need_weights=need_weights)
+    assert got.shape == expected.shape
+    assert (got_weights is None) == (expected_weights is None)
+    if got_weights is not None:
+        assert got_weights.shape == expected_weights.shape
+
+
+def test_a_converted_encoder_takes_an_empty_sequence_with_a_padding_mask_as_torch_does() -> None:
+    # Eval without gradients: torch's fast path returns an empty output, so the converted layer must too.
+    encoder = nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), 1, enable_nested_tensor=False
+    ).eval()
+    model = pb.perforate(nn.Sequential(copy.deepcopy(encoder))).eval()
+    x, mask = torch.randn(2, 0, 8), torch.zeros(2, 0, dtype=torch.bool)
+    with torch.no_grad():
+        assert model[0](x, src_key_padding_mask=mask).shape == encoder(x, src_key_padding_mask=mask).shape
+
+
 @pytest.mark.parametrize("options", [{}, {"kdim": 6, "vdim": 5}])
 def test_a_state_dict_of_the_unconverted_attention_still_loads(options: dict[str, int]) -> None:
     from pb_lightning.engine.attention import PerforatableMultiheadAttention

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import pb_lightning as pb
-from pb_lightning.cycle.machine import RESTART, STOP
+from pb_lightning.cycle.decision import RESTART, STOP
 from pb_lightning.cycle.schedule import PhaseSchedule
 from pb_lightning.demos.digits import DigitsDataModule, DigitsMLP
 from pb_lightning.engine.controls import InertPerforatedLayer, is_inert, make_dendrites_inert

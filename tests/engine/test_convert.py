@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import NamedTuple
+
 import pytest
 import torch
 from torch import nn
 
-from pb_lightning import PerforatedLayer, PerforationError, perforate, perforated_layers
+from pb_lightning import (
+    PerforatedLayer,
+    PerforationError,
+    accept_dendrites,
+    perforate,
+    perforated_layers,
+    perforation_summary,
+    start_dendrite_phase,
+)
 from tests.helpers import Mixer
 
 
@@ -126,8 +137,10 @@ def test_custom_module_with_a_named_neuron_axis_learns_its_neuron_count_on_first
     layer = perforated_layers(model)[0]
     assert layer.name == "0"
     assert layer.num_neurons is None
+    assert "Mixer: neurons counted at its first forward, 0 dendrite sets" in perforation_summary(model)
     model(torch.randn(3, 5))
     assert layer.num_neurons == 6
+    assert "Mixer: 6 neurons" in perforation_summary(model)
 
 
 def test_lazy_modules_are_refused_until_materialised() -> None:
@@ -216,3 +229,79 @@ def test_a_norm_with_two_names_or_paired_twice_is_refused() -> None:
     seq = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.BatchNorm1d(4))
     with pytest.raises(PerforationError, match=r"`with_norm` must be a mapping that pairs each norm with one module"):
         perforate(seq, with_norm={"0": "2", "1": "2"})
+
+
+class _TupleOut(nn.Module):
+    """A custom module that returns more than its neurons, as many blocks do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(5, 6)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.proj(x)
+        return y, y.sum()
+
+
+class _Named(NamedTuple):
+    hidden: torch.Tensor
+    aux: torch.Tensor
+
+
+class _NamedTupleOut(_TupleOut):
+    def forward(self, x: torch.Tensor) -> _Named:  # type: ignore[override]
+        y = self.proj(x)
+        return _Named(y, y.sum())
+
+
+@dataclasses.dataclass
+class _Output:
+    hidden: torch.Tensor
+
+
+class _DataclassOut(_TupleOut):
+    def forward(self, x: torch.Tensor) -> _Output:  # type: ignore[override]
+        return _Output(self.proj(x))
+
+
+class _ScalarOut(_TupleOut):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.proj(x).sum()
+
+
+@pytest.mark.parametrize(
+    ("module", "described"),
+    [
+        (_TupleOut, r"tuple of 2 entries"),
+        (_NamedTupleOut, r"_Named with fields \['hidden', 'aux'\]"),
+        (_DataclassOut, r"_Output with fields \['hidden'\]"),
+    ],
+)
+def test_a_custom_output_that_is_not_a_tensor_names_output_selectors(module: type[nn.Module], described: str) -> None:
+    model = perforate(nn.Sequential(module()), include=[module], neuron_axes={module: -1})
+    pattern = rf"returned {described}, not a tensor.*output_selectors=\{{{module.__name__}:"
+    with pytest.raises(PerforationError, match=pattern):
+        model(torch.randn(3, 5))
+
+
+@pytest.mark.parametrize("module", [_NamedTupleOut, _DataclassOut])
+def test_a_field_name_selects_the_neurons_of_a_named_tuple_or_dataclass_output(module: type[nn.Module]) -> None:
+    model = perforate(
+        nn.Sequential(module()), include=[module], neuron_axes={module: -1}, output_selectors={module: "hidden"}
+    )
+    x = torch.randn(3, 5)
+    model(x)
+    start_dendrite_phase(model)
+    for _ in range(6):
+        model(x).hidden.square().sum().backward()
+    accept_dendrites(model)
+    perforated_layers(model)[0].output_weight.data.fill_(0.5)
+    out = model(x)
+    assert type(out) is type(module()(x))
+    assert not torch.allclose(out.hidden, model[0].module(x).hidden)  # the dendrites reach the field
+
+
+def test_a_custom_module_with_a_scalar_output_is_named() -> None:
+    model = perforate(nn.Sequential(_ScalarOut()), include=[_ScalarOut], neuron_axes={_ScalarOut: -1})
+    with pytest.raises(PerforationError, match=r"`0` \(_ScalarOut\): its output is a scalar .*exclude"):
+        model(torch.randn(3, 5))

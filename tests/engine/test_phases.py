@@ -194,3 +194,22 @@ def test_perforation_state_round_trips_mid_dendrite_phase() -> None:
     assert fresh[0].module.weight.requires_grad
     with pytest.raises(PerforationError, match="dendrite_phase=True"):
         pb.load_perforation_state(_net(), state)
+
+
+def test_candidates_learn_in_a_model_left_in_eval_mode() -> None:
+    # A trained model evaluated by hand (or loaded for fine-tuning) may be in eval mode when its
+    # dendrite phase starts: the backward pass must still reach the candidates and train them.
+    model = _net()
+    model(torch.randn(8, 4))
+    model.eval()
+    pb.start_dendrite_phase(model)
+    before = [p.detach().clone() for p in pb.trainable_parameters(model)]
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    opt = torch.optim.Adam(pb.trainable_parameters(model), lr=1e-2)
+    for _ in range(8):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    after = list(pb.trainable_parameters(model))
+    assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert all(layer.candidates.scores().abs().sum() > 0 for layer in pb.perforated_layers(model))

@@ -32,7 +32,12 @@ def _mixer_net() -> nn.Module:
     return pb.perforate(model, include=[Mixer, nn.Linear], neuron_axes={Mixer: -1})
 
 
-_BUILDERS = {"conv": (_conv_net, (8, 2, 6, 6)), "mixer": (_mixer_net, (8, 4, 5))}
+def _sparse_net() -> nn.Module:
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    return pb.perforate(model, config=pb.DendriteConfig(fan_in=2))
+
+
+_BUILDERS = {"conv": (_conv_net, (8, 2, 6, 6)), "mixer": (_mixer_net, (8, 4, 5)), "sparse": (_sparse_net, (8, 6))}
 
 
 def _train(model: nn.Module, x: torch.Tensor, steps: int) -> None:
@@ -134,3 +139,27 @@ def test_to_inference_unwraps_layers_without_dendrites() -> None:
     assert isinstance(deployed[0][1], nn.BatchNorm2d)
     assert isinstance(deployed[6], nn.Linear)
     assert torch.equal(deployed(x), model(x))
+
+
+@pytest.mark.parametrize("kind", ["conv", "mixer", "sparse"])
+def test_torchscript_of_a_deployed_model_is_refused_with_the_way_to_export(kind: str) -> None:
+    # TorchScript cannot express the dendrite layers (README "Deploy"): each of its three routes
+    # gets the same error naming torch.export and ONNX, not a half-working trace.
+    model, x = _grown(kind, cycles=1, mid_phase=False)
+    deployed = pb.to_inference(model)
+    for script in (
+        lambda: torch.jit.trace(deployed, x),
+        lambda: torch.jit.trace(deployed, x, check_trace=False),
+        lambda: torch.jit.script(deployed),
+    ):
+        with pytest.raises(pb.PerforationError, match=r"TorchScript .* torch\.export\.export.*torch\.onnx\.export"):
+            script()
+
+
+@pytest.mark.parametrize("kind", ["conv", "mixer", "sparse"])
+def test_a_deployed_model_exports_with_a_dynamic_batch(kind: str) -> None:
+    model, x = _grown(kind, cycles=2, mid_phase=False)
+    deployed = pb.to_inference(model)
+    exported = torch.export.export(deployed, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    for batch in (x, torch.randn(3, *x.shape[1:])):
+        assert torch.allclose(exported.module()(batch), deployed(batch), atol=1e-6)

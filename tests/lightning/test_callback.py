@@ -10,9 +10,10 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.demos.boring_classes import BoringModel
+from torch.utils.data import DataLoader, TensorDataset
 
 import pb_lightning as pb
-from pb_lightning.cycle.machine import ACCEPT, START_DENDRITE_PHASE, STOP
+from pb_lightning.cycle.decision import ACCEPT, START_DENDRITE_PHASE, STOP
 from pb_lightning.demos.digits import DigitsDataModule, DigitsMLP
 from tests.helpers import fast_trainer
 
@@ -114,6 +115,49 @@ def test_resume_from_a_mid_dendrite_phase_checkpoint(tmp_path: Path) -> None:
     assert [h["action"] for h in resumed.machine.state.history] == [h["action"] for h in full.machine.state.history]
     assert [layer.num_dendrites for layer in model.perforated_layers()] == [
         layer.num_dendrites for layer in full_model.perforated_layers()
+    ]
+
+
+@pytest.mark.filterwarnings("ignore:Found .* module.* in eval mode")
+def test_a_model_left_in_eval_mode_trains_through_its_dendrite_phase(tmp_path: Path) -> None:
+    # E.g. a trained model evaluated by hand before fit: Lightning keeps the modes (and only
+    # warns), so the dendrite phase's backward pass must reach the candidates in eval mode too.
+    pl.seed_everything(0)
+    model = DigitsMLP(hidden=8, lr=1e-2)
+    model.configure_model()
+    model.eval()
+    callback = _fixed(max_dendrites=1)
+    _trainer(tmp_path, [callback], max_epochs=4).fit(model, DigitsDataModule())
+    assert [h["action"] for h in callback.machine.state.history][1:] == [START_DENDRITE_PHASE, "continue", ACCEPT]
+    assert callback.machine.state.candidate_best > 0  # the candidates learned a correlation
+
+
+class _ShuffledBySeedAndEpoch(DigitsDataModule):
+    def train_dataloader(self) -> DataLoader:
+        data = self._splits["train"]
+        return DataLoader(data, batch_size=self.batch_size, sampler=pb.EpochShuffleSampler(data, seed=0))
+
+
+def _shuffled_run(root: Path, max_epochs: int, ckpt_path: Path | None = None) -> DigitsMLP:
+    pl.seed_everything(0)
+    checkpoint = ModelCheckpoint(dirpath=root / "ckpt", save_top_k=-1, every_n_epochs=1)
+    model = DigitsMLP(hidden=8, lr=1e-2)
+    trainer = _trainer(root, [_fixed(max_dendrites=1), checkpoint], max_epochs=max_epochs, enable_checkpointing=True)
+    trainer.fit(model, _ShuffledBySeedAndEpoch(), ckpt_path=ckpt_path)
+    return model
+
+
+def test_a_resumed_run_with_the_epoch_shuffle_sampler_ends_at_the_same_weights(tmp_path: Path) -> None:
+    # DataLoader(shuffle=True) keeps its generator out of the checkpoint, so a resumed run sees
+    # other batch orders; EpochShuffleSampler's order is a function of (seed, epoch) alone.
+    full = _shuffled_run(tmp_path / "full", max_epochs=6)
+    _shuffled_run(tmp_path / "part", max_epochs=3)  # "killed" one epoch into the dendrite phase
+    resumed = _shuffled_run(tmp_path / "resumed", 6, tmp_path / "part" / "ckpt" / "epoch=2-step=51.ckpt")
+    expected, got = full.state_dict(), resumed.state_dict()
+    assert list(got) == list(expected)
+    assert all(torch.equal(got[key], expected[key]) for key in expected)
+    assert [layer.num_dendrites for layer in resumed.perforated_layers()] == [
+        layer.num_dendrites for layer in full.perforated_layers()
     ]
 
 
@@ -257,6 +301,49 @@ def test_a_missing_monitor_is_named_with_what_was_logged(tmp_path: Path) -> None
         _trainer(tmp_path, [_fixed(monitor="val_accuracy")], max_epochs=1).fit(DigitsMLP(), DigitsDataModule())
 
 
+def test_a_missing_monitor_is_named_at_the_sanity_check(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path, [_fixed(monitor="val_los")], max_epochs=1, num_sanity_val_steps=1)
+    with pytest.raises(
+        pb.PerforationError, match=r"not logged at the sanity check.*Close to 'val_los': \['val_loss'\]"
+    ):
+        trainer.fit(DigitsMLP(), DigitsDataModule())
+    assert trainer.global_step == 0  # before any training
+
+
+class _TwoValidationSets(DigitsDataModule):
+    def val_dataloader(self) -> list[DataLoader]:
+        return [super().val_dataloader(), super().val_dataloader()]
+
+
+class _LossPerLoader(DigitsMLP):
+    def validation_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        x, y = batch
+        self.log("val_loss", torch.nn.functional.cross_entropy(self(x), y))
+
+
+def test_a_monitor_logged_per_dataloader_names_the_keys_it_was_logged_as(tmp_path: Path) -> None:
+    with pytest.raises(pb.PerforationError) as raised:
+        _trainer(tmp_path, [_fixed()], max_epochs=1).fit(_LossPerLoader(), _TwoValidationSets())
+    message = str(raised.value)
+    assert "['val_loss/dataloader_idx_0', 'val_loss/dataloader_idx_1']" in message
+    assert "add_dataloader_idx=False" in message
+    assert "Log it in `validation_step`" not in message
+
+
+class _EmptyValidationSet(DigitsDataModule):
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(torch.zeros(0, 64), torch.zeros(0, dtype=torch.long)), batch_size=4)
+
+
+@pytest.mark.filterwarnings("ignore:Total length of `DataLoader` across ranks is zero")
+def test_a_validation_without_a_score_is_reported_once(tmp_path: Path) -> None:
+    with pytest.warns(UserWarning, match=r"validation of epoch 0 produced no 'val_loss' score.*no batches") as seen:
+        _trainer(tmp_path, [_fixed()], max_epochs=3).fit(DigitsMLP(), _EmptyValidationSet())
+    assert sum("produced no 'val_loss' score" in str(w.message) for w in seen) == 1
+
+
 def test_no_validation_loop_is_refused(tmp_path: Path) -> None:
     with pytest.raises(pb.PerforationError, match=r"no validation loop"):
         _trainer(tmp_path, [_fixed()], max_epochs=1, limit_val_batches=0).fit(DigitsMLP(), DigitsDataModule())
@@ -380,3 +467,35 @@ class _Manual(DigitsMLP):
 def test_manual_optimization_is_refused(tmp_path: Path) -> None:
     with pytest.raises(pb.PerforationError, match=r"needs automatic optimization"):
         _trainer(tmp_path, [_fixed()], max_epochs=1).fit(_Manual(), DigitsDataModule())
+
+
+def test_the_shape_probe_leaves_each_module_in_its_own_mode() -> None:
+    # Lightning trains every module in the mode the user left it in; the probe of
+    # example_input_array at fit start must not switch them all to the root's mode.
+    from pb_lightning.lightning.checks import probe_shapes
+
+    model = DigitsMLP(hidden=8, lr=1e-2)
+    model.configure_model()
+    model.example_input_array = torch.randn(2, 64)
+    model.net[2].eval()
+    probe_shapes(pl.Trainer(logger=False, enable_progress_bar=False), model)
+    assert model.training
+    assert model.net[0].training
+    assert not model.net[2].training
+
+
+def test_torchscript_of_a_deployed_lightning_module_is_refused_by_pb_lightning() -> None:
+    # Not Lightning's "DigitsMLP is not attached to a `Trainer`", which says nothing about what works.
+    model = DigitsMLP(hidden=8, lr=1e-2)
+    model.configure_model()
+    x = torch.randn(4, 64)
+    model(x)
+    model.start_dendrite_phase()
+    model.accept_dendrites()
+    deployed = pb.to_inference(model)
+    with pytest.raises(pb.PerforationError, match=r"TorchScript .*\(layer `net\.0`\).*torch\.export\.export"):
+        torch.jit.trace(deployed, x)
+    with pytest.raises(pb.PerforationError, match=r"TorchScript .* torch\.onnx\.export"):
+        model.to_torchscript()
+    exported = torch.export.export(deployed, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    assert torch.allclose(exported.module()(x[:3]), deployed(x[:3]))

@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import pb_lightning as pb
-from pb_lightning.cycle.machine import ACCEPT
+from pb_lightning.cycle.decision import ACCEPT
 from pb_lightning.demos.digits import DigitsDataModule, DigitsMLP
 from pb_lightning.engine.correlation import CorrelationStatistics
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import runpy
 from pathlib import Path
 from typing import Any
@@ -186,3 +187,16 @@ def test_a_dendrite_phase_ends_at_the_training_step_its_candidates_converge() ->
             break
     else:
         raise AssertionError("the reference rule did not end the phase")
+
+
+def test_the_tracker_says_a_nan_score_plainly_and_shows_its_summary_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    tracker = pb.PerforatedTracker("max")
+    with caplog.at_level(logging.INFO, logger="pb_lightning.loops.tracker"):
+        model = tracker.initialize(nn.Sequential(nn.Linear(4, 3)))
+        tracker.initialize(nn.Sequential(nn.Linear(4, 3)))  # again (a fresh model): no second summary
+    summaries = [r for r in caplog.records if "perforated module" in r.getMessage() and r.levelno == logging.INFO]
+    assert len(summaries) == 1
+    with pytest.warns(UserWarning, match=r"pb_lightning: the validation score is nan at validation 1;"):
+        tracker.add_validation_score(float("nan"), model)

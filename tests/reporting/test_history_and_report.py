@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import pb_lightning as pb
 from pb_lightning.demos.digits import DigitsDataModule, DigitsMLP
 from pb_lightning.lightning import recorder
 from pb_lightning.lightning.cli import console
-from pb_lightning.reporting.history import final_report, load_history
+from pb_lightning.reporting.history import final_report, format_report, load_history
 from tests.helpers import fast_trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -206,3 +207,11 @@ def test_a_run_without_a_logger_writes_no_files(tmp_path: Path, monkeypatch: pyt
     trainer.fit(DigitsMLP(hidden=8, lr=1e-2), DigitsDataModule())
     assert callback.report is not None
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_summary_shows_a_real_improvement_as_two_different_numbers() -> None:
+    report = {"monitor": "val_acc", "best_before_dendrites": 95.63300323486328, "final_best": 95.63304138183594}
+    text = format_report(report)
+    assert "best val_acc before dendrites: 95.633\n" in text
+    assert "final best val_acc: 95.63304\n" in text
+    assert "final best val_acc: n/a" in format_report({"monitor": "val_acc", "final_best": math.nan})

@@ -1,0 +1,96 @@
+"""What ends a dendrite phase and what bounds a whole run: the plateau rule and the run budget.
+
+Pure functions of the :class:`~pb_lightning.cycle.schedule.PhaseSchedule` and the
+:class:`~pb_lightning.cycle.phase_state.PhaseState`, kept apart from the machine that applies
+them (docs/ALGORITHM.md §4) so each rule reads in one place and is tested on its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from pb_lightning.cycle.phase_state import PhaseState
+from pb_lightning.cycle.schedule import PhaseSchedule
+
+#: The machine's logger: the warning below is part of its decisions.
+log = logging.getLogger("pb_lightning.cycle.machine")
+
+
+def plateaued(window: list[float], score: float | None, size: int, fraction: float) -> bool:
+    """Fold ``score`` into a plateau ``window`` (changed in place) and say whether it is flat.
+
+    The window holds the candidates' running best at its last ``size + 1`` observations,
+    starting with the phase's 0: it is flat once its last ``size`` observations added no more
+    than ``fraction`` of the latest value — of what the whole phase has gained. A running best,
+    not the raw score, so a noisy dip neither ends nor prolongs a phase. A missing or
+    non-finite score adds nothing (candidates that never score end the phase after ``size``
+    observations, as they did under the old patience rule).
+
+    Example::
+
+        >>> window = [0.0]
+        >>> [plateaued(window, s, 2, 0.1) for s in (0.5, 0.52, 0.53)]
+        [False, False, True]
+    """
+    best = window[-1] if window else 0.0
+    if score is not None and math.isfinite(score):
+        best = max(best, float(score))
+    window.append(best)
+    del window[: -(size + 1)]
+    return len(window) > size and window[-1] - window[0] <= fraction * window[-1]
+
+
+def plateau_reason(fraction: float, size: int, unit: str, setting: str) -> str:
+    """A plateau-ended phase's reason, e.g. ``... over the last 20 training steps (dendrite_patience_steps=20)``."""
+    return (
+        f"the candidates' score rose by less than {fraction:g} of itself over the last {size} {unit} ({setting}={size})"
+    )
+
+
+def budget_left(schedule: PhaseSchedule, state: PhaseState) -> float:
+    """Validations ``run_budget`` leaves: infinite without a budget, before the first neuron
+    phase has ended (its length is the unit), or with fixed ``neuron_epochs`` (the user set the
+    run's length)."""
+    budget = schedule.run_budget
+    if budget is None or state.baseline_validations is None or schedule.neuron_epochs is not None:
+        return math.inf
+    return math.ceil(budget * state.baseline_validations) - state.validations
+
+
+def shortest_cycle(schedule: PhaseSchedule) -> int:
+    """The fewest validations a new cycle (or restart) can take: none is started in less.
+
+    A neuron phase lasts at least its patience; a dendrite phase judged per training step can
+    end before its first validation, one judged at validations needs ``dendrite_patience + 1``.
+    """
+    neuron = schedule.neuron_epochs or schedule.neuron_patience
+    if schedule.restarts_only:
+        return neuron
+    if schedule.dendrite_epochs is not None:
+        return neuron + schedule.dendrite_epochs
+    return neuron + (0 if schedule.dendrite_patience_steps is not None else schedule.dendrite_patience + 1)
+
+
+def budget_note(schedule: PhaseSchedule, state: PhaseState) -> str:
+    """The budget's arithmetic, for a decision's reason."""
+    budget, baseline = schedule.run_budget, state.baseline_validations
+    assert budget is not None
+    assert baseline is not None
+    return (
+        f"run_budget={budget:g} allows {math.ceil(budget * baseline)} validations "
+        f"({budget:g}x the first neuron phase's {baseline}); {state.validations} used"
+    )
+
+
+def warn_max_dendrite_epochs(schedule: PhaseSchedule) -> None:
+    """A phase that ran to its cap is one the plateau rule did not end: say which settings do."""
+    log.warning(
+        "A dendrite phase ran to max_dendrite_epochs=%d without its candidates' score levelling off "
+        "(candidate_plateau_fraction=%g over dendrite_patience=%d validations). To end phases sooner, "
+        "raise candidate_plateau_fraction (e.g. 0.2), lower dendrite_patience, set dendrite_patience_steps "
+        "(e.g. 20: judged every training step) or lower max_dendrite_epochs.",
+        schedule.max_dendrite_epochs,
+        schedule.candidate_plateau_fraction,
+        schedule.dendrite_patience,
+    )
