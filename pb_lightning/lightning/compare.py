@@ -207,8 +207,8 @@ def run_fit(job: Job, folder: Path, results: dict[str, Any], options: CompareOpt
         score = tested[results["metric"]]
     else:
         tested = {}
-        results.setdefault("metric", callback.monitor)
-        results.setdefault("mode", callback.mode)
+        if results.get("metric") is None:
+            results["metric"], results["mode"] = callback.monitor, callback.mode
         score = float(callback.best_score)
     wall = time.perf_counter() - start
     fit = {
