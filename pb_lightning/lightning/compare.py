@@ -106,31 +106,33 @@ def _check_jobs(jobs: list[Job], scratch: Path) -> bool:
     """Instantiate each arm's config once (no fit) so that a config that does not parse, a model
     that is no PerforatedModule or an inert arm that cannot be inert fails now, not hours in.
     Returns whether the model has a test split."""
+    has_test = False
+    try:
+        for job in (j for j in jobs if j.seed == jobs[0].seed):
+            has_test = _check_job(job, scratch / job.arm)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return has_test
+
+
+def _check_job(job: Job, folder: Path) -> bool:
     from pb_lightning.lightning.module import PerforatedModule
 
-    has_test = False
-    for job in jobs:
-        if job.seed != jobs[0].seed:
-            break
-        folder = scratch / job.arm
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / "config.yaml"
-        path.write_text(yaml.safe_dump(job.config, sort_keys=False))
-        try:
-            cli = _make_cli(path)
-        except SystemExit as error:  # jsonargparse reports its own error, then exits
-            raise PerforationError(
-                f"compare: the {job.arm!r} arm's config does not parse (the message above says why)."
-            ) from error
-        if not isinstance(cli.model, PerforatedModule):
-            raise invalid("model.class_path", type(cli.model).__name__, "a pb_lightning.PerforatedModule subclass")
-        learning = getattr(cli.model.dendrite_config, "learning", "correlation")
-        if job.arm == "inert" and learning != "correlation":
-            raise invalid("--arms", "inert", f"arms without 'inert': the model's dendrites use learning={learning!r}")
-        has_test = _has_test_split(cli)
-        del cli
-    shutil.rmtree(scratch, ignore_errors=True)
-    return has_test
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(job.config, sort_keys=False))
+    try:
+        cli = _make_cli(path)
+    except SystemExit as error:  # jsonargparse reports its own error, then exits
+        raise PerforationError(
+            f"compare: the {job.arm!r} arm's config does not parse (the message above says why)."
+        ) from error
+    if not isinstance(cli.model, PerforatedModule):
+        raise invalid("model.class_path", type(cli.model).__name__, "a pb_lightning.PerforatedModule subclass")
+    learning = getattr(cli.model.dendrite_config, "learning", "correlation")
+    if job.arm == "inert" and learning != "correlation":
+        raise invalid("--arms", "inert", f"arms without 'inert': the model's dendrites use learning={learning!r}")
+    return _has_test_split(cli)
 
 
 @contextlib.contextmanager

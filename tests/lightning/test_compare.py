@@ -108,6 +108,7 @@ def test_quick_compare_end_to_end_with_test_split_widths_and_callbacks(
     params = {f["arm"]: f["params"] for f in fits}
     assert params["plain"] == params["restart"] < params["plain@12"]
     assert "fit 10/10 (plain@12, seed 1)" in caplog.text
+    assert caplog.text.count("INERT CONTROL enabled") == 2  # the inert arm's two fits, and only those
     assert "s left" in caplog.text
 
     # The gaps and the envelope, by hand from the saved fits.
