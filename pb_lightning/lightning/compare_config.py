@@ -286,8 +286,9 @@ def plan(options: CompareOptions) -> tuple[dict[str, Any], list[Job]]:
 
 
 def config_hash(base: dict[str, Any], options: CompareOptions) -> str:
-    # What makes two result sets comparable: the config, quick or not, the width argument.
-    key = json.dumps([base, options.quick, options.width_arg], sort_keys=True, default=str)
+    # What makes two result sets comparable: the config and --quick. Not the arms, seeds or widths:
+    # a resumed comparison may add any of them (its earlier fits stay valid).
+    key = json.dumps([base, options.quick], sort_keys=True, default=str)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -307,7 +308,9 @@ def load_previous(options: CompareOptions, digest: str) -> dict[str, Any] | None
         raise invalid(
             "--resume",
             str(options.output_dir),
-            "a folder whose comparison used the same config, --quick and --width-arg (its results differ: "
-            "name another --output)",
+            "a folder whose comparison used the same config and --quick (its results differ: name another --output)",
         )
+    earlier = (previous.get("settings") or {}).get("width_arg")
+    if earlier and options.width_arg and earlier != options.width_arg:
+        raise invalid("--width-arg", options.width_arg, f"{earlier!r}, as in the comparison being resumed")
     return previous
