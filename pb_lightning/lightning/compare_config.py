@@ -93,8 +93,30 @@ def check_base_config(config: Any, path: str) -> None:
             raise invalid(
                 f"PerforatedCallback.{name}", args[name], "false in a config to compare (compare runs the controls)"
             )
+    trainer = config.get("trainer") or {}
+    if _device_count(trainer.get("devices")) > 1 or (trainer.get("num_nodes") or 1) > 1:
+        raise invalid(
+            "trainer.devices",
+            trainer.get("devices"),
+            "1 (and num_nodes 1) for compare: its fits run one after another in one process, which a "
+            "multi-process strategy such as DDP would relaunch",
+        )
     if not isinstance(config.get("model"), dict) or "class_path" not in config["model"]:
         raise invalid("--config", path, "a config with model.class_path (a pb_lightning.PerforatedModule)")
+
+
+def _device_count(devices: Any) -> int:
+    # "auto" and None count as one: on a multi-GPU machine "auto" would take them all, but the user
+    # who wrote it did not ask for several.
+    if isinstance(devices, list | tuple):
+        return len(devices)
+    if isinstance(devices, str) and "," in devices:
+        return len([d for d in devices.split(",") if d.strip()])
+    try:
+        count = int(devices)
+    except (TypeError, ValueError):
+        return 1
+    return 2 if count == -1 else count
 
 
 def check_width_arg(config: dict[str, Any], width_arg: str) -> Any:

@@ -151,7 +151,15 @@ def test_without_a_test_split_the_best_validation_score_is_compared(tmp_path: Pa
     options = CompareOptions(
         config=str(_config(tmp_path, data="TinyDataNoTest")), seeds=2, arms=("dendrites", "plain"), output=str(out)
     )
-    results = compare(CompareOptions(**{**options.__dict__, "quick": True}))
+    first = compare(CompareOptions(**{**options.__dict__, "quick": True, "seeds": 1}))
+    assert first["verdict"] == (
+        f"dendrites vs plain: {first['gaps']['plain']['mean']:+.4f} (one seed, no error bar) over 1 seed: "
+        "one seed cannot resolve any difference"
+    )
+    # --resume adds the second seed's fits and keeps the first seed's.
+    results = compare(CompareOptions(**{**options.__dict__, "quick": True, "resume": True}))
+    assert results["fits"][:2] == first["fits"]
+    assert [(f["arm"], f["seed"]) for f in results["fits"][2:]] == [("dendrites", 1), ("plain", 1)]
     assert results["source"] == "validation"
     assert results["metric"] == "val_loss"
     assert results["mode"] == "min"
@@ -179,6 +187,7 @@ def test_without_a_test_split_the_best_validation_score_is_compared(tmp_path: Pa
             "`--width-arg` must be an init argument TinyMLP takes: width, lr; got 'model.init_args.hidden'",
         ),
         ({"width_arg": "model.init_args.width"}, "`--width-arg/--widths` must be both given"),
+        ({"devices": 2}, "`trainer.devices` must be 1 (and num_nodes 1) for compare"),
         (
             {"perforated": False},
             "`--config` must be a config whose trainer.callbacks include pb_lightning.PerforatedCallback",
@@ -186,7 +195,12 @@ def test_without_a_test_split_the_best_validation_score_is_compared(tmp_path: Pa
     ],
 )
 def test_bad_arguments_fail_before_any_fit(tmp_path: Path, change: dict[str, Any], message: str) -> None:
+    change = dict(change)
     config = _config(tmp_path, perforated=change.pop("perforated", True))
+    if "devices" in change:
+        data = yaml.safe_load(config.read_text())
+        data["trainer"]["devices"] = change.pop("devices")
+        config.write_text(yaml.safe_dump(data))
     out = tmp_path / "out"
     with pytest.raises(PerforationError, match=_escape(message)):
         compare(CompareOptions(config=str(config), output=str(out), **change))
