@@ -188,7 +188,10 @@ def run_fit(job: Job, folder: Path, results: dict[str, Any], options: CompareOpt
 
     from pb_lightning.engine.params import parameter_counts
 
-    folder.mkdir(parents=True, exist_ok=True)
+    # A folder left by a fit that never finished (an interrupted comparison being resumed) holds
+    # stale logs and checkpoints: the fit starts over from nothing.
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(job.config, sort_keys=False))
     with contextlib.suppress(Exception):
