@@ -109,7 +109,16 @@ def test_quick_compare_end_to_end_with_test_split_widths_and_callbacks(
     assert params["plain"] == params["restart"] < params["plain@12"]
     assert "fit 10/10 (plain@12, seed 1)" in caplog.text
     assert caplog.text.count("INERT CONTROL enabled") == 2  # the inert arm's two fits, and only those
-    assert "s left" in caplog.text
+    # Seeded alike, every arm at the config's width starts from the same weights and batches: the
+    # first neuron phase (two validations under --quick) is the same run in each; another seed is not.
+    first_phase = {
+        (arm, seed): [row["score"] for row in json.loads(_history(out, arm, seed).read_text())[:2]]
+        for arm in ("dendrites", "plain", "restart", "inert")
+        for seed in (0, 1)
+    }
+    for seed in (0, 1):
+        assert len({tuple(v) for (_, s), v in first_phase.items() if s == seed}) == 1, first_phase
+    assert first_phase["plain", 0] != first_phase["plain", 1]
 
     # The gaps and the envelope, by hand from the saved fits.
     for arm in ("plain", "restart", "inert", "plain@12"):
@@ -214,6 +223,11 @@ def test_the_command_reports_a_bad_argument_and_exits_2(tmp_path: Path, capsys: 
     assert (
         "`--seeds` must be an int >= 1 (the number of seeds each arm is fitted with); got 0" in capsys.readouterr().err
     )
+
+
+def _history(out: Path, arm: str, seed: int) -> Path:
+    (path,) = (out / "fits" / f"{arm}-seed{seed}").rglob("pb_history.json")
+    return path
 
 
 def _escape(text: str) -> str:
