@@ -35,6 +35,7 @@ import json
 import logging
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -107,11 +108,8 @@ def _check_jobs(jobs: list[Job], scratch: Path) -> bool:
     that is no PerforatedModule or an inert arm that cannot be inert fails now, not hours in.
     Returns whether the model has a test split."""
     has_test = False
-    try:
-        for job in (j for j in jobs if j.seed == jobs[0].seed):
-            has_test = _check_job(job, scratch / job.arm)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    for job in (j for j in jobs if j.seed == jobs[0].seed):
+        has_test = _check_job(job, scratch / job.arm)
     return has_test
 
 
@@ -246,9 +244,9 @@ def compare(options: CompareOptions) -> dict[str, Any]:
     out = options.output_dir
     digest = config_hash(base, options)
     previous = load_previous(options, digest)
+    with _quiet_lightning(options.verbose), tempfile.TemporaryDirectory(prefix="pb_compare_check_") as scratch:
+        has_test = _check_jobs(jobs, Path(scratch))
     out.mkdir(parents=True, exist_ok=True)
-    with _quiet_lightning(options.verbose):
-        has_test = _check_jobs(jobs, out / ".check")
     results = previous or {
         "version": RESULTS_VERSION,
         "config": str(options.config),

@@ -197,6 +197,7 @@ def test_without_a_test_split_the_best_validation_score_is_compared(tmp_path: Pa
         ),
         ({"width_arg": "model.init_args.width"}, "`--width-arg/--widths` must be both given"),
         ({"devices": 2}, "`trainer.devices` must be 1 (and num_nodes 1) for compare"),
+        ({"width_arg": "model.init_args.width", "widths": ("wide",)}, "the 'plain@wide' arm's config does not parse"),
         (
             {"perforated": False},
             "`--config` must be a config whose trainer.callbacks include pb_lightning.PerforatedCallback",
