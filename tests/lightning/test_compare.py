@@ -155,7 +155,11 @@ def test_quick_compare_end_to_end_with_test_split_widths_and_callbacks(
     assert [f["wall_s"] for f in again["fits"]] == [f["wall_s"] for f in json.loads(before)["fits"]]
 
 
-def test_without_a_test_split_the_best_validation_score_is_compared(tmp_path: Path) -> None:
+def test_without_a_test_split_the_best_validation_score_is_compared(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    # ... and without matplotlib: said once in the log, no plot.
+    monkeypatch.setattr("pb_lightning.lightning.compare.matplotlib_available", lambda: False)
     out = tmp_path / "out"
     options = CompareOptions(
         config=str(_config(tmp_path, data="TinyDataNoTest")), seeds=2, arms=("dendrites", "plain"), output=str(out)
@@ -166,7 +170,10 @@ def test_without_a_test_split_the_best_validation_score_is_compared(tmp_path: Pa
         "one seed cannot resolve any difference"
     )
     # --resume adds the second seed's fits and keeps the first seed's.
-    results = compare(CompareOptions(**{**options.__dict__, "quick": True, "resume": True}))
+    with caplog.at_level("INFO"):
+        results = compare(CompareOptions(**{**options.__dict__, "quick": True, "resume": True}))
+    assert caplog.text.count("matplotlib is not installed: no results.png") == 1
+    assert not (out / "results.png").exists()
     assert results["fits"][:2] == first["fits"]
     assert [(f["arm"], f["seed"]) for f in results["fits"][2:]] == [("dendrites", 1), ("plain", 1)]
     assert results["source"] == "validation"
