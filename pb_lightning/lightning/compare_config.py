@@ -279,7 +279,10 @@ def plan(options: CompareOptions) -> tuple[dict[str, Any], list[Job]]:
     path = Path(options.config)
     if not path.is_file():
         raise invalid("--config", options.config, "a LightningCLI YAML file that exists")
-    base = yaml.safe_load(path.read_text())
+    try:
+        base = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise invalid("--config", options.config, f"a valid YAML file ({error})") from error
     check_base_config(base, options.config)
     own_width = check_width_arg(base, options.width_arg) if options.width_arg else None
     widths = []
@@ -290,7 +293,7 @@ def plan(options: CompareOptions) -> tuple[dict[str, Any], list[Job]]:
             widths.append(width)
     jobs = []
     for seed in range(options.seeds):
-        for arm in options.arms:
+        for arm in dict.fromkeys(options.arms):  # an arm named twice runs once
             jobs.append(Job(arm, seed))
         jobs.extend(Job(f"{WIDTH_PREFIX}{w}", seed, w) for w in widths)
     out = options.output_dir
