@@ -2,7 +2,10 @@
 
 ``pb-lightning fit --config configs/digits.yaml`` trains (models and data modules are chosen by
 ``class_path`` in the YAML; any :class:`~pb_lightning.lightning.module.PerforatedModule` works), and
-``pb-lightning plot RUN_DIR`` redraws a run's history plot from its ``pb_history.json``.
+``pb-lightning plot RUN_DIR`` redraws a run's history plot from its ``pb_history.json``, and
+``pb-lightning compare --config configs/digits.yaml --seeds 3`` fits the config against its
+controls (no dendrites, the restart schedule alone, ...) to tell whether dendrites pay on it
+(:mod:`pb_lightning.lightning.compare`).
 """
 
 from __future__ import annotations
@@ -38,6 +41,10 @@ def console(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["plot"]:
         plot_command(args[1:])
+    elif args[:1] == ["compare"]:
+        from pb_lightning.lightning.compare import compare_command
+
+        compare_command(args[1:])
     else:
         # From the command line, let LightningCLI read sys.argv itself: given `args` while
         # sys.argv holds the same, it warns that `args` is meant for calls from within Python.
