@@ -151,10 +151,11 @@ VARIANTS: dict[str, Variant] = {
         note="dendrite phases end once 20 training steps add < 10% of the candidates' score; no run budget",
     ),
     **{
-        f"plateau-steps20-budget{b:g}": Variant(
-            schedule={"dendrite_patience_steps": 20, "run_budget": b},
-            note=f"plateau-steps20, and the whole run at most {b:g}x the first neuron phase's validations",
+        f"plateau-steps{n}-budget{b:g}": Variant(
+            schedule={"dendrite_patience_steps": n, "run_budget": b},
+            note=f"plateau over {n} steps, and the whole run at most {b:g}x the first neuron phase's validations",
         )
+        for n in (20, 50)
         for b in (2.5, 3.0)
     },
     "plateau-val-budget2.5": Variant(

@@ -1,0 +1,87 @@
+#!/usr/bin/env python
+r"""Two arms of the research harness side by side, paired by benchmark and seed.
+
+``research.py`` writes one ``results.json`` per result set; an arm run on another commit (an old
+default, before a change of rule) lives in another set. This script pairs any two arms, each
+named ``FILE:ARM``, over the (benchmark, seed) pairs both have, and prints a Markdown table::
+
+    python benchmarks/paired.py --new benchmarks/results/research/results.json:plateau-steps20-budget2.5 \
+        --old benchmarks/results/phases_end/old_default.json:pb --base benchmarks/results/research/results.json:base
+
+Per benchmark: the seeds both arms ran, each arm's mean test score (accuracy, or R² for
+regression, × 100), the paired gap new − old as mean ± standard error over seeds, whether the
+new arm is worse by more than one standard error (issue 22's bar), and each arm's mean epochs
+(with ``--base``: as a multiple of the base arm's epochs on the same seeds) and dendrite sets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+
+def _arm(spec: str) -> dict[tuple[str, int], dict[str, Any]]:
+    """``FILE:ARM`` → {(benchmark, seed): run}."""
+    path, _, arm = spec.rpartition(":")
+    if not path or not arm:
+        raise SystemExit(f"--new/--old/--base take FILE:ARM; got {spec!r}")
+    runs = json.loads(Path(path).read_text())["runs"]
+    return {(r["benchmark"], r["seed"]): r for r in runs if r["arm"] == arm}
+
+
+def _mean_se(values: list[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan")
+    return mean, se
+
+
+def table(new: dict, old: dict, base: dict | None = None) -> str:
+    """The Markdown table of :func:`paired` rows."""
+    by_bench: dict[str, list[tuple[int, dict, dict]]] = defaultdict(list)
+    for key, run in new.items():
+        if key in old:
+            by_bench[key[0]].append((key[1], run, old[key]))
+    lines = [
+        "| benchmark | seeds | new | old | new − old (paired) | worse by > 1 SE | epochs new / old"
+        + (" (× base)" if base else "")
+        + " | D new / old |",
+        "|---|---:|---:|---:|---:|---|---:|---:|",
+    ]
+    for bench, rows in sorted(by_bench.items()):
+        gaps = [100 * (n["test_acc"] - o["test_acc"]) for _, n, o in rows]
+        mean, se = _mean_se(gaps)
+        worse = len(gaps) > 1 and mean < -se
+        epochs_new = statistics.fmean(n["epochs"] for _, n, _ in rows)
+        epochs_old = statistics.fmean(o["epochs"] for _, _, o in rows)
+        epochs = f"{epochs_new:.0f} / {epochs_old:.0f}"
+        if base:
+            seeds = [s for s, _, _ in rows if (bench, s) in base]
+            if seeds:
+                b = statistics.fmean(base[(bench, s)]["epochs"] for s in seeds)
+                epochs = f"{epochs_new:.0f} / {epochs_old:.0f} ({epochs_new / b:.1f}× / {epochs_old / b:.1f}×)"
+        d_new = statistics.fmean(n["dendrites_per_layer"] for _, n, _ in rows)
+        d_old = statistics.fmean(o["dendrites_per_layer"] for _, _, o in rows)
+        lines.append(
+            f"| {bench} | {len(rows)} | {100 * statistics.fmean(n['test_acc'] for _, n, _ in rows):.2f} "
+            f"| {100 * statistics.fmean(o['test_acc'] for _, _, o in rows):.2f} | {mean:+.2f} ± {se:.2f} "
+            f"| {'**yes**' if worse else 'no'} | {epochs} | {d_new:.1f} / {d_old:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--new", required=True, help="FILE:ARM of the new arm")
+    parser.add_argument("--old", required=True, help="FILE:ARM of the arm it is compared with")
+    parser.add_argument("--base", default=None, help="FILE:ARM of the dendrite-free base arm (epochs as a multiple)")
+    args = parser.parse_args(argv)
+    print(table(_arm(args.new), _arm(args.old), _arm(args.base) if args.base else None))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
