@@ -306,6 +306,7 @@ class PerforatedLayer(nn.Module):
         # Rebuild the structure the checkpoint describes (accepted sets, candidate pool) before the
         # tensors are copied in, so a state dict from any point of training loads into a freshly
         # perforated model.
+        self._map_plain_keys(state_dict, prefix)
         w = state_dict.get(prefix + "output_weight")
         if w is not None and (self.output_weight is None or self.output_weight.shape != w.shape):
             self._num_neurons = w.shape[1]
@@ -324,6 +325,25 @@ class PerforatedLayer(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+    def _map_plain_keys(self, state_dict: dict[str, Any], prefix: str) -> None:
+        """Move the wrapped module's keys of a plain (never perforated) state dict to ``module.*``.
+
+        Fine-tuning a trained network with dendrites loads its plain state dict, which names this
+        layer's weights ``<name>.weight`` where the perforated model has ``<name>.module.weight``.
+        The mapping is exact, not a guess: the wrapped module is the trained module itself, so its
+        own state-dict names are the plain keys. It applies only when none of the perforated keys
+        is present (a perforated state dict never needs it); with them absent, dendrites this layer
+        holds are dropped as for any state dict of the layer without dendrites. A norm moved into
+        the layer is mapped by a hook of ``perforate()`` (:func:`pb_lightning.engine.convert.perforate`),
+        since its plain keys sit at its old place, outside this layer's prefix.
+        """
+        names = list(self.module.state_dict(keep_vars=True))
+        present = [n for n in names if prefix + n in state_dict]
+        if not present or any(prefix + "module." + n in state_dict for n in names):
+            return
+        for n in present:
+            state_dict[prefix + "module." + n] = state_dict.pop(prefix + n)
 
     def extra_repr(self) -> str:
         return (
