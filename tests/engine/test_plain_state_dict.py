@@ -127,3 +127,27 @@ def test_a_plain_state_dict_of_another_shape_fails_as_in_torch() -> None:
         model.load_state_dict(wrong)
     with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "9\.weight"'):
         model.load_state_dict({**_mlp().state_dict(), "9.weight": torch.zeros(1)})
+
+
+class _Holder(nn.Module):
+    """A custom module whose child is called ``module``, like the perforated layer's own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.module = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+
+def test_a_plain_key_that_names_the_layers_own_parts_is_refused_with_what_to_do() -> None:
+    plain = nn.Sequential(_Holder())
+    model = pb.perforate(nn.Sequential(_Holder()), include=[_Holder], neuron_axes={_Holder: -1})
+    with pytest.raises(RuntimeError, match=r"plain keys \['0.module.bias', '0.module.weight'\] .* before perforating"):
+        model.load_state_dict(plain.state_dict())
+    # Loaded before perforation, the same weights just work.
+    fresh = nn.Sequential(_Holder())
+    fresh.load_state_dict(plain.state_dict())
+    pb.perforate(fresh, include=[_Holder], neuron_axes={_Holder: -1})
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(fresh(x), plain(x), rtol=0, atol=0)
