@@ -5,6 +5,10 @@ Subclass it instead of ``LightningModule``. It perforates your network in ``conf
 :class:`~pb_lightning.lightning.callback.PerforatedCallback` drives, and makes every checkpoint
 self-describing: a checkpoint taken at any point of the cycle — mid-dendrite-phase included —
 loads with ``Model.load_from_checkpoint(path)`` and resumes with ``trainer.fit(ckpt_path=...)``.
+
+A trained network without dendrites goes in the same ways: its plain state dict loads before or
+after perforation (the layers map ``net.0.weight`` onto ``net.0.module.weight``), and a plain
+Lightning checkpoint loads with ``load_from_checkpoint``, ready to be fine-tuned with dendrites.
 """
 
 from __future__ import annotations

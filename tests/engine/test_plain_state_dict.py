@@ -151,3 +151,16 @@ def test_a_plain_key_that_names_the_layers_own_parts_is_refused_with_what_to_do(
     pb.perforate(fresh, include=[_Holder], neuron_axes={_Holder: -1})
     x = torch.randn(2, 4)
     torch.testing.assert_close(fresh(x), plain(x), rtol=0, atol=0)
+
+
+def test_parameters_frozen_before_perforation_stay_frozen_through_a_cycle() -> None:
+    # Fine-tuning often freezes part of the trained network; a dendrite cycle unfreezes only what
+    # it froze itself.
+    model = _mlp()
+    model[0].requires_grad_(False)
+    pb.perforate(model, with_norm=True)
+    pb.start_dendrite_phase(model)
+    pb.accept_dendrites(model)
+    frozen = sorted(name for name, p in model.named_parameters() if not p.requires_grad)
+    assert [n for n in frozen if ".module." in n] == ["0.module.bias", "0.module.weight"]
+    assert model[3].module.weight.requires_grad
