@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import fnmatch
-import functools
 import logging
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from torch import nn
 
 from pb_lightning.engine.attention import prepare_attention, weight_reading_parents
 from pb_lightning.engine.config import DendriteConfig
 from pb_lightning.engine.layer import PerforatedLayer
+from pb_lightning.engine.plain_keys import hook_plain_norm_keys
 from pb_lightning.engine.selectors import (
     DEFAULT_NEURON_AXES,
     NORM_TYPES,
@@ -199,7 +198,7 @@ def perforate(
     for holder, attr, replacement in plan.replacements:
         setattr(holder, attr, replacement)
     for pair in plan.paired:
-        _hook_plain_norm_keys(model, *pair.split(" + "))
+        hook_plain_norm_keys(model, *pair.split(" + "))
     _record(model, wrapped, plan.skipped, plan.paired_norms, converted)
     log.info("Perforated %d modules: %s", len(wrapped), ", ".join(wrapped))
     if paired:
@@ -326,36 +325,6 @@ def _refuse_shared(name: str, shared: tuple[str, str] | None) -> None:
 
 
 _RECORD = "_pb_conversion"
-
-
-def _hook_plain_norm_keys(model: nn.Module, layer_name: str, norm_name: str) -> None:
-    """Let a plain state dict's keys for a norm that moved into a perforated layer still load.
-
-    A trained network's plain state dict keeps the norm's tensors under its old name
-    (``net.1.running_mean``), where the perforated model holds an ``nn.Identity`` and the norm
-    sits in the layer (``net.0.norm.running_mean``). The layer cannot move those keys itself: they
-    lie outside its prefix. So the closest module holding both places moves them before either
-    loads — it is on the way of every ``load_state_dict`` that reaches both, from the model's root
-    or from that module itself. The hook is a ``functools.partial`` of plain strings, so the model
-    still pickles and deep-copies.
-    """
-    layer_parts, norm_parts = layer_name.split("."), norm_name.split(".")
-    common = 0
-    while common < min(len(layer_parts), len(norm_parts)) - 1 and layer_parts[common] == norm_parts[common]:
-        common += 1
-    holder = model.get_submodule(".".join(layer_parts[:common]))
-    hook = functools.partial(_move_norm_keys, ".".join(layer_parts[common:]), ".".join(norm_parts[common:]))
-    holder.register_load_state_dict_pre_hook(hook)
-
-
-def _move_norm_keys(layer: str, norm: str, module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
-    """The hook of :func:`_hook_plain_norm_keys`: ``<norm>.*`` → ``<layer>.norm.*``, for a plain dict only."""
-    old, new = f"{prefix}{norm}.", f"{prefix}{layer}.norm."
-    names = list(module.get_submodule(layer).norm.state_dict(keep_vars=True))
-    present = [n for n in names if old + n in state_dict]
-    if present and not any(new + n in state_dict for n in names):  # a perforated dict is never touched
-        for n in present:
-            state_dict[new + n] = state_dict.pop(old + n)
 
 
 def _skip_reason(module: nn.Module) -> str | None:
