@@ -8,7 +8,7 @@ network into a :class:`~pb_lightning.PerforatedModule` with the same network —
 checkpoint with ``load_from_checkpoint``, or from the state dict with ``load_state_dict`` — and
 checks that it computes exactly what the trained model did. Step 3 fine-tunes it with
 :class:`~pb_lightning.PerforatedCallback`: its first neuron phase continues the training, then
-dendrites are added while they help. About 15 s on a 2-core CPU.
+dendrites are added while they help. Under 20 s on a 2-core CPU.
 """
 
 from __future__ import annotations
