@@ -178,10 +178,13 @@ CASES: list[Case] = [
         r"`PhaseSchedule.neuron_patience` must be an int >= 1; got 0",
     ),
     (
-        "checkpoint of a non-perforated model",
-        lambda p: DigitsMLP.load_from_checkpoint(_checkpoint_of(_Plain(), p), hidden=16),
+        # load_from_checkpoint of it works (tests/lightning/test_finetune_trained.py); resuming does not.
+        "fit(ckpt_path=...) from a checkpoint of a non-perforated model",
+        lambda p: fast_trainer(p, [], 1).fit(
+            DigitsMLP(hidden=16), DigitsDataModule(), ckpt_path=_checkpoint_of(_Plain(), p)
+        ),
         pb.PerforationError,
-        r"not written by a PerforatedModule",
+        r"written by a module without dendrites .* YourModel.load_from_checkpoint\(path\).* without ckpt_path",
     ),
     (
         "checkpoint of a different perforation",

@@ -13,6 +13,7 @@ from torch import nn
 from pb_lightning.engine.attention import prepare_attention, weight_reading_parents
 from pb_lightning.engine.config import DendriteConfig
 from pb_lightning.engine.layer import PerforatedLayer
+from pb_lightning.engine.plain_keys import hook_plain_norm_keys
 from pb_lightning.engine.selectors import (
     DEFAULT_NEURON_AXES,
     NORM_TYPES,
@@ -196,6 +197,8 @@ def perforate(
         )
     for holder, attr, replacement in plan.replacements:
         setattr(holder, attr, replacement)
+    for pair in plan.paired:
+        hook_plain_norm_keys(model, *pair.split(" + "))
     _record(model, wrapped, plan.skipped, plan.paired_norms, converted)
     log.info("Perforated %d modules: %s", len(wrapped), ", ".join(wrapped))
     if paired:

@@ -306,6 +306,7 @@ class PerforatedLayer(nn.Module):
         # Rebuild the structure the checkpoint describes (accepted sets, candidate pool) before the
         # tensors are copied in, so a state dict from any point of training loads into a freshly
         # perforated model.
+        self._map_plain_keys(state_dict, prefix, strict, error_msgs)
         w = state_dict.get(prefix + "output_weight")
         if w is not None and (self.output_weight is None or self.output_weight.shape != w.shape):
             self._num_neurons = w.shape[1]
@@ -324,6 +325,38 @@ class PerforatedLayer(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+    def _map_plain_keys(self, state_dict: dict[str, Any], prefix: str, strict: bool, error_msgs: list[str]) -> None:
+        """Move the wrapped module's keys of a plain (never perforated) state dict to ``module.*``.
+
+        Fine-tuning a trained network with dendrites loads its plain state dict, which names this
+        layer's weights ``<name>.weight`` where the perforated model has ``<name>.module.weight``.
+        The mapping is exact, not a guess: the wrapped module is the trained module itself, so its
+        own state-dict names are the plain keys. It applies only when none of the perforated keys
+        is present (a perforated state dict never needs it); with them absent, dendrites this layer
+        holds are dropped as for any state dict of the layer without dendrites. A norm moved into
+        the layer is mapped by a hook of :func:`~pb_lightning.engine.convert.perforate`, since its
+        plain keys sit at its old place, outside this layer's prefix. A plain key whose first part
+        names something the layer holds itself (a wrapped module with a child called ``module``)
+        cannot be told from the layer's own, so it is refused with what to do instead.
+        """
+        names = list(self.module.state_dict(keep_vars=True))
+        present = [n for n in names if prefix + n in state_dict]
+        if not present or any(prefix + "module." + n in state_dict for n in names):
+            return
+        held = {n for n, m in self._modules.items() if m is not None}
+        held |= {n for n in ("cascade_weight", "output_weight") if getattr(self, n) is not None}
+        clashes = sorted(prefix + n for n in present if n.split(".", 1)[0] in held)
+        if clashes:
+            if strict:
+                error_msgs.append(
+                    f"pb_lightning: the plain keys {clashes} of the module wrapped at {prefix[:-1]!r} name "
+                    f"parts of the perforated layer itself ({sorted(held)}), so they cannot be mapped onto "
+                    "it; load this state dict into the network before perforating it."
+                )
+            return
+        for n in present:
+            state_dict[prefix + "module." + n] = state_dict.pop(prefix + n)
 
     def extra_repr(self) -> str:
         return (

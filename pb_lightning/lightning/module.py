@@ -5,6 +5,10 @@ Subclass it instead of ``LightningModule``. It perforates your network in ``conf
 :class:`~pb_lightning.lightning.callback.PerforatedCallback` drives, and makes every checkpoint
 self-describing: a checkpoint taken at any point of the cycle — mid-dendrite-phase included —
 loads with ``Model.load_from_checkpoint(path)`` and resumes with ``trainer.fit(ckpt_path=...)``.
+
+A trained network without dendrites goes in the same ways: its plain state dict loads before or
+after perforation (the layers map ``net.0.weight`` onto ``net.0.module.weight``), and a plain
+Lightning checkpoint loads with ``load_from_checkpoint``, ready to be fine-tuned with dendrites.
 """
 
 from __future__ import annotations
@@ -198,14 +202,29 @@ class PerforatedModule(pl.LightningModule):
         return converted
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Runs before the weights load, in fit(ckpt_path=...) and load_from_checkpoint alike.
+        """Perforate, then check the checkpoint's record against the model (before weights load).
+
+        Runs in ``fit(ckpt_path=...)`` and ``load_from_checkpoint`` alike. A checkpoint of a plain
+        LightningModule (no record) loads with ``load_from_checkpoint``: the result is the trained
+        network, perforated with no dendrites yet, ready to be fine-tuned by the callback.
+        """
         self.configure_model()
         record = checkpoint.get(_CHECKPOINT_KEY)
         if record is None:
-            raise PerforationError(
-                "This checkpoint was not written by a PerforatedModule (it has no 'pb_lightning' record); "
-                "load its weights into the network before perforating it."
-            )
+            if self._trainer is not None:
+                # fit(ckpt_path=...) would resume the plain run — its epochs, its optimizer over other
+                # parameter groups, no phase machine — instead of starting the fine-tuning.
+                raise PerforationError(
+                    "trainer.fit(ckpt_path=...) resumes a PerforatedModule's own checkpoint, but this one "
+                    "was written by a module without dendrites (it has no 'pb_lightning' record). To add "
+                    "dendrites to that trained network, load its weights first — "
+                    "model = YourModel.load_from_checkpoint(path), or "
+                    "model.load_state_dict(torch.load(path)['state_dict']) — then call trainer.fit(model) "
+                    "without ckpt_path."
+                )
+            # A trained network without dendrites (load_from_checkpoint): the model is perforated
+            # now, and its layers map the plain weights onto the wrapped modules as they load.
+            return
         check_checkpoint_version("the module's 'pb_lightning' record", record.get("version", 0))
         ours = [layer.name for layer in self.perforated_layers()]
         theirs = [layer["name"] for layer in record["layers"]]

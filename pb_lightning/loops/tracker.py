@@ -141,7 +141,11 @@ class PerforatedTracker:
 
     # ------------------------------------------------------------------ steps 2-4
     def initialize(self, model: nn.Module, **perforate_options: Any) -> nn.Module:
-        """Perforate ``model`` (options as for :func:`pb_lightning.perforate`) and return it."""
+        """Perforate ``model`` (options as for :func:`pb_lightning.perforate`) and return it.
+
+        A trained model keeps its weights and computes what it did, in train and eval mode; its
+        plain state dict may also be loaded afterwards (the keys are mapped onto the wrapped layers).
+        """
         perforate_options.setdefault("config", DendriteConfig())
         model = perforate(model, **perforate_options)
         # What was perforated and what was skipped (and why), as the callback shows at fit start:

@@ -108,3 +108,16 @@ def test_console_passes_explicit_arguments_through(monkeypatch: pytest.MonkeyPat
     cli_module.console()  # from the command line: LightningCLI reads sys.argv itself
     cli_module.console(["fit", "--config", "y.yaml"])  # from Python: the arguments given
     assert seen == [None, ["fit", "--config", "y.yaml"]]
+
+
+@pytest.mark.parametrize("load", ["checkpoint", "state_dict"])
+def test_the_finetune_example_adds_dendrites_to_a_saved_plain_network(load: str, tmp_path: Path) -> None:
+    namespace = runpy.run_path(str(_REPO / "examples" / "finetune_trained.py"))
+    result = namespace["main"](["--plain-epochs", "8", "--max-epochs", "10", "--load", load, "--root", str(tmp_path)])
+    assert (tmp_path / "plain.ckpt").exists()
+    assert (tmp_path / "plain.pt").exists()
+    # Loaded into the PerforatedModule, the saved network scores exactly what it scored before.
+    assert result["loaded_test_acc"] == result["plain_test_acc"]
+    assert result["plain_test_acc"] > 0.5  # eight epochs of the 64-8-8-10 MLP: about 0.8, seeded
+    assert result["test_acc"] > 0.5
+    assert result["parameters"] >= result["plain_parameters"]
