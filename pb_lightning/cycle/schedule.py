@@ -46,7 +46,11 @@ class PhaseSchedule:
             phase only at epoch ends, ``dendrite_patience`` epochs after its candidates stopped
             learning, and a large one an epoch later than needed. Each check reads one number
             from the device (only during dendrite phases). Unused with ``dendrite_epochs``, which
-            fixes the phase's length; ``None``: phases are judged at validations only.
+            fixes the phase's length; ``None`` (the default): phases are judged at validations
+            only. Off by default because, paired by seed on the research harness, phases judged
+            per step (20 or 50 steps) cost the small networks accuracy that phases judged at
+            validations kept (Friedman #1 -2.3 to -2.7 points against -0.6; benchmarks/README.md,
+            "Phases that end"); on data with many steps per epoch it ends phases far sooner.
         run_budget: if set, the whole run may last at most this many times the first neuron
             phase's validations (the plain network's own training, which a dendritic run is
             compared with). A cycle that could not fit in what is left is not started, and a cycle
@@ -85,7 +89,7 @@ class PhaseSchedule:
     neuron_epochs: int | None = None
     dendrite_epochs: int | None = None
     max_dendrite_epochs: int = 50
-    dendrite_patience_steps: int | None = 20
+    dendrite_patience_steps: int | None = None
     run_budget: float | None = 2.5
     max_dendrites: int = 8
     max_tries: int = 2

@@ -160,7 +160,7 @@ def test_a_phase_that_hits_its_cap_warns_once_naming_the_settings(caplog: pytest
 
 
 def test_a_state_from_before_the_plateau_rule_loads_mid_phase() -> None:
-    machine = PhaseMachine("min", PhaseSchedule(neuron_patience=1, dendrite_patience=2))
+    machine = PhaseMachine("min", PhaseSchedule(neuron_patience=1, dendrite_patience=2, run_budget=None))
     [machine.step(s) for s in (1.0, 1.0)]
     machine.step(1.0, 0.3)
     old = machine.state_dict()

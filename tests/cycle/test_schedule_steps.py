@@ -163,9 +163,10 @@ def test_the_capacity_test_switches_every_epoch_whatever_the_base_says() -> None
 
 
 def test_fixed_dendrite_phases_are_not_judged_per_step() -> None:
-    """``dendrite_epochs`` fixes the phase's length: the default per-step check stands aside."""
-    machine = PhaseMachine("min", PhaseSchedule(neuron_patience=1, dendrite_epochs=2, run_budget=None))
-    assert machine.schedule.dendrite_patience_steps is not None  # the default
+    """``dendrite_epochs`` fixes the phase's length: a per-step check stands aside."""
+    machine = PhaseMachine(
+        "min", PhaseSchedule(neuron_patience=1, dendrite_epochs=2, dendrite_patience_steps=5, run_budget=None)
+    )
     [machine.step(s) for s in (1.0, 1.5)]
     assert machine.state.phase == "dendrite"
     assert not machine.checks_steps
