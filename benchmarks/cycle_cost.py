@@ -118,7 +118,9 @@ class PhaseClock(pl.Callback):
         }
 
 
-def run_pair(bench_name: str, seed: int, quick: bool, patience_steps: int | None = None) -> dict[str, Any]:
+def run_pair(
+    bench_name: str, seed: int, quick: bool, patience_steps: int | None = None, run_budget: float | None = None
+) -> dict[str, Any]:
     """The baseline and the dendritic run of one benchmark and seed, with the dendritic run's clock.
 
     ``patience_steps``: end the dendritic run's dendrite phases in training steps
@@ -127,7 +129,11 @@ def run_pair(bench_name: str, seed: int, quick: bool, patience_steps: int | None
     bench = next(b for group in benches(quick).values() for b in group if b.name == bench_name)
     base = train_one(bench, "base", bench.width, seed, quick)
     clock = PhaseClock()
-    overrides = None if patience_steps is None else {"dendrite_patience_steps": patience_steps, "dendrite_epochs": None}
+    overrides: dict[str, Any] = {}
+    if patience_steps is not None:
+        overrides |= {"dendrite_patience_steps": patience_steps, "dendrite_epochs": None}
+    if run_budget is not None:
+        overrides["run_budget"] = run_budget
     pb = train_one(bench, "pb", bench.width, seed, quick, extra_callbacks=[clock], schedule_overrides=overrides)
     phases = clock.report()
     clocked = sum(phases["seconds"].values())
@@ -251,6 +257,12 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="further benchmarks by name (e.g. 'MNIST-1D CNN-4' 'Fashion-MNIST CNN-4'), after --datasets'",
     )
+    parser.add_argument(
+        "--run-budget",
+        type=float,
+        default=None,
+        help="the pb runs' PerforatedCallback(run_budget=...) instead of the default",
+    )
     add_report_options(parser, default=Path("benchmarks/results/cycle_cost"))
     args = parser.parse_args(argv)
     if args.render:
@@ -279,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     for seed in range(seeds):
         for name in selected:
-            row = run_pair(name, seed, args.quick, args.dendrite_patience_steps)
+            row = run_pair(name, seed, args.quick, args.dendrite_patience_steps, args.run_budget)
             rows.append(row)
             print(
                 f"  {name:<24} seed {seed}: wall x{row['wall_ratio']:.2f} epochs x{row['epoch_ratio']:.2f} "

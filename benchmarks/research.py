@@ -158,10 +158,13 @@ VARIANTS: dict[str, Variant] = {
         for n in (20, 50)
         for b in (2.5, 3.0)
     },
-    "plateau-val-budget2.5": Variant(
-        schedule={"dendrite_patience_steps": None, "run_budget": 2.5},
-        note="dendrite phases judged at validations only (plateau rule over dendrite_patience); budget 2.5x",
-    ),
+    **{
+        f"plateau-val-budget{b:g}": Variant(
+            schedule={"dendrite_patience_steps": None, "run_budget": b},
+            note=f"dendrite phases judged at validations only (plateau rule over dendrite_patience); budget {b:g}x",
+        )
+        for b in (2.0, 2.5)
+    },
     "long": Variant(schedule={"max_dendrites": 16, "max_tries": 4}, max_epochs=1000, note="longer budget"),
     **{
         f"fan{k}-{mode}": Variant(
