@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -78,8 +79,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new", required=True, help="FILE:ARM of the new arm")
     parser.add_argument("--old", required=True, help="FILE:ARM of the arm it is compared with")
     parser.add_argument("--base", default=None, help="FILE:ARM of the dendrite-free base arm (epochs as a multiple)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the table to OUT/results.md")
     args = parser.parse_args(argv)
-    print(table(_arm(args.new), _arm(args.old), _arm(args.base) if args.base else None))
+    text = table(_arm(args.new), _arm(args.old), _arm(args.base) if args.base else None)
+    print(text)
+    if args.out is not None:
+        new_arm, old_arm = args.new.rpartition(":")[2], args.old.rpartition(":")[2]
+        command = " ".join(
+            ["python benchmarks/paired.py", *(f"'{a}'" if " " in a else a for a in (argv or sys.argv[1:]))]
+        )
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.md").write_text(
+            f"# `{new_arm}` against `{old_arm}`, paired by seed\n\n`{command}`\n\n"
+            "Test accuracy (R² for Friedman) × 100, mean over the seeds both arms ran; gap: mean ± "
+            "standard error of the per-seed differences.\n\n" + text + "\n"
+        )
     return 0
 
 
