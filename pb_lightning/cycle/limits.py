@@ -72,6 +72,11 @@ def shortest_cycle(schedule: PhaseSchedule) -> int:
     return neuron + (0 if schedule.dendrite_patience_steps is not None else schedule.dendrite_patience + 1)
 
 
+def cycle_fits(schedule: PhaseSchedule, state: PhaseState) -> bool:
+    """Whether the budget leaves room for the shortest possible new cycle (or retry, or restart)."""
+    return budget_left(schedule, state) >= shortest_cycle(schedule)
+
+
 def budget_note(schedule: PhaseSchedule, state: PhaseState) -> str:
     """The budget's arithmetic, for a decision's reason."""
     budget, baseline = schedule.run_budget, state.baseline_validations

@@ -44,9 +44,9 @@ from pb_lightning.cycle.decision import (
 from pb_lightning.cycle.limits import (
     budget_left,
     budget_note,
+    cycle_fits,
     plateau_reason,
     plateaued,
-    shortest_cycle,
     warn_max_dendrite_epochs,
 )
 from pb_lightning.cycle.phase_state import HISTORY_KEYS, PhaseState, check_global_step
@@ -226,7 +226,7 @@ class PhaseMachine:
             best, phase = format_scores(s.global_best, s.phase_best)
             verdict = f"{why}; the cycle did not beat the global best {best} (phase best {phase})"
             rejected = {"restore": Restore.GLOBAL_BEST, "new_phase_best": new_best, "verdict": Verdict.REJECTED}
-            if s.tries >= sched.max_tries or budget_left(self.schedule, self.state) < shortest_cycle(self.schedule):
+            if s.tries >= sched.max_tries or not cycle_fits(sched, s):
                 s.done = True
                 why = (
                     f"{s.tries} failed tries (max_tries={sched.max_tries})"
@@ -258,7 +258,7 @@ class PhaseMachine:
 
     def _next_cycle(self, reason: str, new_best: bool, verdict: Verdict | None) -> Decision:
         s, sched = self.state, self.schedule
-        out_of_budget = budget_left(self.schedule, self.state) < shortest_cycle(self.schedule)
+        out_of_budget = not cycle_fits(sched, s)
         if sched.restarts_only and not out_of_budget:
             return self._next_restart(reason, new_best, verdict)
         if s.dendrites >= sched.max_dendrites or out_of_budget:
