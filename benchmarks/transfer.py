@@ -147,18 +147,18 @@ def _mnist1d(**overrides: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
     return (d["x"].astype(np.float32), np.asarray(d["y"]), d["x_test"].astype(np.float32), np.asarray(d["y_test"]))
 
 
-def mnist1d_tasks(per_class: int = 50) -> tuple[Splits, Splits]:
+def mnist1d_tasks(per_class: int = 100) -> tuple[Splits, Splits]:
     """MNIST-1D as published (source) → a shifted MNIST-1D with ``per_class`` examples per digit.
 
-    The target draws new sequences (another data seed) with twice the shear, twice the correlated
-    and the independent noise: the same ten templates seen through a harder, shifted process — a
-    new sensor, the regime fine-tuning is for. Inputs are standardised with the source's statistics.
+    The target draws new sequences (another data seed) with a third more shear and half again the
+    correlated and the independent noise: the same ten templates seen through a harder, shifted
+    process — a new sensor, the regime fine-tuning is for. Inputs are standardised with the source's statistics.
     """
     x, y, xt, yt = _mnist1d()
     mean, std = x.mean(), x.std()
     source = _split((x - mean) / std, y, 3200, 800, 21)
     source["test"] = _tensors((xt - mean) / std, yt)
-    x2, y2, xt2, yt2 = _mnist1d(seed=7, shear_scale=1.5, corr_noise_scale=0.5, iid_noise_scale=0.04)
+    x2, y2, xt2, yt2 = _mnist1d(seed=7, shear_scale=1.0, corr_noise_scale=0.375, iid_noise_scale=0.03)
     tr, va = _per_class(y2, range(10), (per_class, per_class // 2), 22)
     target = {
         "train": _tensors((x2[tr] - mean) / std, y2[tr]),
