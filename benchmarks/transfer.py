@@ -47,7 +47,6 @@ import argparse
 import copy
 import json
 import math
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -59,10 +58,12 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(_HERE.parent), str(_HERE)]
 
 import numpy as np  # noqa: E402
+import standard  # noqa: E402
 import torch  # noqa: E402
 from common.cli import add_report_options, quiet_lightning  # noqa: E402
 from machine import render_report, run_meta, save_report  # noqa: E402
 from research import VARIANTS, batches, dendrite_config, evaluate, loss_fn  # noqa: E402
+from standard import WIN_SE, mean_se, verdict  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from pb_lightning import PerforatedTracker, PhaseSchedule, parameter_counts, perforated_layers  # noqa: E402
@@ -73,8 +74,6 @@ Splits = dict[str, tuple[Tensor, Tensor]]
 
 #: ``patient`` arms: plain fine-tuning with this many times the benchmark's patience.
 PATIENT_FACTOR = 4
-#: The envelope's margin for a win: the mean paired gap must exceed this many standard errors.
-WIN_SE = 2.0
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -517,68 +516,19 @@ def fit(
 NON_DENDRITIC = ("finetune", "patient", "restart", "widen", "lora", "lora-full")
 
 
-def frontier_value(points: list[tuple[float, float]], params: float) -> tuple[float, bool] | None:
-    """A frontier of (parameters, score) points read at ``params``, linear in log(parameters).
+def envelope(rows: dict[str, dict[str, Any]], params: float) -> tuple[float, str, bool] | None:
+    """The best non-dendritic score of one seed at ``params`` parameters (:func:`standard.envelope`).
 
-    Beyond its largest point it is read as that point's score, flagged (an adapter or a widening
-    larger than measured is credited with no more than was measured: the harness's ranks and
-    multiples are chosen to reach past the dendritic arms, so the flag should stay rare). Below
-    its smallest point it returns None: every point of the family has more parameters than the
-    arm, so the family is no competitor *at* the arm's size.
+    ``rows`` maps arm names to that seed's runs. The families: ``finetune``, ``patient`` and
+    ``restart`` (one point each, at the network's own size), and the ``widen`` (from ``finetune``
+    up), ``lora`` and ``lora-full`` frontiers.
     """
-    pts = sorted(points)
-    if params < pts[0][0]:
-        return None
-    if params >= pts[-1][0]:
-        return pts[-1][1], params > pts[-1][0]
-    xs = [math.log(p) for p, _ in pts]
-    return float(np.interp(math.log(params), xs, [score for _, score in pts])), False
-
-
-def envelope(rows: dict[str, dict[str, Any]], params: float) -> tuple[float, str, bool]:
-    """The best non-dendritic score of one seed at ``params`` parameters, and which family gave it.
-
-    ``rows`` maps arm names to that seed's runs. ``finetune``, ``patient`` and ``restart`` are one
-    point each at the network's own size (fewer parameters than any dendritic arm: they count as
-    they are). ``widen`` (with ``finetune`` as its first point), ``lora`` and ``lora-full`` are
-    frontiers read by :func:`frontier_value`; the third value says whether the winning family was
-    read beyond its largest point.
-    """
-    best, family, beyond = -math.inf, "", False
-    for kind in ("finetune", "patient", "restart"):
-        run = rows.get(kind)
-        if run is not None and run["test_acc"] > best:
-            best, family, beyond = run["test_acc"], kind, False
-    frontiers: dict[str, list[tuple[float, float]]] = {"widen": [], "lora": [], "lora-full": []}
+    families: dict[str, list[tuple[float, float]]] = {}
     for run in rows.values():
-        if run["kind"] in frontiers:
-            frontiers[run["kind"]].append((run["params"], run["test_acc"]))
-    if "finetune" in rows:
-        frontiers["widen"].append((rows["finetune"]["params"], rows["finetune"]["test_acc"]))
-    for kind, points in frontiers.items():
-        read = frontier_value(points, params) if points else None
-        if read is not None and read[0] > best:
-            best, family, beyond = read[0], kind, read[1]
-    return best, family, beyond
-
-
-def _mean_se(values: list[float]) -> tuple[float, float]:
-    if not values:
-        return math.nan, math.nan
-    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
-    return statistics.fmean(values), se
-
-
-def verdict(gaps: list[float]) -> str:
-    """``wins`` when the mean paired gap to the envelope exceeds ``WIN_SE`` standard errors (≥ 2 seeds)."""
-    mean, se = _mean_se(gaps)
-    if len(gaps) < 2 or math.isnan(se):
-        return "too few seeds"
-    if mean > WIN_SE * se:
-        return "wins"
-    if mean < -WIN_SE * se:
-        return "loses"
-    return "level"
+        families.setdefault(run["kind"], []).append((run["params"], run["test_acc"]))
+    if "finetune" in families:
+        families.setdefault("widen", []).extend(families["finetune"])
+    return standard.envelope({k: v for k, v in families.items() if k in NON_DENDRITIC}, params)
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -598,30 +548,31 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 first = next(iter(runs.values()))
                 stats: dict[str, Any] = {"kind": first["kind"], "seeds": sorted(runs)}
                 for key in ("test_acc", "params", "epochs", "wall_s", "dendrites_per_layer"):
-                    stats[key] = _mean_se([float(r[key]) for r in runs.values()])
+                    stats[key] = mean_se([float(r[key]) for r in runs.values()])
                 finetune = {s: by_seed[s]["finetune"]["test_acc"] for s in runs if "finetune" in by_seed[s]}
-                stats["vs_finetune"] = _mean_se([r["test_acc"] - finetune[s] for s, r in runs.items() if s in finetune])
+                stats["vs_finetune"] = mean_se([r["test_acc"] - finetune[s] for s, r in runs.items() if s in finetune])
                 if first["kind"] == "dendrites":
                     gaps, families, beyond = [], [], 0
                     for s, r in runs.items():
                         plain = {k: v for k, v in by_seed[s].items() if v["kind"] in NON_DENDRITIC}
-                        value, family, extra = envelope(plain, r["params"])
-                        if family:
+                        read = envelope(plain, r["params"])
+                        if read is not None:
+                            value, family, extra = read
                             gaps.append(r["test_acc"] - value)
                             families.append(family)
                             beyond += extra
-                    stats["vs_envelope"] = _mean_se(gaps)
+                    stats["vs_envelope"] = mean_se(gaps)
                     stats["envelope_families"] = sorted(set(families))
                     stats["beyond"] = beyond
                     stats["verdict"] = verdict(gaps)
                     inert = {s: by_seed[s].get(f"{name}/inert") for s in runs}
-                    stats["vs_inert"] = _mean_se(
+                    stats["vs_inert"] = mean_se(
                         [r["test_acc"] - inert[s]["test_acc"] for s, r in runs.items() if inert[s] is not None]
                     )
                 arms[name] = stats
             sources = {r["seed"]: r["source_test"] for r in grows if "source_test" in r}
             out[f"{bench} | seeds {group * 5}-{group * 5 + 4}"] = {
-                "source_test": _mean_se(list(sources.values())),
+                "source_test": mean_se(list(sources.values())),
                 "arms": arms,
             }
     return out

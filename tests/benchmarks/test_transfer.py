@@ -53,15 +53,6 @@ def test_lora_adds_rank_times_fan_in_plus_fan_out_per_layer(train_base: bool) ->
     torch.testing.assert_close(model(x), net(x))  # adapters start at zero: the same function
 
 
-def test_frontier_reading_inside_beyond_and_below_its_range() -> None:
-    points = [(400.0, 0.7), (100.0, 0.5), (1600.0, 0.8)]
-    value, beyond = transfer.frontier_value(points, 200.0)  # halfway between 100 and 400 in log space
-    assert value == pytest.approx(0.6)
-    assert not beyond
-    assert transfer.frontier_value(points, 6400.0) == (0.8, True)  # no credit beyond what was measured
-    assert transfer.frontier_value(points, 50.0) is None  # every point is larger: no competitor there
-
-
 def test_the_envelope_is_the_best_family_at_the_arms_size() -> None:
     def run(kind: str, params: float, score: float) -> dict:
         return {"kind": kind, "params": params, "test_acc": score}
@@ -90,19 +81,6 @@ def test_the_envelope_is_the_best_family_at_the_arms_size() -> None:
     # the patient network's 0.52 is the best.
     assert 0.50 + 0.10 * math.log(1.2) / math.log(4) < 0.52
     assert transfer.envelope(rows, 120) == (0.52, "patient", False)
-
-
-@pytest.mark.parametrize(
-    ("gaps", "expected"),
-    [
-        ([0.03, 0.04, 0.05], "wins"),
-        ([-0.03, -0.04, -0.05], "loses"),
-        ([0.05, -0.04, 0.01], "level"),
-        ([0.1], "too few seeds"),
-    ],
-)
-def test_verdict_needs_two_standard_errors(gaps: list[float], expected: str) -> None:
-    assert transfer.verdict(gaps) == expected
 
 
 def test_quick_run_fits_every_arm_from_one_trained_network(tmp_path: Path) -> None:
