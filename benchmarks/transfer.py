@@ -23,8 +23,9 @@ order in every arm):
 * ``restart``: plain fine-tuning through ``PhaseSchedule(restarts_only=True)``: the dendritic
   schedule's warm restarts, rollbacks and retries, without dendrites.
 * ``<variant>`` and ``<variant>/inert``: dendrites (``VARIANTS`` of ``research.py``; default
-  ``pb``, the dense default, and ``relu-fan2-random-trained``, the best sparse/trained variant of
-  benchmarks/README.md) and their inert controls (same cycles, dendrite outputs held at 0).
+  ``pb``, the dense default, and the sparse relu dendrites trained after acceptance of
+  benchmarks/README.md: ``relu-fan2-random-trained`` and ``relu-fan2-trained``) and their inert
+  controls (same cycles, dendrite outputs held at 0).
 * ``lora@r``: LoRA adapters of rank ``r`` through the ``peft`` package (``LoraConfig`` on the
   layers the dendrites wrap, the head retrained through ``modules_to_save``), the trained weights
   frozen: the adapter recipe users already fine-tune with.
@@ -638,7 +639,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME",
         help=f"transfer benchmarks (default: all): {sorted(BENCHES)}",
     )
-    parser.add_argument("--variants", nargs="+", default=["pb", "relu-fan2-random-trained"], choices=sorted(VARIANTS))
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=["pb", "relu-fan2-random-trained", "relu-fan2-trained"],
+        choices=sorted(VARIANTS),
+    )
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--arms", nargs="+", default=None, help="only these arm names (default: all)")
