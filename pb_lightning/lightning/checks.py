@@ -14,19 +14,22 @@ import math
 import os
 import tempfile
 import zipfile
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import move_data_to_device
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import nn
 
-from pb_lightning.cycle.capacity import CapacityProbe
 from pb_lightning.cycle.decision import ACCEPT, Decision
+from pb_lightning.cycle.observers import CycleObserver
+from pb_lightning.cycle.phase_state import PhaseState
 from pb_lightning.cycle.schedule import PhaseSchedule
 from pb_lightning.cycle.scores import as_score, nonfinite_message
+from pb_lightning.diagnostics.capacity import CapacityProbe, CapacityTest
 from pb_lightning.engine.transitions import in_dendrite_phase
 from pb_lightning.errors import PerforationError, invalid
 
@@ -57,8 +60,12 @@ def check_capacity_test_epochs(trainer: pl.Trainer) -> None:
         )
 
 
-def check_checkpoint_round_trip(trainer: pl.Trainer, module: pl.LightningModule, probe: CapacityProbe) -> None:
-    """The capacity test's check: ``trainer.save_checkpoint``, then ``load_from_checkpoint`` a fresh module."""
+def check_checkpoint_round_trip(module: nn.Module, probe: CapacityProbe) -> None:
+    """The capacity test's round trip under Lightning: ``trainer.save_checkpoint``, then
+    ``load_from_checkpoint`` a fresh module (the :class:`~pb_lightning.diagnostics.capacity.CapacityTest`'s
+    ``round_trip``; ``module`` is the fit's LightningModule)."""
+    module = cast(pl.LightningModule, module)
+    trainer = module.trainer
 
     def load(path: str) -> pl.LightningModule:
         return type(module).load_from_checkpoint(path, map_location=module.device, weights_only=True)
@@ -165,6 +172,57 @@ def _checks_on_train_epoch_end(trainer: pl.Trainer, stopper: Any) -> bool:
     if on_epoch_end is None:
         return trainer.val_check_interval == 1.0 and trainer.check_val_every_n_epoch == 1
     return bool(on_epoch_end)
+
+
+class ValidationScore:
+    """The monitored score of the fit's validations, held until the epoch's decision.
+
+    The decision waits for the end of the training epoch, so that with several validations per
+    epoch (``val_check_interval < 1``) only the last one counts; ``pending`` is checkpointed.
+    """
+
+    def __init__(self, monitor: str) -> None:
+        self.monitor = monitor
+        self.pending: float | None = None
+        self._before: Any = None
+        self._said_none = False
+
+    def before_validation(self, trainer: pl.Trainer) -> None:
+        # Lets read_score tell a metric this validation logged from one left over from training.
+        self._before = trainer.callback_metrics.get(self.monitor)
+
+    def after_validation(self, trainer: pl.Trainer) -> None:
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
+        if trainer.sanity_checking:
+            # The sanity check's metrics decide nothing, but they name the logged keys: a monitor
+            # missing from them is reported now, not after a whole training epoch. (With several
+            # validation dataloaders Lightning shows no metric at the sanity check: nothing to say.)
+            if trainer.callback_metrics:
+                check_monitor_logged(trainer, self.monitor)
+            return
+        self.pending = read_score(trainer, self.monitor, self._before)
+
+    def take(self, trainer: pl.Trainer) -> float | None:
+        """The epoch's score, once; None (said once) when no validation gave one this epoch."""
+        score, self.pending = self.pending, None
+        if score is None and not self._said_none:  # check_val_every_n_epoch > 1, or an empty validation
+            self._said_none = warn_no_score(trainer, self.monitor)
+        return score
+
+
+def stop_if_finished(trainer: pl.Trainer, done: bool) -> None:
+    """A fit resumed from a checkpoint written after the final decision trains nothing.
+
+    (A run killed after its last checkpoint, or ``fit(ckpt_path="last")`` on a finished run.) That
+    checkpoint holds the final model; one more epoch would train the global best past itself.
+    """
+    if done:
+        rank_zero_info(
+            "pb_lightning: this run had already finished (the checkpoint was written after the final "
+            "decision); no further training. Start a new fit from its weights to train more."
+        )
+        trainer.should_stop = True
 
 
 def read_score(trainer: pl.Trainer, monitor: str, before_validation: Any) -> float:
@@ -284,6 +342,29 @@ def warn_no_correlation(decision: Decision, candidate_best: float | None, pl_mod
             f"phase (best mean correlation {candidate_best}); the phase ended by its patience. Check that the "
             "loss reaches the perforated layers."
         )
+
+
+def cycle_observers(monitor: str, capacity_test: bool) -> list[CycleObserver]:
+    """What watches the callback's cycle: the fit checks, and the capacity test when asked for."""
+    observers: list[CycleObserver] = [FitChecks(monitor)]
+    if capacity_test:
+        observers.append(CapacityTest(check_checkpoint_round_trip, monitor=monitor, warn=rank_zero_warn))
+    return observers
+
+
+class FitChecks(CycleObserver):
+    """The fit checks that watch the cycle: a score that moves while the network is frozen, and
+    candidates that never correlated (both warnings, on rank 0)."""
+
+    def __init__(self, monitor: str) -> None:
+        self.monitor = monitor
+        self._previous: float | None = None
+
+    def on_validation(self, model: nn.Module, score: float, when: str) -> None:
+        self._previous = check_flat_score(self._previous, score, self.monitor, cast(pl.LightningModule, model))
+
+    def on_decision(self, model: nn.Module, decision: Decision, state: PhaseState) -> None:
+        warn_no_correlation(decision, state.candidate_best, cast(pl.LightningModule, model))
 
 
 def explain_torn_checkpoint(trainer: pl.Trainer, exception: BaseException) -> None:

@@ -104,10 +104,10 @@ def test_the_history_and_snapshots_are_stored_once(tmp_path: Path) -> None:
     fresh.load_state_dict(state)
     assert [h["action"] for h in fresh.machine.state.history] == ["start_dendrite_phase"]
     assert fresh.machine.state.history[0]["score"] == state["recorder"]["rows"][0]["score"]
-    assert fresh.controller.phase_best is fresh.controller.global_best
+    assert fresh.driver.controller.phase_best is fresh.driver.controller.global_best
     weights = loaded.state_dict()
-    assert fresh.controller.global_best.keys() == set(state["global_best_keys_from_model"])
-    for key, value in fresh.controller.global_best.items():
+    assert fresh.driver.controller.global_best.keys() == set(state["global_best_keys_from_model"])
+    for key, value in fresh.driver.controller.global_best.items():
         assert value.device.type == "cpu"
         assert torch.equal(value, weights[key])
     # Later in the cycle (epoch 1: candidates trained, the accepted set not yet judged), the
