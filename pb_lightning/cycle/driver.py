@@ -145,6 +145,7 @@ class CycleDriver:
         self.history = HistoryRecorder()
         self.observers = list(observers)
         self._restructurer = restructurer
+        self._closed = False
 
     @property
     def complete(self) -> bool:
@@ -217,7 +218,14 @@ class CycleDriver:
         return Outcome(decision, restructured=decision.restore is not None, complete=True)
 
     def close(self, model: nn.Module, *, epoch: int | None = None, global_step: int | None = None) -> list[str]:
-        """After the final restore: the closing history row, and the observers' report lines."""
+        """After the final restore: the closing history row, and the observers' report lines.
+
+        Closing again with no decision in between does nothing (returns no line): a loop may
+        close on ``complete`` and again when it ends.
+        """
+        if self._closed:
+            return []
+        self._closed = True
         self.history.close(model, self.machine.state, epoch, global_step)
         return [line for observer in self.observers for line in observer.on_finish(model, self.machine.state)]
 
@@ -231,6 +239,7 @@ class CycleDriver:
         epoch: int | None,
     ) -> Outcome:
         row = self.history.record(model, self.machine.state, decision, epoch)
+        self._closed = False
         for observer in self.observers:
             observer.on_decision(model, decision, self.machine.state)
         return Outcome(decision, restructured, self.machine.state.done, score, row, candidates)

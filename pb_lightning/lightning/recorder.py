@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from pb_lightning.cycle.decision import ACCEPT, CONTINUE, Decision, Verdict
+from pb_lightning.cycle.driver import Outcome
 from pb_lightning.cycle.machine import PhaseMachine
 from pb_lightning.cycle.schedule import PhaseSchedule
 from pb_lightning.engine.params import parameter_counts
@@ -73,8 +74,9 @@ class RunRecorder:
             for logger in trainer.loggers:
                 logger.log_hyperparams(hparams)
 
-    def announce(self, trainer: pl.Trainer, decision: Decision, score: float) -> None:
+    def announce(self, trainer: pl.Trainer, outcome: Outcome) -> None:
         """Say every decision that changes something at INFO (on rank 0), every one at DEBUG."""
+        decision, score = cast(Decision, outcome.decision), cast(float, outcome.score)
         if decision.action != CONTINUE:
             rank_zero_info(
                 f"pb_lightning epoch {trainer.current_epoch}: {decision.action} — {decision.reason} "
@@ -101,17 +103,17 @@ class RunRecorder:
         trainer: pl.Trainer,
         module: PerforatedModule,
         machine: PhaseMachine,
-        decision: Decision,
-        candidates: dict[str, tuple[float, float]],
+        outcome: Outcome,
         rows: list[dict[str, Any]],
     ) -> None:
         """Log the metrics of one decision, and on a restructure rewrite the files from ``rows``.
 
-        ``candidates`` holds, per layer, the mean and max over neurons of the best candidate
-        correlation (empty outside dendrite phases).
+        With them, per layer, the mean and max over neurons of the best candidate correlation
+        (``outcome.candidates``, empty outside dendrite phases).
         """
+        decision = cast(Decision, outcome.decision)
         metrics = self._metrics(module, machine, decision)
-        for name, (mean, best) in candidates.items():
+        for name, (mean, best) in outcome.candidates.items():
             metrics[f"pb/candidate_correlation_mean/{name}"] = mean
             metrics[f"pb/candidate_correlation_max/{name}"] = best
         self._log_metrics(trainer, metrics)

@@ -85,6 +85,16 @@ class StrategyAdapter:
         self.check_optimizer_coverage(trainer, module)
 
     @staticmethod
+    def where(trainer: pl.Trainer) -> dict[str, Any]:
+        """The driver's ``epoch``, ``global_step`` and ``share``: every rank takes rank 0's inputs,
+        so that all ranks take the same decision."""
+
+        def share(value: Any) -> Any:
+            return trainer.strategy.broadcast(value, src=0)
+
+        return {"epoch": trainer.current_epoch, "global_step": trainer.global_step, "share": share}
+
+    @staticmethod
     def before_backward(trainer: pl.Trainer, module: pl.LightningModule) -> None:
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if scaler is not None and in_dendrite_phase(module):

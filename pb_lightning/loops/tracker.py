@@ -1,12 +1,16 @@
 """PerforatedTracker: the five steps of a plain PyTorch loop, mapped onto a cycle driver.
 
-1. ``import pb_lightning as pb``; 2. ``model = tracker.initialize(model)`` (perforate);
-3. ``tracker.set_optimizer(torch.optim.Adam, lr=1e-3)`` (and ``set_scheduler(StepLR, step_size=1)``);
-4. ``optimizer, scheduler = tracker.setup_optimizer(model)``; 5. after each validation,
-``model, restructured, complete = tracker.add_validation_score(score, model)``: rebuild the
-optimizer when ``restructured``, stop when ``complete``. The :class:`~pb_lightning.cycle.driver.CycleDriver`
-is the Lightning callback's: the same scores give the same decisions. They are logged at INFO to
-this module's logger, on stderr while nothing is configured (:mod:`pb_lightning.loops.log`).
+    >>> import pb_lightning as pb, torch                                   # 1
+    >>> tracker = pb.PerforatedTracker("max", pb.PhaseSchedule(neuron_patience=2))
+    >>> model = tracker.initialize(torch.nn.Sequential(torch.nn.Linear(4, 2)))  # 2: perforate
+    >>> tracker.set_optimizer(torch.optim.SGD, lr=0.1)                     # 3 (and set_scheduler)
+    >>> optimizer, scheduler = tracker.setup_optimizer(model)              # 4: for the current phase
+    >>> model, restructured, complete = tracker.add_validation_score(0.5, model)  # 5: after each validation
+    >>> restructured, complete  # rebuild the optimizer when restructured, stop when complete
+    (False, False)
+
+The :class:`~pb_lightning.cycle.driver.CycleDriver` is the Lightning callback's: the same scores
+give the same decisions, logged at INFO here (on stderr while nothing is configured: :mod:`~pb_lightning.loops.log`).
 """
 
 from __future__ import annotations
@@ -18,16 +22,16 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from pb_lightning.cycle.decision import CONTINUE, Decision
+from pb_lightning.cycle.decision import Decision
 from pb_lightning.cycle.driver import CycleDriver, Outcome
 from pb_lightning.cycle.schedule import PhaseSchedule
 from pb_lightning.cycle.scores import as_score, nonfinite_message
 from pb_lightning.diagnostics.capacity import CapacityProbe, CapacityTest
 from pb_lightning.engine.config import DendriteConfig
-from pb_lightning.engine.convert import perforate, perforation_summary
+from pb_lightning.engine.convert import perforate
 from pb_lightning.engine.optimizer_state import OptimizerStateMode
 from pb_lightning.errors import invalid
-from pb_lightning.loops.log import visible_without_configuration
+from pb_lightning.loops.log import DecisionLog, visible_without_configuration
 from pb_lightning.loops.optimizers import OptimizerRecipe
 
 log = visible_without_configuration(logging.getLogger(__name__))
@@ -40,22 +44,11 @@ class PerforatedTracker:
         mode: ``"max"`` if a higher score is better (accuracy), ``"min"`` if lower is (loss).
         schedule: the switching rules (default :class:`~pb_lightning.cycle.schedule.PhaseSchedule()`).
         capacity_test: the first experiment (docs/ALGORITHM.md §5): switch every validation, add three
-            dendrite sets, check function preservation, optimizer coverage, a state round trip and
-            finite scores, then report (:attr:`capacity_report`).
+            dendrite sets, check the pipeline at every step, report (:attr:`capacity_report`).
         weight_decay, candidate_lr: of the optimizer's parameter groups (see :class:`OptimizerRecipe`).
         optimizer_state: ``"reset"`` (the reference method: a fresh optimizer and scheduler after each
             restructure) or ``"carry"`` (persisting parameters keep their state, the scheduler continues).
         verbose: log every phase decision at INFO (``False``: at DEBUG; silence the logger otherwise).
-
-    Example::
-
-        >>> tracker = PerforatedTracker("max", PhaseSchedule(neuron_patience=2))
-        >>> model = tracker.initialize(torch.nn.Sequential(torch.nn.Linear(4, 2)))
-        >>> tracker.set_optimizer(torch.optim.SGD, lr=0.1)
-        >>> optimizer, scheduler = tracker.setup_optimizer(model)
-        >>> model, restructured, complete = tracker.add_validation_score(0.5, model)
-        >>> restructured, complete
-        (False, False)
     """
 
     def __init__(
@@ -78,31 +71,25 @@ class PerforatedTracker:
         schedule = PhaseSchedule.capacity_test() if capacity_test else schedule  # the callback's test too
         observers = [] if self.capacity is None else [self.capacity]
         self.driver = CycleDriver(mode, schedule, optimizer_state=optimizer_state, observers=observers)
-        self.capacity_test, self.verbose = capacity_test, verbose
+        self.capacity_test, self.verbose, self.machine = capacity_test, verbose, self.driver.machine
         self.recipe = OptimizerRecipe(weight_decay, candidate_lr)
         self.optimizer_state = self.driver.optimizer_state
         #: The decision taken on the latest validation score (None before the first).
         self.last_decision: Decision | None = None
         self._current: tuple[list[torch.optim.Optimizer], list[Any]] = ([], [])
-        self._summarised = self._closed = False
-
-    machine = property(lambda self: self.driver.machine, doc="The phase machine (its ``state``).")
+        self.log = DecisionLog(log, verbose)
 
     @property
     def capacity_report(self) -> str | None:
         """The capacity test's verdict, once it has finished."""
         return None if self.capacity is None else self.capacity.report
 
-    # ------------------------------------------------------------------ steps 2-4
     def initialize(self, model: nn.Module, **perforate_options: Any) -> nn.Module:
         """Perforate ``model`` (options as for :func:`pb_lightning.perforate`) and return it; a
         trained model computes what it did, and its plain state dict still loads afterwards."""
         perforate_options.setdefault("config", DendriteConfig())
         model = perforate(model, **perforate_options)
-        # What was perforated, as the callback shows: once per tracker at INFO (a resumed model too).
-        level = logging.INFO if self.verbose and not self._summarised else logging.DEBUG
-        log.log(level, "%s", perforation_summary(model))
-        self._summarised = True
+        self.log.summary(model)  # once per tracker at INFO
         self.driver.start(model)
         return model
 
@@ -120,7 +107,6 @@ class PerforatedTracker:
         self._current = (list(optimizers), list(schedulers))
         return optimizers[0], schedulers[0] if schedulers else None
 
-    # ------------------------------------------------------------------ step 5
     def add_validation_score(
         self, score: float, model: nn.Module, *, epoch: int | None = None
     ) -> tuple[nn.Module, bool, bool]:
@@ -144,35 +130,23 @@ class PerforatedTracker:
         return self._carried_out(model, self.driver.training_step(model), "a training step").restructured
 
     def _carried_out(self, model: nn.Module, outcome: Outcome, when: str) -> Outcome:
-        if outcome.decision is not None:
-            said = self.last_decision = outcome.decision
-            level = logging.INFO if self.verbose and said.action != CONTINUE else logging.DEBUG
-            log.log(level, "pb_lightning %s: %s — %s (score=%.6g)", when, said.action, said.reason, outcome.score)
+        self.last_decision = self.log.decision(outcome, when) or self.last_decision
         if outcome.restructured:
             self.driver.restructured(model)
         if outcome.complete:
-            self._close(model)
+            self.log.report(self.driver.close(model))
         return outcome
 
     def finish(self, model: nn.Module) -> nn.Module:
         """Call when training ends for another reason (an epoch budget): leaves the best model."""
-        decision = self.driver.finish(model).decision
-        if decision is not None:
-            log.log(logging.INFO if self.verbose else logging.DEBUG, "pb_lightning: %s.", decision.reason)
-        self._close(model)
+        self.log.end(self.driver.finish(model).decision)
+        self.log.report(self.driver.close(model))
         return model
 
-    def _close(self, model: nn.Module) -> None:
-        if not self._closed:
-            self._closed = True
-            for line in self.driver.close(model):
-                log.info("pb_lightning %s", line)
-
     def _round_trip(self, model: nn.Module, probe: CapacityProbe) -> None:
-        """The capacity test's round trip: what setup_optimizer will build, and a saved state."""
+        """The capacity test's: the groups setup_optimizer will build (once it has built), a saved state."""
         probe.check_fresh_round_trip(model, self.recipe.groups(model) if self._current[0] else None)
 
-    # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
         """The cycle's state (the callback's layout): save it with the model's state dict."""
         return self.driver.state_dict()
