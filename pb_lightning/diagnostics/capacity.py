@@ -26,7 +26,7 @@ import os
 import tempfile
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -67,7 +67,7 @@ class CapacityProbe:
     def _attach(self, model: nn.Module) -> None:
         def record(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if layer.training and self._recording:
-                self._inputs[layer.name] = (
+                self._inputs[str(layer.name)] = (
                     tuple(a.detach()[:64] if isinstance(a, Tensor) else a for a in args),
                     kwargs,
                 )
@@ -162,14 +162,15 @@ class CapacityProbe:
                     if (where, mode) not in baselines:
                         baselines[where, mode] = _run(module, model, args, kwargs, mode, buffers)
                     before = baselines[where, mode]
-                    saved = layer.output_weight.detach().clone()
+                    weight = cast(Tensor, layer.output_weight)  # the layers with accepted dendrites
+                    saved = weight.detach().clone()
                     with torch.no_grad():
-                        layer.output_weight.add_(PROBE_OUTPUT_WEIGHT)
+                        weight.add_(PROBE_OUTPUT_WEIGHT)
                     try:
                         after = _run(module, model, args, kwargs, mode, buffers)
                     finally:
                         with torch.no_grad():
-                            layer.output_weight.copy_(saved)
+                            weight.copy_(saved)
                     if _same(before, after):
                         self.problems.append(
                             f"the dendrites of layer `{layer.name}` do not change the output of {label} in {mode} "

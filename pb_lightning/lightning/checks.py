@@ -32,6 +32,7 @@ from pb_lightning.cycle.scores import as_score, nonfinite_message
 from pb_lightning.diagnostics.capacity import CapacityProbe, CapacityTest
 from pb_lightning.engine.transitions import in_dendrite_phase
 from pb_lightning.errors import PerforationError, invalid
+from pb_lightning.lightning.module import PerforatedModule
 
 log = logging.getLogger(__name__)
 
@@ -315,7 +316,7 @@ def warn_no_score(trainer: pl.Trainer, monitor: str) -> bool:
     return True
 
 
-def check_flat_score(previous: float | None, score: float, monitor: str, pl_module: pl.LightningModule) -> float | None:
+def check_flat_score(previous: float | None, score: float, monitor: str, pl_module: PerforatedModule) -> float | None:
     """Correlation candidates do not touch the output: a moving score in a dendrite phase is a bug.
 
     Returns what to pass as ``previous`` next time (None outside correlation dendrite phases).
@@ -332,7 +333,7 @@ def check_flat_score(previous: float | None, score: float, monitor: str, pl_modu
     return score
 
 
-def warn_no_correlation(decision: Decision, candidate_best: float | None, pl_module: pl.LightningModule) -> None:
+def warn_no_correlation(decision: Decision, candidate_best: float | None, pl_module: PerforatedModule) -> None:
     """An accepted dendrite phase whose candidates never correlated: the loss misses the layers."""
     if decision.action != ACCEPT or pl_module.dendrite_config.learning != "correlation":
         return
@@ -361,10 +362,10 @@ class FitChecks(CycleObserver):
         self._previous: float | None = None
 
     def on_validation(self, model: nn.Module, score: float, when: str) -> None:
-        self._previous = check_flat_score(self._previous, score, self.monitor, cast(pl.LightningModule, model))
+        self._previous = check_flat_score(self._previous, score, self.monitor, cast(PerforatedModule, model))
 
     def on_decision(self, model: nn.Module, decision: Decision, state: PhaseState) -> None:
-        warn_no_correlation(decision, state.candidate_best, cast(pl.LightningModule, model))
+        warn_no_correlation(decision, state.candidate_best, cast(PerforatedModule, model))
 
 
 def explain_torn_checkpoint(trainer: pl.Trainer, exception: BaseException) -> None:

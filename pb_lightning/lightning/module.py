@@ -101,12 +101,12 @@ class PerforatedModule(pl.LightningModule):
             with_norm = dict(with_norm)
         elif not isinstance(with_norm, bool):
             raise invalid("with_norm", with_norm, "a bool or a mapping {module name: norm name}")
-        for name, value in (
+        for name, mapping in (
             ("perforate_neuron_axes", perforate_neuron_axes),
             ("perforate_output_selectors", perforate_output_selectors),
         ):
-            if value is not None and not isinstance(value, Mapping):
-                raise invalid(name, value, "a mapping {module type or name glob: value}")
+            if mapping is not None and not isinstance(mapping, Mapping):
+                raise invalid(name, mapping, "a mapping {module type or name glob: value}")
         self._perforate_neuron_axes = None if perforate_neuron_axes is None else dict(perforate_neuron_axes)
         self._perforate_output_selectors = (
             None if perforate_output_selectors is None else dict(perforate_output_selectors)

@@ -49,7 +49,7 @@ class HistoryRecorder:
 
     def close(self, model: nn.Module, state: PhaseState, epoch: int | None, global_step: int | None) -> dict[str, Any]:
         """Append the closing ``end`` row (after the final restore): the model the run leaves."""
-        end = {"validation": state.validations, "global_step": global_step, "phase": "neuron"}
+        end: dict[str, Any] = {"validation": state.validations, "global_step": global_step, "phase": "neuron"}
         end["score"] = state.global_best
         row = self._row(model, state, end, END, "training ended", epoch)
         self.rows.append(row)
