@@ -78,7 +78,8 @@ class HistoryRecorder:
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
-        return {"rows": self.rows, "initial_parameters": self.initial_parameters}
+        """The rows as they are now (a copy of the list: later rows do not leak into a saved state)."""
+        return {"rows": list(self.rows), "initial_parameters": self.initial_parameters}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rows = list(state.get("rows", []))

@@ -561,7 +561,8 @@ def test_a_perforated_module_takes_with_norm_as_a_bool_or_a_mapping(with_norm: A
     # A set was accepted on every layer, paired ones included (whether the cycle's verdict then
     # kept it depends on the scores, which this test does not control).
     assert [h["action"] for h in callback.machine.state.history][:2] == ["start_dendrite_phase", "accept"]
-    assert callback.driver.history.rows[1]["dendrites_per_layer"] == {layer.name: 1 for layer in model.perforated_layers()}
+    rows = callback.driver.history.rows
+    assert rows[1]["dendrites_per_layer"] == {layer.name: 1 for layer in model.perforated_layers()}
 
 
 @pytest.mark.parametrize("bad", ["yes", {"block.conv1": 3}, 1])
