@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 import pb_lightning as pb
-from pb_lightning.demos.digits import DigitsDataModule
+from pb_lightning.demos.digits import DigitsDataModule, DigitsMLP
 from tests.engine.test_with_norm import BasicBlock
 from tests.helpers import fast_trainer
 
@@ -158,3 +158,35 @@ def test_neuron_axes_and_output_selectors_keyed_by_type_survive_a_weights_only_c
     assert [(layer.name, layer.output_key) for layer in again.perforated_layers()] == [
         (layer.name, layer.output_key) for layer in model.perforated_layers()
     ]
+
+
+class _Overriding(DigitsMLP):
+    """Overrides the mixin's phase controls: every restructure of a fit must come through them."""
+
+    calls: list[str]
+
+    def start_dendrite_phase(self) -> None:
+        self.calls.append("start")
+        super().start_dendrite_phase()
+
+    def accept_dendrites(self) -> dict[str, Tensor]:
+        self.calls.append("accept")
+        return super().accept_dendrites()
+
+    def discard_candidates(self) -> None:
+        self.calls.append("discard")
+        super().discard_candidates()
+
+
+def test_every_restructure_of_a_fit_goes_through_the_modules_phase_controls(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    model = _Overriding(hidden=4, lr=1e-2)
+    model.calls = []
+    callback = pb.PerforatedCallback("val_loss", "min", neuron_epochs=1, dendrite_epochs=1, max_dendrites=3)
+    _trainer(tmp_path, [callback], max_epochs=3, limit_train_batches=2).fit(model, DigitsDataModule())
+    actions = [h["action"] for h in callback.machine.state.history]
+    assert actions == ["start_dendrite_phase", "accept", "start_dendrite_phase"]
+    # The reference: each decision's change, then max_epochs ends the run in a dendrite phase,
+    # whose candidates are dropped before the global best is restored.
+    assert model.calls == ["start", "accept", "start", "discard"]
+    assert not model.in_dendrite_phase
