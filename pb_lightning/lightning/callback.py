@@ -23,6 +23,7 @@ from pb_lightning.engine.convert import perforation_summary
 from pb_lightning.engine.optimizer_state import OptimizerStateMode
 from pb_lightning.lightning import checks
 from pb_lightning.lightning.module import PerforatedModule, as_restructurer
+from pb_lightning.lightning.monitor import ValidationScore
 from pb_lightning.lightning.recorder import RunRecorder
 from pb_lightning.lightning.strategy import StrategyAdapter
 from pb_lightning.reporting.history import MetricKind, resolve_metric_kind
@@ -91,7 +92,7 @@ class PerforatedCallback(Callback):
         )
         self.machine, self.optimizer_state, self.strategy = self.driver.machine, optimizer_state, StrategyAdapter()
         self.recorder = RunRecorder(monitor, mode, resolve_metric_kind(metric_kind, monitor), output_dir)
-        self.score = checks.ValidationScore(monitor)
+        self.score = ValidationScore(monitor)
         self._module: PerforatedModule | None = None
         self.report: dict[str, Any] | None = None  # the final report (reporting.history.final_report)
 
