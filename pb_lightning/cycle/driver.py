@@ -181,6 +181,7 @@ class CycleDriver:
         for observer in self.observers:
             observer.on_validation(model, score, when)
         structure = _Observed(self._restructurer(model), model, self.observers)
+        structure.candidates = candidates  # already read: an acceptance need not read them again
         decision, restructured = self.controller.step(
             model, score, candidate, restructurer=structure, global_step=global_step
         )
