@@ -49,7 +49,7 @@ class _HeldMemory(pl.Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         held: dict[str, int] = {}
-        controller = self.perforated.controller
+        controller = self.perforated.driver.controller
         snapshots = {id(s): s for s in (controller.phase_best, controller.global_best) if s is not None}
         for snapshot in snapshots.values():
             for tensor in snapshot.values():

@@ -4,9 +4,9 @@ The package is three layers, each importing only the ones before it:
 
 * :mod:`pb_lightning.engine` (``nn.Module`` level, no Lightning): convert a model, grow dendrites,
   run the correlation learning of the dendrite phase, switch a model between phases.
-* :mod:`pb_lightning.cycle` (the phase machine): validation scores in, decisions out, and the
-  controller that applies them to a model — usable from any PyTorch training loop
-  (:mod:`pb_lightning.loops`).
+* :mod:`pb_lightning.cycle` (the phase machine and the driver that runs it): validation scores
+  in, decisions out, carried out on a model — usable from any PyTorch training loop
+  (:mod:`pb_lightning.loops`); :mod:`pb_lightning.diagnostics` watches it (the capacity test).
 * :mod:`pb_lightning.lightning`: the callback, module, recorder and CLI that drive it inside
   ``trainer.fit``.
 

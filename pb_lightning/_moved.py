@@ -25,15 +25,17 @@ from collections.abc import Sequence
 from typing import Any
 
 #: Old module (under ``pb_lightning.``) → the new modules that hold its names, in lookup order.
+#: A dotted old name (``cycle.capacity``) is a module that moved out of a layer folder.
 MOVED: dict[str, tuple[str, ...]] = {
     "attention": ("engine.attention",),
     "banks": ("engine.banks", "engine.sparse_banks"),
     "callback": ("lightning.callback",),
-    "capacity": ("cycle.capacity",),
+    "capacity": ("diagnostics.capacity",),
     "cli": ("lightning.cli",),
     "config": ("engine.config",),
     "controller": ("cycle.controller",),
     "controls": ("engine.controls",),
+    "cycle.capacity": ("diagnostics.capacity",),
     "convert": ("engine.convert", "engine.selectors"),
     "correlation": ("engine.correlation",),
     "demo": ("demos.digits",),
@@ -94,8 +96,7 @@ class _AliasLoader(importlib.abc.Loader):
 
 class _AliasFinder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
-        prefix, _, old = fullname.rpartition(".")
-        if prefix != _PACKAGE or old not in MOVED:
+        if not fullname.startswith(_PACKAGE + ".") or fullname.removeprefix(_PACKAGE + ".") not in MOVED:
             return None
         return importlib.machinery.ModuleSpec(fullname, _AliasLoader())
 

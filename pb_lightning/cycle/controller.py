@@ -1,15 +1,15 @@
 """Carrying out the phase machine's decisions on a model: snapshots, restores, phase switches.
 
-Framework-free and shared by the Lightning callback and the plain-PyTorch tracker, so the two
-take the same decisions and change the model the same way. What differs between them —
-rebuilding optimizers, DDP, logging — stays with each caller, which learns from :meth:`step`
-whether the trainable parameters changed.
+Framework-free; :class:`~pb_lightning.cycle.driver.CycleDriver` steps it for the Lightning
+callback and the plain-PyTorch tracker alike. The weights are the controller's (snapshots and
+restores); the structural changes go through a :class:`~pb_lightning.cycle.restructure.Restructurer`,
+the model owner's (the PerforatedModule under Lightning), so a user's overrides see them.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -17,9 +17,9 @@ from torch import Tensor, nn
 
 from pb_lightning.cycle.decision import ACCEPT, RESTORE_GLOBAL_BEST, RETRY, START_DENDRITE_PHASE, Decision
 from pb_lightning.cycle.machine import PhaseMachine
+from pb_lightning.cycle.restructure import EngineRestructurer, Restructurer
 from pb_lightning.engine.compiled import drop_stale_graphs
-from pb_lightning.engine.transitions import accept_dendrites, candidate_scores, discard_candidates, in_dendrite_phase
-from pb_lightning.engine.transitions import start_dendrite_phase as start_phase
+from pb_lightning.engine.transitions import candidate_scores, in_dendrite_phase
 
 
 def snapshot(model: nn.Module) -> dict[str, Tensor]:
@@ -66,24 +66,24 @@ class CycleController:
         score: float,
         candidate_score: float | None,
         *,
-        accept: Callable[[nn.Module], Any] = accept_dendrites,
+        restructurer: Restructurer | None = None,
         global_step: int | None = None,
     ) -> tuple[Decision, bool]:
         """Feed one validation score and carry out the decision.
 
-        ``accept`` installs the dendrites (a caller may wrap it with checks); ``global_step`` goes
-        into the history row. Returns the decision and whether the set of trainable parameters
-        changed (rebuild the optimizer).
+        ``restructurer`` makes the structural changes (default: :class:`EngineRestructurer` of
+        ``model``); ``global_step`` goes into the history row. Returns the decision and whether the
+        set of trainable parameters changed (rebuild the optimizer).
         """
         decision = self.machine.step(score, candidate_score, global_step=global_step)
-        return decision, self.apply(model, decision, accept=accept)
+        return decision, self.apply(model, decision, restructurer=restructurer)
 
     def training_step(
         self,
         model: nn.Module,
         candidate_score: float | None,
         *,
-        accept: Callable[[nn.Module], Any] = accept_dendrites,
+        restructurer: Restructurer | None = None,
         global_step: int | None = None,
     ) -> Decision | None:
         """After one training step of a dendrite phase (``PhaseSchedule.dendrite_patience_steps``):
@@ -95,26 +95,25 @@ class CycleController:
         """
         decision = self.machine.training_step(candidate_score, global_step=global_step)
         if decision is not None:
-            self.apply(model, decision, accept=accept)
+            self.apply(model, decision, restructurer=restructurer)
         return decision
 
-    def apply(
-        self, model: nn.Module, decision: Decision, *, accept: Callable[[nn.Module], Any] = accept_dendrites
-    ) -> bool:
+    def apply(self, model: nn.Module, decision: Decision, *, restructurer: Restructurer | None = None) -> bool:
         """Carry out ``decision`` on ``model``: snapshot, restore, then act. Returns "restructured"."""
+        structure = EngineRestructurer(model) if restructurer is None else restructurer
         if decision.new_phase_best:
             self.phase_best = snapshot(model)
         restructured = decision.restore is not None
         if decision.restore is not None:
-            self.restore(model, decision.restore)
+            self.restore(model, decision.restore, restructurer=structure)
         if decision.new_global_best and self.phase_best is not None:
             self.global_best = self.phase_best
         if decision.action in (START_DENDRITE_PHASE, RETRY):
             with self._candidate_rng(model):
-                start_phase(model)
+                structure.start_dendrite_phase()
             restructured = True
         elif decision.action == ACCEPT:
-            accept(model)
+            structure.accept_dendrites()
             restructured = True
         if restructured:
             drop_stale_graphs(model)
@@ -138,21 +137,21 @@ class CycleController:
             torch.manual_seed(self.candidate_seed + self.machine.state.validations)
             yield
 
-    def restore(self, model: nn.Module, which: str) -> None:
+    def restore(self, model: nn.Module, which: str, *, restructurer: Restructurer | None = None) -> None:
         """Load the global-best or phase-best snapshot (dropping candidates first)."""
         weights = self.global_best if which == RESTORE_GLOBAL_BEST else self.phase_best
         if in_dendrite_phase(model):
-            discard_candidates(model)
+            (EngineRestructurer(model) if restructurer is None else restructurer).discard_candidates()
         if weights is not None:
             model.load_state_dict(weights)
 
-    def finish(self, model: nn.Module) -> Decision | None:
+    def finish(self, model: nn.Module, *, restructurer: Restructurer | None = None) -> Decision | None:
         """When training ends for another reason: leave the global-best model. None if already done."""
         if self.machine.state.done:
             return None
         decision = self.machine.finish()
         if decision.restore is not None:
-            self.restore(model, decision.restore)
+            self.restore(model, decision.restore, restructurer=restructurer)
         if decision.new_global_best and self.phase_best is not None:
             self.global_best = self.phase_best
         return decision

@@ -8,27 +8,29 @@ which only decides and restructures.
 
 from __future__ import annotations
 
-import difflib
 import logging
 import math
 import os
 import tempfile
 import zipfile
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import move_data_to_device
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import nn
 
-from pb_lightning.cycle.capacity import CapacityProbe
 from pb_lightning.cycle.decision import ACCEPT, Decision
+from pb_lightning.cycle.observers import CycleObserver
+from pb_lightning.cycle.phase_state import PhaseState
 from pb_lightning.cycle.schedule import PhaseSchedule
-from pb_lightning.cycle.scores import as_score, nonfinite_message
+from pb_lightning.diagnostics.capacity import CapacityProbe, CapacityTest
 from pb_lightning.engine.transitions import in_dendrite_phase
 from pb_lightning.errors import PerforationError, invalid
+from pb_lightning.lightning.module import PerforatedModule
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +59,12 @@ def check_capacity_test_epochs(trainer: pl.Trainer) -> None:
         )
 
 
-def check_checkpoint_round_trip(trainer: pl.Trainer, module: pl.LightningModule, probe: CapacityProbe) -> None:
-    """The capacity test's check: ``trainer.save_checkpoint``, then ``load_from_checkpoint`` a fresh module."""
+def check_checkpoint_round_trip(module: nn.Module, probe: CapacityProbe) -> None:
+    """The capacity test's round trip under Lightning: ``trainer.save_checkpoint``, then
+    ``load_from_checkpoint`` a fresh module (the :class:`~pb_lightning.diagnostics.capacity.CapacityTest`'s
+    ``round_trip``; ``module`` is the fit's LightningModule)."""
+    module = cast(pl.LightningModule, module)
+    trainer = module.trainer
 
     def load(path: str) -> pl.LightningModule:
         return type(module).load_from_checkpoint(path, map_location=module.device, weights_only=True)
@@ -167,97 +173,21 @@ def _checks_on_train_epoch_end(trainer: pl.Trainer, stopper: Any) -> bool:
     return bool(on_epoch_end)
 
 
-def read_score(trainer: pl.Trainer, monitor: str, before_validation: Any) -> float:
-    """The monitored metric this validation logged, or an error that says how to log it.
+def stop_if_finished(trainer: pl.Trainer, done: bool) -> None:
+    """A fit resumed from a checkpoint written after the final decision trains nothing.
 
-    ``before_validation`` is the value ``callback_metrics`` held when the validation started:
-    the same object afterwards means the validation did not log the metric (only training did).
+    (A run killed after its last checkpoint, or ``fit(ckpt_path="last")`` on a finished run.) That
+    checkpoint holds the final model; one more epoch would train the global best past itself.
     """
-    value = check_monitor_logged(trainer, monitor)
-    if value is before_validation:
-        raise PerforationError(
-            f"PerforatedCallback(monitor={monitor!r}): the metric was not logged during validation (is it "
-            "logged only in training?). Phases switch on a validation score: log it in `validation_step`."
+    if done:
+        rank_zero_info(
+            "pb_lightning: this run had already finished (the checkpoint was written after the final "
+            "decision); no further training. Start a new fit from its weights to train more."
         )
-    score = as_score(value, f"score (the monitored {monitor!r})")
-    message = nonfinite_message(monitor, score, f"epoch {trainer.current_epoch}")
-    if message is not None:
-        rank_zero_warn(message)
-    return score
+        trainer.should_stop = True
 
 
-def check_monitor_logged(trainer: pl.Trainer, monitor: str) -> Any:
-    """The monitored metric's value in ``callback_metrics``, or an error naming what was logged.
-
-    Called at the end of every validation of a fit, the sanity check's included: a monitor that
-    is never logged is a typo or a misunderstanding, and the sanity check already knows the
-    logged keys — waiting for the first training epoch's validation costs a whole epoch.
-    """
-    value = trainer.callback_metrics.get(monitor)
-    strategy = trainer.strategy
-    if strategy.reduce_boolean_decision(value is not None, all=True):
-        return value
-    if strategy.reduce_boolean_decision(value is not None, all=False):
-        raise PerforationError(
-            f"PerforatedCallback(monitor={monitor!r}): the metric was logged on some ranks but not on others; "
-            f"log it on every rank in `validation_step` with `self.log({monitor!r}, ..., sync_dist=True)`."
-        )
-    raise PerforationError(missing_monitor_message(monitor, sorted(trainer.callback_metrics), trainer.sanity_checking))
-
-
-def missing_monitor_message(monitor: str, logged: list[str], sanity_checking: bool = False) -> str:
-    """Why ``monitor`` is not among the ``logged`` keys, and the keys it was probably meant to be.
-
-    With several validation dataloaders Lightning logs each metric once per dataloader, as
-    ``name/dataloader_idx_N``: the name the user logged is then never a key, and "log it in
-    validation_step" would be wrong advice, so those keys are named with the two ways out.
-    """
-    when = " at the sanity check" if sanity_checking else ""
-    message = f"PerforatedCallback(monitor={monitor!r}): the metric was not logged{when}; logged metrics are {logged}."
-    per_loader = [key for key in logged if key.startswith(monitor + "/dataloader_idx_")]
-    close = per_loader or difflib.get_close_matches(monitor, logged, n=3, cutoff=0.6)
-    if per_loader:
-        message += (
-            f" With several validation dataloaders Lightning logs it per dataloader, as {per_loader}: set monitor "
-            f"to one of these, or log one value for all of them with `self.log({monitor!r}, ..., "
-            "add_dataloader_idx=False)`."
-        )
-    elif close:
-        message += f" Close to {monitor!r}: {close}; set monitor to the one you mean."
-    else:
-        message += (
-            f" Log it in `validation_step` with `self.log({monitor!r}, ..., sync_dist=True)`, or set monitor to "
-            "one of the logged metrics."
-        )
-    if sanity_checking:
-        message += (
-            " (If it is logged only after the sanity check, log it during the sanity check too, or set "
-            "Trainer(num_sanity_val_steps=0).)"
-        )
-    return message
-
-
-def warn_no_score(trainer: pl.Trainer, monitor: str) -> bool:
-    """Say that the validation produced no score; returns whether it said so.
-
-    A validation over dataloaders without a single batch (an empty validation set, or a
-    ``limit_val_batches`` that rounds down to 0) runs no hook at all, so without this the
-    callback would take no decision, add no dendrite and say nothing while the run spends its
-    whole budget. ``trainer.num_val_batches`` is known from the first validation that was due.
-    """
-    batches = trainer.num_val_batches
-    if not batches or sum(batches) > 0:
-        return False
-    rank_zero_warn(
-        f"pb_lightning: the validation of epoch {trainer.current_epoch} produced no {monitor!r} score: the "
-        f"validation dataloaders have no batches (num_val_batches={list(batches)}). PerforatedCallback decides "
-        "only from validation scores, so this run trains without ever adding dendrites. Give it a non-empty "
-        "validation set (and a `limit_val_batches` that keeps at least one batch)."
-    )
-    return True
-
-
-def check_flat_score(previous: float | None, score: float, monitor: str, pl_module: pl.LightningModule) -> float | None:
+def check_flat_score(previous: float | None, score: float, monitor: str, pl_module: PerforatedModule) -> float | None:
     """Correlation candidates do not touch the output: a moving score in a dendrite phase is a bug.
 
     Returns what to pass as ``previous`` next time (None outside correlation dendrite phases).
@@ -274,7 +204,7 @@ def check_flat_score(previous: float | None, score: float, monitor: str, pl_modu
     return score
 
 
-def warn_no_correlation(decision: Decision, candidate_best: float | None, pl_module: pl.LightningModule) -> None:
+def warn_no_correlation(decision: Decision, candidate_best: float | None, pl_module: PerforatedModule) -> None:
     """An accepted dendrite phase whose candidates never correlated: the loss misses the layers."""
     if decision.action != ACCEPT or pl_module.dendrite_config.learning != "correlation":
         return
@@ -284,6 +214,34 @@ def warn_no_correlation(decision: Decision, candidate_best: float | None, pl_mod
             f"phase (best mean correlation {candidate_best}); the phase ended by its patience. Check that the "
             "loss reaches the perforated layers."
         )
+
+
+def cycle_observers(monitor: str, capacity_test: bool) -> list[CycleObserver]:
+    """What watches the callback's cycle: the fit checks, and the capacity test when asked for."""
+    observers: list[CycleObserver] = [FitChecks(monitor)]
+    if capacity_test:
+        observers.append(CapacityTest(check_checkpoint_round_trip, monitor=monitor, warn=rank_zero_warn))
+    return observers
+
+
+class FitChecks(CycleObserver):
+    """The fit checks that watch the cycle: a score that moves while the network is frozen, and
+    candidates that never correlated (both warnings, on rank 0)."""
+
+    def __init__(self, monitor: str) -> None:
+        self.monitor = monitor
+        self._previous: float | None = None
+        self._on_validation = False
+
+    def on_validation(self, model: nn.Module, score: float, when: str) -> None:
+        self._previous = check_flat_score(self._previous, score, self.monitor, cast(PerforatedModule, model))
+        self._on_validation = True
+
+    def on_decision(self, model: nn.Module, decision: Decision, state: PhaseState) -> None:
+        # Judged on validations only: a phase ended on training steps stopped at a plateau, by design.
+        if self._on_validation:
+            warn_no_correlation(decision, state.candidate_best, cast(PerforatedModule, model))
+        self._on_validation = False
 
 
 def explain_torn_checkpoint(trainer: pl.Trainer, exception: BaseException) -> None:

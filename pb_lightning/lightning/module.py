@@ -1,8 +1,12 @@
 """PerforatedModule: the LightningModule side of pb_lightning.
 
 Subclass it instead of ``LightningModule``. It perforates your network in ``configure_model``
-(after your ``__init__`` built it, before optimizers exist), exposes the phase controls that
-:class:`~pb_lightning.lightning.callback.PerforatedCallback` drives, and makes every checkpoint
+(after your ``__init__`` built it, before optimizers exist), owns the structural changes of the
+cycle — :meth:`~PerforatedModule.start_dendrite_phase`, :meth:`~PerforatedModule.accept_dendrites`,
+:meth:`~PerforatedModule.discard_candidates`, through which
+:class:`~pb_lightning.lightning.callback.PerforatedCallback` makes every restructure its
+:class:`~pb_lightning.cycle.driver.CycleDriver` decides (override them to act around each) — and
+makes every checkpoint
 self-describing: a checkpoint taken at any point of the cycle — mid-dendrite-phase included —
 loads with ``Model.load_from_checkpoint(path)`` and resumes with ``trainer.fit(ckpt_path=...)``.
 
@@ -19,6 +23,7 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import Tensor, nn
 
+from pb_lightning.cycle.checkpoint_format import CHECKPOINT_VERSION, check_checkpoint_version
 from pb_lightning.engine import params as _params
 from pb_lightning.engine import state as _state
 from pb_lightning.engine import transitions as _transitions
@@ -30,9 +35,7 @@ from pb_lightning.errors import PerforationError, invalid
 
 _CHECKPOINT_KEY = "pb_lightning"
 
-#: Format of the ``"pb_lightning"`` record in checkpoints. 0: no ``version`` key (up to 0.1.0);
-#: 1: adds ``version``. Loading accepts every format up to this one; a newer one is refused.
-CHECKPOINT_VERSION = 1
+__all__ = ["CHECKPOINT_VERSION", "PerforatedModule", "as_restructurer", "check_checkpoint_version"]
 
 
 class PerforatedModule(pl.LightningModule):
@@ -98,12 +101,12 @@ class PerforatedModule(pl.LightningModule):
             with_norm = dict(with_norm)
         elif not isinstance(with_norm, bool):
             raise invalid("with_norm", with_norm, "a bool or a mapping {module name: norm name}")
-        for name, value in (
+        for name, mapping in (
             ("perforate_neuron_axes", perforate_neuron_axes),
             ("perforate_output_selectors", perforate_output_selectors),
         ):
-            if value is not None and not isinstance(value, Mapping):
-                raise invalid(name, value, "a mapping {module type or name glob: value}")
+            if mapping is not None and not isinstance(mapping, Mapping):
+                raise invalid(name, mapping, "a mapping {module type or name glob: value}")
         self._perforate_neuron_axes = None if perforate_neuron_axes is None else dict(perforate_neuron_axes)
         self._perforate_output_selectors = (
             None if perforate_output_selectors is None else dict(perforate_output_selectors)
@@ -138,16 +141,21 @@ class PerforatedModule(pl.LightningModule):
         return perforated_layers(self)
 
     # ------------------------------------------------------------------ phase controls
+    # The callback's driver restructures through these three (the module is its Restructurer):
+    # an override that calls super() sees, and may act around, every restructure of a fit.
     def start_dendrite_phase(self) -> None:
-        """Add candidates to every perforated layer and freeze the network."""
+        """Add candidates to every perforated layer and freeze the network (the cycle calls it
+        at the start of each dendrite phase, and of each retry)."""
         _transitions.start_dendrite_phase(self)
 
     def accept_dendrites(self) -> dict[str, Tensor]:
-        """Install every neuron's best candidate and return to the neuron phase."""
+        """Install every neuron's best candidate and return to the neuron phase (the cycle calls
+        it when a dendrite phase ends)."""
         return _transitions.accept_dendrites(self)
 
     def discard_candidates(self) -> None:
-        """Drop the candidates and return to the neuron phase."""
+        """Drop the candidates and return to the neuron phase (the cycle calls it before
+        restoring weights saved without them: a rejected cycle, the end of training)."""
         _transitions.discard_candidates(self)
 
     @property
@@ -242,6 +250,21 @@ class PerforatedModule(pl.LightningModule):
         }
 
 
+def as_restructurer(model: nn.Module) -> PerforatedModule:
+    """The :class:`~pb_lightning.cycle.restructure.Restructurer` of a Lightning fit: the module itself.
+
+    The callback's driver restructures through the module's own phase controls, so a subclass
+    that overrides them sees every restructure. Anything but a PerforatedModule is refused here,
+    by name, before a fit starts.
+    """
+    if not isinstance(model, PerforatedModule):
+        raise PerforationError(
+            f"PerforatedCallback needs a pb_lightning.PerforatedModule; got {type(model).__name__}. "
+            "Subclass PerforatedModule instead of LightningModule."
+        )
+    return model
+
+
 def _same_items(value: Sequence[Any], selectors: list[Any]) -> bool:
     return len(value) == len(selectors) and all(a is b or a == b for a, b in zip(value, selectors, strict=True))
 
@@ -273,15 +296,4 @@ def _check_rebuilt_structure(module: PerforatedModule, recorded: list[dict[str, 
     if wrong:
         raise PerforationError(
             "The checkpoint's weights do not rebuild the dendritic structure it records: " + "; ".join(wrong)
-        )
-
-
-def check_checkpoint_version(what: str, version: object) -> None:
-    """Refuse a checkpoint written by a newer pb_lightning, whose format this one cannot know."""
-    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
-        raise PerforationError(f"{what} has an invalid format version {version!r}; expected an int >= 0.")
-    if version > CHECKPOINT_VERSION:
-        raise PerforationError(
-            f"{what} has format version {version}, newer than this pb_lightning understands "
-            f"({CHECKPOINT_VERSION}); upgrade pb_lightning to load it."
         )

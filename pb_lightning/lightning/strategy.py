@@ -3,10 +3,11 @@
 After every change of the trainable parameter set the model must be converted to the precision
 plugin's dtype, re-wrapped under DDP (its reducer knows only the parameters that required grad
 when it was built), given a new optimizer from the user's ``configure_optimizers`` (schedulers
-included, optimizer state carried over on request), and checked: every trainable parameter must
-be in that optimizer. Which strategies can do this at all, and the process group the candidates'
-statistics are reduced over, are strategy questions too. Keeping them here, in the spirit of
-finetuning-scheduler's strategy adapters, leaves the callback with the decisions only.
+included; the :class:`~pb_lightning.cycle.driver.CycleDriver` carries optimizer state over on
+request), and checked: every trainable parameter must be in that optimizer. Which strategies can
+do this at all, and the process group the candidates' statistics are reduced over, are strategy
+questions too. Keeping them here, in the spirit of finetuning-scheduler's strategy adapters,
+leaves the callback a thin map from Lightning's hooks onto the driver.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
-from pb_lightning.engine.optimizer_state import OptimizerStateCarrier, OptimizerStateMode, check_optimizer_state
+from pb_lightning.cycle.driver import CycleDriver, missing_from_optimizers
 from pb_lightning.engine.transitions import in_dendrite_phase, set_loss_scale, set_statistics_group
 from pb_lightning.errors import PerforationError
 
@@ -26,16 +27,9 @@ SUPPORTED_STRATEGIES = (SingleDeviceStrategy, DDPStrategy)
 
 
 class StrategyAdapter:
-    """Checks the strategy at setup and rebuilds what it wraps after each restructure.
+    """Checks the strategy at setup and rebuilds what it wraps after each restructure."""
 
-    Args:
-        optimizer_state: ``"reset"`` or ``"carry"`` (see
-            :class:`~pb_lightning.lightning.callback.PerforatedCallback`).
-    """
-
-    def __init__(self, optimizer_state: OptimizerStateMode = "reset") -> None:
-        self.optimizer_state = check_optimizer_state(optimizer_state)
-        self.carrier = OptimizerStateCarrier()
+    def __init__(self) -> None:
         self.statistics_group: Any = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -66,14 +60,14 @@ class StrategyAdapter:
             # backward pass, and must not queue up behind DDP's gradient buckets on the default group.
             self.statistics_group = torch.distributed.new_group()
 
-    def fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, driver: CycleDriver) -> None:
         """At fit start: the first optimizer must hold every trainable parameter too."""
         self.check_optimizer_coverage(trainer, pl_module)
-        self.carrier.track(pl_module, trainer.optimizers)
+        driver.carrier.track(pl_module, trainer.optimizers)
         if self.statistics_group is not None:
             set_statistics_group(pl_module, self.statistics_group)
 
-    def restructure(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+    def restructure(self, trainer: pl.Trainer, module: pl.LightningModule, driver: CycleDriver) -> None:
         """After the trainable parameters changed: dtype, DDP wrapper, optimizers, schedulers."""
         strategy = trainer.strategy
         # New parameters must take the precision plugin's dtype (bf16-true / 16-true); identity otherwise.
@@ -82,13 +76,23 @@ class StrategyAdapter:
             # DDP's reducer only knows the parameters that required grad when it was built: re-wrap.
             strategy.model = strategy.lightning_module
             strategy.configure_ddp()
-        carry = self.optimizer_state == "carry"
-        if carry:
-            self.carrier.before_rebuild(module, trainer.optimizers, _schedulers(trainer))
-        strategy.setup_optimizers(trainer)
-        if carry:
-            self.carrier.after_rebuild(module, trainer.optimizers, _schedulers(trainer))
+
+        def build() -> tuple[list[torch.optim.Optimizer], list[Any]]:
+            strategy.setup_optimizers(trainer)  # the user's configure_optimizers, schedulers included
+            return trainer.optimizers, _schedulers(trainer)
+
+        driver.rebuild_optimizers(module, (trainer.optimizers, _schedulers(trainer)), build)
         self.check_optimizer_coverage(trainer, module)
+
+    @staticmethod
+    def where(trainer: pl.Trainer) -> dict[str, Any]:
+        """The driver's ``epoch``, ``global_step`` and ``share``: every rank takes rank 0's inputs,
+        so that all ranks take the same decision."""
+
+        def share(value: Any) -> Any:
+            return trainer.strategy.broadcast(value, src=0)
+
+        return {"epoch": trainer.current_epoch, "global_step": trainer.global_step, "share": share}
 
     @staticmethod
     def before_backward(trainer: pl.Trainer, module: pl.LightningModule) -> None:
@@ -100,8 +104,7 @@ class StrategyAdapter:
     @staticmethod
     def check_optimizer_coverage(trainer: pl.Trainer, module: pl.LightningModule) -> None:
         """Every trainable parameter must be in an optimizer, or it would silently never train."""
-        held = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
-        missing = [name for name, p in module.named_parameters() if p.requires_grad and id(p) not in held]
+        missing = missing_from_optimizers(module, trainer.optimizers)
         if missing:
             shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
             raise PerforationError(

@@ -213,9 +213,9 @@ def test_a_dendrite_phase_ends_mid_epoch_once_its_candidates_converge(tmp_path: 
     assert [(h["validation"], h["global_step"]) for h in history] == sorted(
         {(h["validation"], h["global_step"]) for h in history}
     )
-    rows = [r for r in callback.recorder.rows if r["action"] != "end"]
+    rows = [r for r in callback.driver.history.rows if r["action"] != "end"]
     assert [r["global_step"] for r in rows] == [h["global_step"] for h in history]
-    assert callback.recorder.rows[-1]["global_step"] == steps[-1]
+    assert callback.driver.history.rows[-1]["global_step"] == steps[-1]
     assert [layer.num_dendrites for layer in model.perforated_layers()] == [2, 2, 2]
     assert model.perforated_layers()[0].output_weight.abs().sum() > 0  # trained after the mid-epoch accept
     held = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}

@@ -104,10 +104,10 @@ def test_the_history_and_snapshots_are_stored_once(tmp_path: Path) -> None:
     fresh.load_state_dict(state)
     assert [h["action"] for h in fresh.machine.state.history] == ["start_dendrite_phase"]
     assert fresh.machine.state.history[0]["score"] == state["recorder"]["rows"][0]["score"]
-    assert fresh.controller.phase_best is fresh.controller.global_best
+    assert fresh.driver.controller.phase_best is fresh.driver.controller.global_best
     weights = loaded.state_dict()
-    assert fresh.controller.global_best.keys() == set(state["global_best_keys_from_model"])
-    for key, value in fresh.controller.global_best.items():
+    assert fresh.driver.controller.global_best.keys() == set(state["global_best_keys_from_model"])
+    for key, value in fresh.driver.controller.global_best.items():
         assert value.device.type == "cpu"
         assert torch.equal(value, weights[key])
     # Later in the cycle (epoch 1: candidates trained, the accepted set not yet judged), the
@@ -172,3 +172,16 @@ def test_fit_on_a_finished_run_trains_no_step_and_keeps_the_weights(tmp_path: Pa
     assert resumed.machine.state.history == callback.machine.state.history
     for name, value in resumed_model.state_dict().items():
         assert torch.equal(value, finished[name]), name
+
+
+# ---------------------------------------------------------------------- format 1 (before the cycle driver)
+def test_a_run_resumes_from_the_format_1_fixture_with_the_same_decisions_and_outputs(tmp_path: Path) -> None:
+    # Written by tests/fixtures/make_format_v1.py on the code before the cycle driver: the
+    # machine's history blanked, the recorder's rows holding it, optimizer_state="carry".
+    from tests.fixtures import make_format_v1 as v1
+
+    expected = torch.load(v1.EXPECTED, weights_only=True)["callback"]
+    got = v1.resume_callback(v1.CALLBACK_CKPT, tmp_path)
+    assert got["decisions"] == expected["decisions"]
+    assert got["best_score"] == expected["best_score"]
+    torch.testing.assert_close(got["output"], expected["output"], rtol=1e-5, atol=1e-6)

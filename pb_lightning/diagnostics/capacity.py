@@ -1,4 +1,10 @@
-"""Checks of the capacity test (docs/ALGORITHM.md §5), shared by the Lightning callback and the tracker.
+"""The capacity test (docs/ALGORITHM.md §5): an observer of the cycle driver, and the probe it checks with.
+
+:class:`CapacityTest` watches a :class:`~pb_lightning.cycle.driver.CycleDriver` (under the
+Lightning callback and the tracker alike): scores must be finite, accepting dendrites must not
+change any layer's output and every accepted dendrite must reach the output, and after every
+restructure the model must survive the front end's own save and load (``round_trip``). The
+front ends only choose the test's schedule and say how they save and load.
 
 The probe records, for every perforated layer, the input of its latest training forward pass;
 a check then re-runs each layer on that input. Accepting dendrites changes only perforated
@@ -13,20 +19,26 @@ of calling it (torch's attention fast paths did) fails that check, with the laye
 
 from __future__ import annotations
 
+import copy
 import io
+import math
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
+from pb_lightning.cycle.driver import missing_from_groups
+from pb_lightning.cycle.observers import CycleObserver
+from pb_lightning.cycle.phase_state import PhaseState
 from pb_lightning.cycle.schedule import CAPACITY_TEST_DENDRITES
 from pb_lightning.engine.convert import perforated_layers
 from pb_lightning.engine.state import load_perforation_state, perforation_state
 
-__all__ = ["CAPACITY_TEST_DENDRITES", "PROBE_OUTPUT_WEIGHT", "CapacityProbe"]
+__all__ = ["CAPACITY_TEST_DENDRITES", "PROBE_OUTPUT_WEIGHT", "CapacityProbe", "CapacityTest"]
 
 #: The output weight every accepted dendrite gets, for a moment, in the dead-dendrite check.
 PROBE_OUTPUT_WEIGHT = 0.1
@@ -55,7 +67,7 @@ class CapacityProbe:
     def _attach(self, model: nn.Module) -> None:
         def record(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if layer.training and self._recording:
-                self._inputs[layer.name] = (
+                self._inputs[str(layer.name)] = (
                     tuple(a.detach()[:64] if isinstance(a, Tensor) else a for a in args),
                     kwargs,
                 )
@@ -150,14 +162,15 @@ class CapacityProbe:
                     if (where, mode) not in baselines:
                         baselines[where, mode] = _run(module, model, args, kwargs, mode, buffers)
                     before = baselines[where, mode]
-                    saved = layer.output_weight.detach().clone()
+                    weight = cast(Tensor, layer.output_weight)  # the layers with accepted dendrites
+                    saved = weight.detach().clone()
                     with torch.no_grad():
-                        layer.output_weight.add_(PROBE_OUTPUT_WEIGHT)
+                        weight.add_(PROBE_OUTPUT_WEIGHT)
                     try:
                         after = _run(module, model, args, kwargs, mode, buffers)
                     finally:
                         with torch.no_grad():
-                            layer.output_weight.copy_(saved)
+                            weight.copy_(saved)
                     if _same(before, after):
                         self.problems.append(
                             f"the dendrites of layer `{layer.name}` do not change the output of {label} in {mode} "
@@ -177,9 +190,10 @@ class CapacityProbe:
             return min(containing, key=lambda n: (n != "", n.count(".")))
         return layer_name if layer_name in self._inputs else None
 
-    def check_finite(self, name: str, score: float, epoch: int) -> None:
-        if not torch.isfinite(torch.tensor(score)):
-            self.problems.append(f"the monitored {name} was {score} at epoch {epoch}")
+    def check_finite(self, name: str, score: float, when: str) -> None:
+        """A NaN or infinite monitored score is a problem (``when``: ``"epoch 3"``, for the message)."""
+        if not math.isfinite(score):
+            self.problems.append(f"the monitored {name} was {score} at {when}")
 
     def compare(self, model: nn.Module, loaded: nn.Module) -> None:
         """The loaded model must hold the same weights and compute the same layer outputs."""
@@ -232,11 +246,81 @@ class CapacityProbe:
             return
         self.compare(model, fresh)
 
+    def check_fresh_round_trip(self, model: nn.Module, groups: list[dict[str, Any]] | None = None) -> None:
+        """:meth:`check_state_round_trip` into a newly perforated twin of ``model`` (no dendrites,
+        no candidates), as a plain loop would rebuild it before loading a saved state; with
+        ``groups`` (the parameter groups the loop's next optimizer gets), first check that they
+        hold every trainable parameter."""
+        missing = [] if groups is None else missing_from_groups(model, groups)
+        if missing:
+            self.problems.append(f"trainable parameters missing from the optimizer: {missing}")
+        fresh = copy.deepcopy(model)
+        for layer in perforated_layers(fresh):
+            layer.dendrites = layer.cascade_weight = layer.output_weight = layer.candidates = None
+        self.check_state_round_trip(model, fresh)
+
     def summary(self, dendrites: int) -> str:
         """The capacity test's verdict, in one line."""
         if self.problems:
             return "capacity test: problems found: " + "; ".join(self.problems)
         return f"capacity test: {dendrites} dendrite sets added; no problems detected"
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, stacklevel=4)
+
+
+class CapacityTest(CycleObserver):
+    """The capacity test as an observer of a :class:`~pb_lightning.cycle.driver.CycleDriver`.
+
+    Args:
+        round_trip: after each restructure, saves ``model`` the front end's way, loads it into a
+            fresh model and compares, reporting into the probe (e.g.
+            :meth:`CapacityProbe.check_checkpoint_round_trip`).
+        monitor: the score's name, for messages.
+        warn: how the problems are reported at the end (default :func:`warnings.warn`; the
+            callback warns on rank 0 only).
+    """
+
+    def __init__(
+        self,
+        round_trip: Callable[[nn.Module, CapacityProbe], None],
+        *,
+        monitor: str = "score",
+        warn: Callable[[str], Any] = _warn,
+    ) -> None:
+        self.probe = CapacityProbe()
+        self.round_trip = round_trip
+        self.monitor = monitor
+        self.warn = warn
+        #: The verdict in one line, once training has ended.
+        self.report: str | None = None
+
+    @property
+    def problems(self) -> list[str]:
+        """The problems found so far (empty: none)."""
+        return self.probe.problems
+
+    def on_start(self, model: nn.Module) -> None:
+        self.probe.stop()  # a resumed or re-initialised model: record the new one's inputs
+        self.probe.start(model)
+
+    def on_validation(self, model: nn.Module, score: float, when: str) -> None:
+        self.probe.check_finite(self.monitor, score, when)
+
+    def around_accept(self, model: nn.Module, accept: Callable[[], Any]) -> Any:
+        return self.probe.checked_accept(lambda _: accept())(model)
+
+    def on_restructured(self, model: nn.Module) -> None:
+        self.round_trip(model, self.probe)
+
+    def on_finish(self, model: nn.Module, state: PhaseState) -> list[str]:
+        if self.report is None:
+            self.report = self.probe.summary(state.dendrites)
+            self.probe.stop()
+            if self.problems:
+                self.warn("pb_lightning capacity test found problems: " + "; ".join(self.problems))
+        return [self.report]
 
 
 def _detached(value: Any) -> Any:
