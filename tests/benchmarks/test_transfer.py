@@ -88,7 +88,8 @@ def test_quick_run_fits_every_arm_from_one_trained_network(tmp_path: Path) -> No
     saved = json.loads((tmp_path / "results.json").read_text())
     bench = "Friedman-1 → shifted MLP-8"
     arms = {r["arm"] for r in saved["runs"]}
-    assert arms == {a.name for a in transfer.arms_for(transfer.BENCHES[bench], ["pb", "relu-fan2-random-trained", "relu-fan2-trained"])}
+    variants = ["pb", "relu-fan2-random-trained", "relu-fan2-trained"]
+    assert arms == {a.name for a in transfer.arms_for(transfer.BENCHES[bench], variants)}
     assert {r["seed"] for r in saved["runs"]} == {0, 1}
     # Every arm of a seed starts from the same trained source network.
     for seed in (0, 1):
