@@ -74,6 +74,40 @@ def table(new: dict, old: dict, base: dict | None = None) -> str:
     return "\n".join(lines)
 
 
+def story(new: dict) -> str:
+    """Why the new arm's runs ended and where their epochs went (runs recorded with research.py's
+    ``run_story`` fields; empty if none has them)."""
+    by_bench: dict[str, list[dict]] = defaultdict(list)
+    for (bench, _), run in new.items():
+        if "stop" in run:
+            by_bench[bench].append(run)
+    if not by_bench:
+        return ""
+    lines = [
+        "| benchmark | runs | ended by | accepted / rejected cycles | epochs | first neuron phase "
+        "| later neuron phases | dendrite phases | rolled back |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for bench, runs in sorted(by_bench.items()):
+        stops = defaultdict(int)
+        for r in runs:
+            stops[r["stop"]] += 1
+        epochs = statistics.fmean(r["epochs"] for r in runs)
+
+        def share(key: str, runs: list[dict] = runs, epochs: float = epochs) -> str:
+            return f"{100 * statistics.fmean(r[key] for r in runs) / epochs:.0f}%"
+
+        later = statistics.fmean(r["neuron_epochs"] - r["first_phase_epochs"] for r in runs)
+        lines.append(
+            f"| {bench} | {len(runs)} | {', '.join(f'{k} {v}' for k, v in sorted(stops.items()))} "
+            f"| {statistics.fmean(r['accepted_cycles'] for r in runs):.1f} / "
+            f"{statistics.fmean(r['rejected_cycles'] for r in runs):.1f} | {epochs:.0f} "
+            f"| {share('first_phase_epochs')} | {100 * later / epochs:.0f}% | {share('dendrite_epochs')} "
+            f"| {share('rolled_back_epochs')} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--new", required=True, help="FILE:ARM of the new arm")
@@ -81,7 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", default=None, help="FILE:ARM of the dendrite-free base arm (epochs as a multiple)")
     parser.add_argument("--out", type=Path, default=None, help="also write the table to OUT/results.md")
     args = parser.parse_args(argv)
-    text = table(_arm(args.new), _arm(args.old), _arm(args.base) if args.base else None)
+    new = _arm(args.new)
+    text = table(new, _arm(args.old), _arm(args.base) if args.base else None)
+    if runs_story := story(new):
+        text += (
+            "\n\nWhy the new arm's runs ended, and where their epochs went (shares of the run's epochs; "
+            "*rolled back*: the dendrite and neuron phases of cycles rolled back, budget-cut ones included):\n\n"
+            + runs_story
+        )
     print(text)
     if args.out is not None:
         new_arm, old_arm = args.new.rpartition(":")[2], args.old.rpartition(":")[2]

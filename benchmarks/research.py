@@ -155,7 +155,7 @@ VARIANTS: dict[str, Variant] = {
             schedule={"dendrite_patience_steps": n, "run_budget": b},
             note=f"plateau over {n} steps, and the whole run at most {b:g}x the first neuron phase's validations",
         )
-        for n in (20, 50)
+        for n in (20, 50, 100)
         for b in (2.5, 3.0)
     },
     **{
@@ -164,6 +164,25 @@ VARIANTS: dict[str, Variant] = {
             note=f"dendrite phases judged at validations only (plateau rule over dendrite_patience); budget {b:g}x",
         )
         for b in (2.0, 2.5)
+    },
+    # Issue 22, second round: rules that spend the same budget differently (see run_story's
+    # per-run record of why a run ended and where its epochs went).
+    **{
+        f"retry-x{f}-tries{t}": Variant(
+            schedule={"retry_window_factor": f, "max_tries": t},
+            note=f"default, but a retry's candidates are judged over {f}x the window per failed try; max_tries={t}",
+        )
+        for f in (2, 4)
+        for t in (2, 3)
+    },
+    **{
+        f"retry-x{f}-tries{t}-cyclepat{p}": Variant(
+            schedule={"retry_window_factor": f, "max_tries": t, "cycle_neuron_patience": p},
+            note=f"retry-x{f}-tries{t}, and neuron phases after the first with patience {p}",
+        )
+        for f in (2, 4)
+        for t in (2, 3)
+        for p in (3, 5)
     },
     "long": Variant(schedule={"max_dendrites": 16, "max_tries": 4}, max_epochs=1000, note="longer budget"),
     **{
@@ -390,6 +409,50 @@ def fit(bench: Bench, arm: Arm, seed: int, data: dict[str, tuple[Tensor, Tensor]
         "accept_correlation": statistics.fmean(correlations) if correlations else None,
         "epochs": epochs,
         "wall_s": wall,
+        **run_story(state.history, complete),
+    }
+
+
+def run_story(history: list[dict[str, Any]], complete: bool) -> dict[str, Any]:
+    """Why a run ended and where its epochs went, from the machine's history.
+
+    ``stop``: ``max_tries`` | ``budget`` | ``max_dendrites`` | ``max_epochs`` (the harness's cap)
+    | ``other``. ``neuron_epochs`` / ``dendrite_epochs``: validations in each phase (the first
+    neuron phase's in ``first_phase_epochs``); ``rolled_back_epochs``: validations of the cycles
+    whose verdict was a rollback (their dendrite and neuron phases), budget-cut ones included.
+    """
+    seen: set[int] = set()
+    rows = [r for r in history if not (r["validation"] in seen or seen.add(r["validation"]))]  # one per validation
+    neuron = sum(r["phase"] == "neuron" for r in rows)
+    first = next((r["validation"] for r in rows if r["action"] == "start_dendrite_phase"), None)
+    start, rolled = None, 0
+    for r in history:
+        if r["action"] in ("start_dendrite_phase", "retry", "restart") and start is None:
+            start = r["validation"]
+        if "did not beat the global best" in r["reason"] and start is not None:
+            rolled += r["validation"] - start
+            start = r["validation"] if r["action"] in ("retry", "restart") else None
+        elif "during a dendrite phase" in r["reason"] and start is not None:
+            rolled += r["validation"] - start  # the budget ended the phase: its candidates were dropped
+        elif r["action"] in ("start_dendrite_phase", "restart"):
+            start = r["validation"]
+    last = history[-1]["reason"] if history else ""
+    if not complete:
+        stop = "max_epochs"
+    elif "max_tries=" in last:
+        stop = "max_tries"
+    elif "run_budget=" in last:
+        stop = "budget"
+    elif "max_dendrites" in last:
+        stop = "max_dendrites"
+    else:
+        stop = "other"
+    return {
+        "stop": stop,
+        "first_phase_epochs": first if first is not None else neuron,
+        "neuron_epochs": neuron,
+        "dendrite_epochs": len(rows) - neuron,
+        "rolled_back_epochs": rolled,
     }
 
 
