@@ -165,25 +165,10 @@ VARIANTS: dict[str, Variant] = {
         )
         for b in (2.0, 2.5)
     },
-    # Issue 22, second round: rules that spend the same budget differently (see run_story's
-    # per-run record of why a run ended and where its epochs went).
-    **{
-        f"retry-x{f}-tries{t}": Variant(
-            schedule={"retry_window_factor": f, "max_tries": t},
-            note=f"default, but a retry's candidates are judged over {f}x the window per failed try; max_tries={t}",
-        )
-        for f in (2, 4)
-        for t in (2, 3)
-    },
-    **{
-        f"retry-x{f}-tries{t}-cyclepat{p}": Variant(
-            schedule={"retry_window_factor": f, "max_tries": t, "cycle_neuron_patience": p},
-            note=f"retry-x{f}-tries{t}, and neuron phases after the first with patience {p}",
-        )
-        for f in (2, 4)
-        for t in (2, 3)
-        for p in (3, 5)
-    },
+    # Issue 22, second round: retry_window_factor (a retry's candidates judged over a longer
+    # window) and cycle_neuron_patience (shorter neuron phases after the first) were measured as
+    # retry-x2-tries3 and retry-x2-tries3-cyclepat5 on commit 60b9494 (results/phases_end/screen2)
+    # and dropped with those settings: neither recovered accuracy (benchmarks/README.md).
     "long": Variant(schedule={"max_dendrites": 16, "max_tries": 4}, max_epochs=1000, note="longer budget"),
     **{
         f"fan{k}-{mode}": Variant(

@@ -42,44 +42,10 @@ def plateaued(window: list[float], score: float | None, size: int, fraction: flo
 
 
 def plateau_reason(fraction: float, size: int, unit: str, setting: str) -> str:
-    """A plateau-ended phase's reason, e.g. ``... over the last 20 training steps (dendrite_patience_steps=20)``.
-
-    ``setting`` names the window's setting, with its value and, for a retry, the factor.
-    """
-    return f"the candidates' score rose by less than {fraction:g} of itself over the last {size} {unit} ({setting})"
-
-
-def plateau_window(schedule: PhaseSchedule, state: PhaseState, setting: str) -> tuple[int, str]:
-    """The window a dendrite phase is judged over, and how it was set (for the reason).
-
-    ``setting`` is ``"dendrite_patience_steps"`` or ``"dendrite_patience"``; a retry's window is
-    that many times ``retry_window_factor ** tries`` (``tries``: failed cycles in a row).
-
-    Example::
-
-        >>> plateau_window(PhaseSchedule(retry_window_factor=2), PhaseState(tries=1), "dendrite_patience_steps")
-        (40, 'dendrite_patience_steps=20, x2 for try 2')
-    """
-    base = getattr(schedule, setting)
-    factor = schedule.retry_window_factor**state.tries
-    if factor == 1:
-        return base, f"{setting}={base}"
-    return base * factor, f"{setting}={base}, x{factor} for try {state.tries + 1}"
-
-
-def neuron_phase_over(schedule: PhaseSchedule, state: PhaseState) -> tuple[bool, str]:
-    """Whether the current neuron phase has ended (by ``neuron_epochs`` or patience), and why.
-
-    The patience is ``cycle_neuron_patience`` after the first neuron phase if that is set, else
-    ``neuron_patience``.
-    """
-    if schedule.neuron_epochs is not None:
-        why = f"the neuron phase reached its {schedule.neuron_epochs} validations (neuron_epochs)"
-        return state.epochs_in_phase >= schedule.neuron_epochs, why
-    patience, setting = schedule.neuron_patience, "neuron_patience"
-    if schedule.cycle_neuron_patience is not None and state.baseline_validations is not None:
-        patience, setting = schedule.cycle_neuron_patience, "cycle_neuron_patience"
-    return state.wait >= patience, f"no improvement for {state.wait} validations ({setting}={patience})"
+    """A plateau-ended phase's reason, e.g. ``... over the last 20 training steps (dendrite_patience_steps=20)``."""
+    return (
+        f"the candidates' score rose by less than {fraction:g} of itself over the last {size} {unit} ({setting}={size})"
+    )
 
 
 def budget_left(schedule: PhaseSchedule, state: PhaseState) -> float:
@@ -98,7 +64,7 @@ def shortest_cycle(schedule: PhaseSchedule) -> int:
     A neuron phase lasts at least its patience; a dendrite phase judged per training step can
     end before its first validation, one judged at validations needs ``dendrite_patience + 1``.
     """
-    neuron = schedule.neuron_epochs or schedule.cycle_neuron_patience or schedule.neuron_patience
+    neuron = schedule.neuron_epochs or schedule.neuron_patience
     if schedule.restarts_only:
         return neuron
     if schedule.dendrite_epochs is not None:

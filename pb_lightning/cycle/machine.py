@@ -45,9 +45,7 @@ from pb_lightning.cycle.limits import (
     budget_left,
     budget_note,
     cycle_fits,
-    neuron_phase_over,
     plateau_reason,
-    plateau_window,
     plateaued,
     warn_max_dendrite_epochs,
 )
@@ -167,12 +165,12 @@ class PhaseMachine:
         check_global_step(global_step)
         if not self.checks_steps or candidate_score is None or not candidate_score > 0:
             return None
-        s, sched = self.state, self.schedule
-        (size, name), fraction = plateau_window(sched, s, "dendrite_patience_steps"), sched.candidate_plateau_fraction
-        if not plateaued(s.step_candidate_window, candidate_score, size, fraction):
+        s = self.state
+        size, fraction = self.schedule.dendrite_patience_steps, self.schedule.candidate_plateau_fraction
+        if not plateaued(s.step_candidate_window, candidate_score, size, fraction):  # type: ignore[arg-type]
             return None
         s.candidate_best = max(s.candidate_best or 0.0, s.step_candidate_window[-1])
-        decision = self._accept(plateau_reason(fraction, size, "training steps", name))
+        decision = self._accept(plateau_reason(fraction, size, "training steps", "dendrite_patience_steps"))  # type: ignore[arg-type]
         self._remember(Phase.DENDRITE.value, float(s.last_score), candidate_score, decision, global_step)  # type: ignore[arg-type]
         return decision
 
@@ -183,7 +181,12 @@ class PhaseMachine:
             s.phase_best, s.wait = score, 0
         else:
             s.wait += 1
-        over, why = neuron_phase_over(sched, s)
+        if sched.neuron_epochs is not None:
+            over = s.epochs_in_phase >= sched.neuron_epochs
+            why = f"the neuron phase reached its {sched.neuron_epochs} validations (neuron_epochs)"
+        else:
+            over = s.wait >= sched.neuron_patience
+            why = f"no improvement for {s.wait} validations (neuron_patience={sched.neuron_patience})"
         if over and s.dendrites == 0 and not s.awaiting_verdict and s.validations < sched.warmup_epochs:
             over = False
         if not over:
@@ -324,12 +327,12 @@ class PhaseMachine:
         s, sched = self.state, self.schedule
         if candidate_score is not None and math.isfinite(candidate_score):
             s.candidate_best = max(s.candidate_best or candidate_score, candidate_score)
-        patience, setting = plateau_window(sched, s, "dendrite_patience")
-        flat = plateaued(s.candidate_window, candidate_score, patience, sched.candidate_plateau_fraction)
+        flat = plateaued(s.candidate_window, candidate_score, sched.dendrite_patience, sched.candidate_plateau_fraction)
         if sched.dendrite_epochs is not None and s.epochs_in_phase >= sched.dendrite_epochs:
             why = f"the dendrite phase reached its {sched.dendrite_epochs} validations (dendrite_epochs)"
         elif sched.dendrite_epochs is None and flat:
-            why = plateau_reason(sched.candidate_plateau_fraction, patience, "validations", setting)
+            patience = sched.dendrite_patience
+            why = plateau_reason(sched.candidate_plateau_fraction, patience, "validations", "dendrite_patience")
         elif s.epochs_in_phase >= sched.max_dendrite_epochs:
             why = f"the dendrite phase reached max_dendrite_epochs={sched.max_dendrite_epochs} validations"
             if not self._warned_max_dendrite_epochs:

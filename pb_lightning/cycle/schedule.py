@@ -69,15 +69,6 @@ class PhaseSchedule:
         max_dendrites: dendrite sets per layer after which training is complete.
         max_tries: failed cycles in a row (each retried with fresh candidates) after which training
             is complete.
-        retry_window_factor: a retry's dendrite phase is judged over a window this many times
-            longer per failed try in a row (``dendrite_patience_steps`` steps, or
-            ``dendrite_patience`` validations, times ``retry_window_factor ** tries``): a cycle
-            whose quickly trained candidates did not help is retried with candidates trained
-            longer, not the same again. 1: every phase is judged over the same window.
-        cycle_neuron_patience: if set, the patience of every neuron phase after the first (those
-            that follow an accepted dendrite set or a retry), instead of ``neuron_patience``; the
-            first neuron phase, which sets the baseline and the run budget's unit, keeps
-            ``neuron_patience``. Shorter phases let more cycles fit in a budget.
         require_improvement: keep a cycle's dendrites only if its neuron phase beat the global
             best (the method's rule). ``False`` keeps every cycle (the capacity test).
         restarts_only: the same cycle without dendrites: a neuron phase that ends rolls back to its
@@ -106,8 +97,6 @@ class PhaseSchedule:
     run_budget: float | None = 2.5
     max_dendrites: int = 8
     max_tries: int = 2
-    retry_window_factor: int = 1
-    cycle_neuron_patience: int | None = None
     require_improvement: bool = True
     restarts_only: bool = False
 
@@ -119,13 +108,12 @@ class PhaseSchedule:
             ("max_dendrite_epochs", 1),
             ("max_dendrites", 0),
             ("max_tries", 1),
-            ("retry_window_factor", 1),
         ):
             check_int(f"PhaseSchedule.{name}", getattr(self, name), minimum=minimum)
         for name in ("require_improvement", "restarts_only"):
             if not isinstance(getattr(self, name), bool):
                 raise invalid(f"PhaseSchedule.{name}", getattr(self, name), "a bool")
-        for name in ("neuron_epochs", "dendrite_epochs", "dendrite_patience_steps", "cycle_neuron_patience"):
+        for name in ("neuron_epochs", "dendrite_epochs", "dendrite_patience_steps"):
             if getattr(self, name) is not None:
                 check_int(f"PhaseSchedule.{name}", getattr(self, name), minimum=1)
         for name in ("improvement_threshold", "improvement_threshold_abs"):

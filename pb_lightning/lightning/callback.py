@@ -64,8 +64,7 @@ class PerforatedCallback(Callback):
         neuron_patience: validations without improvement that end a neuron phase.
         dendrite_patience, improvement_threshold, improvement_threshold_abs,
             candidate_plateau_fraction, warmup_epochs, neuron_epochs, dendrite_epochs,
-            max_dendrite_epochs, dendrite_patience_steps, run_budget, max_dendrites, max_tries,
-            retry_window_factor, cycle_neuron_patience: the other
+            max_dendrite_epochs, dendrite_patience_steps, run_budget, max_dendrites, max_tries: the other
             switching rules, as the :class:`~pb_lightning.cycle.schedule.PhaseSchedule` fields of
             the same names (which also give their defaults).
         restarts_only: the schedule without dendrites (``PhaseSchedule.restarts_only``), the
@@ -107,8 +106,6 @@ class PerforatedCallback(Callback):
         run_budget: float | None = _SCHEDULE.run_budget,
         max_dendrites: int = _SCHEDULE.max_dendrites,
         max_tries: int = _SCHEDULE.max_tries,
-        retry_window_factor: int = _SCHEDULE.retry_window_factor,
-        cycle_neuron_patience: int | None = _SCHEDULE.cycle_neuron_patience,
         restarts_only: bool = _SCHEDULE.restarts_only,
         capacity_test: bool = False,
         metric_kind: MetricKind = "auto",
