@@ -95,7 +95,8 @@ def story(new: dict) -> str:
         epochs = statistics.fmean(r["epochs"] for r in runs)
 
         def share(key: str, runs: list[dict] = runs, epochs: float = epochs) -> str:
-            return f"{100 * statistics.fmean(r[key] for r in runs) / epochs:.0f}%"
+            value = 100 * statistics.fmean(r[key] for r in runs) / epochs
+            return f"{value:.1f}%" if value < 10 else f"{value:.0f}%"
 
         later = statistics.fmean(r["neuron_epochs"] - r["first_phase_epochs"] for r in runs)
         lines.append(
