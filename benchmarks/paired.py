@@ -121,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     if runs_story := story(new):
         text += (
             "\n\nWhy the new arm's runs ended, and where their epochs went (shares of the run's epochs; "
+            "*dendrite phases*: validations made in one, so a phase ended mid-epoch by "
+            "`dendrite_patience_steps` counts in the epoch that goes on in the neuron phase; "
             "*rolled back*: the dendrite and neuron phases of cycles rolled back, budget-cut ones included):\n\n"
             + runs_story
         )
