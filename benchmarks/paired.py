@@ -109,6 +109,30 @@ def story(new: dict) -> str:
     return "\n".join(lines)
 
 
+def by_length(new: dict, old: dict, base: dict, limit: float = 3.0) -> str:
+    """The paired gap split by how long the old arm's run was: seeds whose old run lasted at most
+    ``limit`` times the base arm's epochs (what a run within issue 22's 3x target could match)
+    and those that ran longer."""
+    groups: dict[str, tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
+    for key, run in new.items():
+        if key in old and key in base:
+            gap = 100 * (run["test_acc"] - old[key]["test_acc"])
+            long = old[key]["epochs"] > limit * max(1, base[key]["epochs"])
+            for name in (key[0], "all benchmarks"):
+                groups[name][long].append(gap)
+
+    def cell(gaps: list[float]) -> str:
+        return f"{len(gaps)} | {statistics.fmean(gaps):+.2f}" if gaps else "0 | –"
+
+    lines = [
+        f"| benchmark | seeds old ≤ {limit:g}× base epochs | gap | seeds old > {limit:g}× | gap |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    names = sorted(n for n in groups if n != "all benchmarks") + ["all benchmarks"]
+    lines += [f"| {n} | {cell(groups[n][0])} | {cell(groups[n][1])} |" for n in names if n in groups]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--new", required=True, help="FILE:ARM of the new arm")
@@ -118,6 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     new = _arm(args.new)
     text = table(new, _arm(args.old), _arm(args.base) if args.base else None)
+    if args.base:
+        text += (
+            "\n\nThe gap (mean, points) split by how long the old run was, as a multiple of the base "
+            "arm's epochs on the same seed:\n\n" + by_length(new, _arm(args.old), _arm(args.base))
+        )
     if runs_story := story(new):
         text += (
             "\n\nWhy the new arm's runs ended, and where their epochs went (shares of the run's epochs; "
