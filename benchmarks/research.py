@@ -146,10 +146,13 @@ VARIANTS: dict[str, Variant] = {
     },
     # Issue 22's candidates for the default (dendrite phases judged by the plateau rule,
     # PhaseSchedule.candidate_plateau_fraction, every training step; and a run budget).
-    "plateau-steps20": Variant(
-        schedule={"dendrite_patience_steps": 20, "run_budget": None},
-        note="dendrite phases end once 20 training steps add < 10% of the candidates' score; no run budget",
-    ),
+    **{
+        f"plateau-steps{n}": Variant(
+            schedule={"dendrite_patience_steps": n, "run_budget": None},
+            note=f"dendrite phases end once {n} training steps add < 10% of the candidates' score; no run budget",
+        )
+        for n in (20, 100)
+    },
     **{
         f"plateau-steps{n}-budget{b:g}": Variant(
             schedule={"dendrite_patience_steps": n, "run_budget": b},
