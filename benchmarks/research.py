@@ -161,6 +161,10 @@ VARIANTS: dict[str, Variant] = {
         for n in (20, 50, 100)
         for b in (2.5, 3.0)
     },
+    "plateau-steps100-budget2.5-tries3": Variant(
+        schedule={"dendrite_patience_steps": 100, "run_budget": 2.5, "max_tries": 3},
+        note="plateau-steps100-budget2.5 with max_tries=3: a run the budget has room for tries once more",
+    ),
     **{
         f"plateau-val-budget{b:g}": Variant(
             schedule={"dendrite_patience_steps": None, "run_budget": b},
