@@ -74,6 +74,65 @@ def table(new: dict, old: dict, base: dict | None = None) -> str:
     return "\n".join(lines)
 
 
+def story(new: dict) -> str:
+    """Why the new arm's runs ended and where their epochs went (runs recorded with research.py's
+    ``run_story`` fields; empty if none has them)."""
+    by_bench: dict[str, list[dict]] = defaultdict(list)
+    for (bench, _), run in new.items():
+        if "stop" in run:
+            by_bench[bench].append(run)
+    if not by_bench:
+        return ""
+    lines = [
+        "| benchmark | runs | ended by | accepted / rejected cycles | epochs | first neuron phase "
+        "| later neuron phases | dendrite phases | rolled back |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for bench, runs in sorted(by_bench.items()):
+        stops = defaultdict(int)
+        for r in runs:
+            stops[r["stop"]] += 1
+        epochs = statistics.fmean(r["epochs"] for r in runs)
+
+        def share(key: str, runs: list[dict] = runs, epochs: float = epochs) -> str:
+            value = 100 * statistics.fmean(r[key] for r in runs) / epochs
+            return f"{value:.1f}%" if value < 10 else f"{value:.0f}%"
+
+        later = statistics.fmean(r["neuron_epochs"] - r["first_phase_epochs"] for r in runs)
+        lines.append(
+            f"| {bench} | {len(runs)} | {', '.join(f'{k} {v}' for k, v in sorted(stops.items()))} "
+            f"| {statistics.fmean(r['accepted_cycles'] for r in runs):.1f} / "
+            f"{statistics.fmean(r['rejected_cycles'] for r in runs):.1f} | {epochs:.0f} "
+            f"| {share('first_phase_epochs')} | {100 * later / epochs:.0f}% | {share('dendrite_epochs')} "
+            f"| {share('rolled_back_epochs')} |"
+        )
+    return "\n".join(lines)
+
+
+def by_length(new: dict, old: dict, base: dict, limit: float = 3.0) -> str:
+    """The paired gap split by how long the old arm's run was: seeds whose old run lasted at most
+    ``limit`` times the base arm's epochs (what a run within issue 22's 3x target could match)
+    and those that ran longer."""
+    groups: dict[str, tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
+    for key, run in new.items():
+        if key in old and key in base:
+            gap = 100 * (run["test_acc"] - old[key]["test_acc"])
+            long = old[key]["epochs"] > limit * max(1, base[key]["epochs"])
+            for name in (key[0], "all benchmarks"):
+                groups[name][long].append(gap)
+
+    def cell(gaps: list[float]) -> str:
+        return f"{len(gaps)} | {statistics.fmean(gaps):+.2f}" if gaps else "0 | –"
+
+    lines = [
+        f"| benchmark | seeds old ≤ {limit:g}× base epochs | gap | seeds old > {limit:g}× | gap |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    names = sorted(n for n in groups if n != "all benchmarks") + ["all benchmarks"]
+    lines += [f"| {n} | {cell(groups[n][0])} | {cell(groups[n][1])} |" for n in names if n in groups]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--new", required=True, help="FILE:ARM of the new arm")
@@ -81,7 +140,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", default=None, help="FILE:ARM of the dendrite-free base arm (epochs as a multiple)")
     parser.add_argument("--out", type=Path, default=None, help="also write the table to OUT/results.md")
     args = parser.parse_args(argv)
-    text = table(_arm(args.new), _arm(args.old), _arm(args.base) if args.base else None)
+    new = _arm(args.new)
+    text = table(new, _arm(args.old), _arm(args.base) if args.base else None)
+    if args.base:
+        text += (
+            "\n\nThe gap (mean, points) split by how long the old run was, as a multiple of the base "
+            "arm's epochs on the same seed:\n\n" + by_length(new, _arm(args.old), _arm(args.base))
+        )
+    if runs_story := story(new):
+        text += (
+            "\n\nWhy the new arm's runs ended, and where their epochs went (shares of the run's epochs; "
+            "*dendrite phases*: validations made in one, so a phase ended mid-epoch by "
+            "`dendrite_patience_steps` counts in the epoch that goes on in the neuron phase; "
+            "*rolled back*: the dendrite and neuron phases of cycles rolled back, budget-cut ones included):\n\n"
+            + runs_story
+        )
     print(text)
     if args.out is not None:
         new_arm, old_arm = args.new.rpartition(":")[2], args.old.rpartition(":")[2]

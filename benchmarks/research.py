@@ -146,18 +146,25 @@ VARIANTS: dict[str, Variant] = {
     },
     # Issue 22's candidates for the default (dendrite phases judged by the plateau rule,
     # PhaseSchedule.candidate_plateau_fraction, every training step; and a run budget).
-    "plateau-steps20": Variant(
-        schedule={"dendrite_patience_steps": 20, "run_budget": None},
-        note="dendrite phases end once 20 training steps add < 10% of the candidates' score; no run budget",
-    ),
+    **{
+        f"plateau-steps{n}": Variant(
+            schedule={"dendrite_patience_steps": n, "run_budget": None},
+            note=f"dendrite phases end once {n} training steps add < 10% of the candidates' score; no run budget",
+        )
+        for n in (20, 100)
+    },
     **{
         f"plateau-steps{n}-budget{b:g}": Variant(
             schedule={"dendrite_patience_steps": n, "run_budget": b},
             note=f"plateau over {n} steps, and the whole run at most {b:g}x the first neuron phase's validations",
         )
-        for n in (20, 50)
+        for n in (20, 50, 100)
         for b in (2.5, 3.0)
     },
+    "plateau-steps100-budget2.5-tries3": Variant(
+        schedule={"dendrite_patience_steps": 100, "run_budget": 2.5, "max_tries": 3},
+        note="plateau-steps100-budget2.5 with max_tries=3: a run the budget has room for tries once more",
+    ),
     **{
         f"plateau-val-budget{b:g}": Variant(
             schedule={"dendrite_patience_steps": None, "run_budget": b},
@@ -165,6 +172,10 @@ VARIANTS: dict[str, Variant] = {
         )
         for b in (2.0, 2.5)
     },
+    # Issue 22, second round: retry_window_factor (a retry's candidates judged over a longer
+    # window) and cycle_neuron_patience (shorter neuron phases after the first) were measured as
+    # retry-x2-tries3 and retry-x2-tries3-cyclepat5 on commit 60b9494 (results/phases_end/screen2)
+    # and dropped with those settings: neither recovered accuracy (benchmarks/README.md).
     "long": Variant(schedule={"max_dendrites": 16, "max_tries": 4}, max_epochs=1000, note="longer budget"),
     **{
         f"fan{k}-{mode}": Variant(
@@ -390,6 +401,50 @@ def fit(bench: Bench, arm: Arm, seed: int, data: dict[str, tuple[Tensor, Tensor]
         "accept_correlation": statistics.fmean(correlations) if correlations else None,
         "epochs": epochs,
         "wall_s": wall,
+        **run_story(state.history, complete),
+    }
+
+
+def run_story(history: list[dict[str, Any]], complete: bool) -> dict[str, Any]:
+    """Why a run ended and where its epochs went, from the machine's history.
+
+    ``stop``: ``max_tries`` | ``budget`` | ``max_dendrites`` | ``max_epochs`` (the harness's cap)
+    | ``other``. ``neuron_epochs`` / ``dendrite_epochs``: validations in each phase (the first
+    neuron phase's in ``first_phase_epochs``); ``rolled_back_epochs``: validations of the cycles
+    whose verdict was a rollback (their dendrite and neuron phases), budget-cut ones included.
+    """
+    seen: set[int] = set()
+    rows = [r for r in history if not (r["validation"] in seen or seen.add(r["validation"]))]  # one per validation
+    neuron = sum(r["phase"] == "neuron" for r in rows)
+    first = next((r["validation"] for r in rows if r["action"] == "start_dendrite_phase"), None)
+    start, rolled = None, 0
+    for r in history:
+        if r["action"] in ("start_dendrite_phase", "retry", "restart") and start is None:
+            start = r["validation"]
+        if "did not beat the global best" in r["reason"] and start is not None:
+            rolled += r["validation"] - start
+            start = r["validation"] if r["action"] in ("retry", "restart") else None
+        elif "during a dendrite phase" in r["reason"] and start is not None:
+            rolled += r["validation"] - start  # the budget ended the phase: its candidates were dropped
+        elif r["action"] in ("start_dendrite_phase", "restart"):
+            start = r["validation"]
+    last = history[-1]["reason"] if history else ""
+    if not complete:
+        stop = "max_epochs"
+    elif "max_tries=" in last:
+        stop = "max_tries"
+    elif "run_budget=" in last:
+        stop = "budget"
+    elif "max_dendrites" in last:
+        stop = "max_dendrites"
+    else:
+        stop = "other"
+    return {
+        "stop": stop,
+        "first_phase_epochs": first if first is not None else neuron,
+        "neuron_epochs": neuron,
+        "dendrite_epochs": len(rows) - neuron,
+        "rolled_back_epochs": rolled,
     }
 
 

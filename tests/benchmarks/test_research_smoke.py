@@ -128,3 +128,51 @@ def test_regression_benchmark_keeps_real_targets_standardised_and_fits() -> None
     row = research.fit(bench, arm, 0, data, quick=True)
     assert row["task"] == "regression"
     assert 0.3 < row["test_acc"] <= 1.0  # eight epochs of a width-8 MLP explain most of Friedman #1
+
+
+def test_run_story_against_a_written_out_run() -> None:
+    from pb_lightning import PhaseSchedule
+    from pb_lightning.cycle.machine import PhaseMachine
+
+    schedule = PhaseSchedule(
+        neuron_patience=1, dendrite_patience=1, dendrite_patience_steps=None, run_budget=None, max_tries=1
+    )
+    machine = PhaseMachine("min", schedule)
+    # Validations 1-2: the first neuron phase; 3-4: a dendrite phase; 5-6: its neuron phase, which
+    # beats 1.0 (accepted); 7-8: a second dendrite phase; 9-10: its neuron phase, which does not
+    # beat 0.8 (rolled back: validations 7-10), and max_tries=1 ends the run.
+    for score, candidate in [(1.0, None), (1.1, None), (1.0, 0.4), (1.0, 0.4), (0.8, None), (0.9, None)]:
+        machine.step(score, candidate)
+    for score, candidate in [(0.8, 0.3), (0.8, 0.3), (0.85, None), (0.86, None)]:
+        decision = machine.step(score, candidate)
+    assert decision.action == "stop"
+    story = research.run_story(machine.state.history, complete=True)
+    assert story == {
+        "stop": "max_tries",
+        "first_phase_epochs": 2,
+        "neuron_epochs": 6,
+        "dendrite_epochs": 4,
+        "rolled_back_epochs": 4,
+    }
+    assert research.run_story(machine.state.history, complete=False)["stop"] == "max_epochs"
+
+
+def test_run_story_of_a_run_the_budget_ended() -> None:
+    from pb_lightning import PhaseSchedule
+    from pb_lightning.cycle.machine import PhaseMachine
+
+    schedule = PhaseSchedule(neuron_patience=2, dendrite_patience=1, dendrite_patience_steps=None, run_budget=2.0)
+    machine = PhaseMachine("min", schedule)
+    # 4 validations of first neuron phase, so 8 in all; the cycle still running at the 8th is
+    # judged there (it improved: kept, nothing rolled back).
+    for score, candidate in [(1.0, None), (0.9, None), (0.9, None), (0.9, None), (0.9, 0.5), (0.9, 0.5)]:
+        machine.step(score, candidate)
+    assert machine.step(0.85).action == "continue"
+    assert machine.step(0.84).action == "stop"
+    assert research.run_story(machine.state.history, complete=True) == {
+        "stop": "budget",
+        "first_phase_epochs": 4,
+        "neuron_epochs": 6,
+        "dendrite_epochs": 2,
+        "rolled_back_epochs": 0,
+    }
