@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 import pb_lightning as pb
 from pb_lightning import DendriteConfig, PerforatedLayer, PerforationError
-from pb_lightning.engine.cascade import _ACTIVATIONS
+from pb_lightning.engine.cascade import ACTIVATIONS
 from pb_lightning.engine.sparse_banks import SparseBank
 
 _MODES = ("local", "random", "learned")
@@ -116,7 +116,7 @@ def _reference(layer: PerforatedLayer, x: Tensor, weight: Tensor, bias: Tensor |
     axis = -1 if isinstance(module, nn.Linear) else 1
     y = module(x)
     acts: list[Tensor] = []
-    f = _ACTIVATIONS[layer.config.activation]
+    f = ACTIVATIONS[layer.config.activation]
     for d in range(bank.index.shape[0]):
         dense = _dense_reference_weight(weight[d], bank.index[d], inputs)
         z = _reference_op(module, x, dense, None if bias is None else bias[d])
