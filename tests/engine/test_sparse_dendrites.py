@@ -512,6 +512,7 @@ def test_low_precision_parameters_compute_what_float32_does(dtype: torch.dtype, 
     assert all(torch.isfinite(p).all() for p in low.parameters())
 
 
+@pytest.mark.slow  # an inductor compile: among the longest tests (--durations)
 def test_torch_compile_matches_eager() -> None:
     model, x = _grown_cnn("random")
     pb.start_dendrite_phase(model)
@@ -523,6 +524,7 @@ def test_torch_compile_matches_eager() -> None:
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, reference, strict=True))
 
 
+@pytest.mark.slow  # a benchmark run (engine_speed): among the longest tests (--durations)
 def test_engine_speed_times_both_sparse_strategies(tmp_path: Any) -> None:
     from tests.helpers import run_benchmark
 
