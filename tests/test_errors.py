@@ -21,7 +21,7 @@ from torch import nn
 import pb_lightning as pb
 from pb_lightning.demos.digits import DigitsDataModule, DigitsMLP
 from pb_lightning.lightning.cli import main as cli_main
-from tests.helpers import fast_trainer
+from tests.helpers import PlainClassifier, fast_trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 _REPO = Path(__file__).resolve().parents[1]
@@ -117,20 +117,6 @@ def _checkpoint_of(model: pl.LightningModule, tmp_path: Path) -> Path:
     return path
 
 
-class _Plain(pl.LightningModule):
-    """A non-perforated module with DigitsMLP's network, for checkpoints without dendrites."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 10))
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return nn.functional.cross_entropy(self.net(batch[0]), batch[1])
-
-    def configure_optimizers(self) -> Any:
-        return torch.optim.Adam(self.parameters())
-
-
 class _HeadExcluded(DigitsMLP):
     def __init__(self) -> None:
         super().__init__(hidden=16)
@@ -181,7 +167,9 @@ CASES: list[Case] = [
         # load_from_checkpoint of it works (tests/lightning/test_finetune_trained.py); resuming does not.
         "fit(ckpt_path=...) from a checkpoint of a non-perforated model",
         lambda p: fast_trainer(p, [], 1).fit(
-            DigitsMLP(hidden=16), DigitsDataModule(), ckpt_path=_checkpoint_of(_Plain(), p)
+            DigitsMLP(hidden=16),
+            DigitsDataModule(),
+            ckpt_path=_checkpoint_of(PlainClassifier(DigitsMLP(hidden=16).net, lr=1e-3), p),
         ),
         pb.PerforationError,
         r"written by a module without dendrites .* YourModel.load_from_checkpoint\(path\).* without ckpt_path",

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -13,6 +13,7 @@ import setuptools
 
 import pb_lightning
 from pb_lightning import _moved
+from tests.helpers import run_python
 
 _REPO = Path(__file__).resolve().parents[1]
 _PACKAGE = _REPO / "pb_lightning"
@@ -26,6 +27,7 @@ def _modules(subpackage: str) -> list[str]:
     )
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_the_engine_and_cycle_import_without_lightning() -> None:
     # A fresh interpreter: this test process has long imported Lightning.
     names = [
@@ -38,7 +40,7 @@ def test_the_engine_and_cycle_import_without_lightning() -> None:
         "    importlib.import_module(name)\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=_REPO)
+    out = run_python("-c", code, cwd=_REPO)
     assert out.stdout.strip() == "[]", out.stdout
 
 
@@ -111,11 +113,57 @@ def test_old_class_paths_resolve_to_the_new_classes() -> None:
             assert getattr(importlib.import_module(module), name) is cls
 
 
-def test_no_module_is_over_400_lines() -> None:
-    long = {
-        str(p.relative_to(_REPO)): n for p in _PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 400
-    }
-    assert not long
+def private_imports(source: str, module: str) -> list[str]:
+    """``"imported.module:_name"`` for every private name ``module``'s source imports from another module.
+
+    A leading underscore says "internal to this module": importing it elsewhere couples two modules
+    through a name neither documents as an interface. Importing a private *submodule* of a package
+    (``from pb_lightning import _moved``) is the package using its own part, and is allowed.
+    """
+    package = module.rsplit(".", 1)[0] if not module.endswith("__init__") else module.removesuffix(".__init__")
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        source_module = node.module or ""
+        if node.level:
+            base = package.split(".")[: len(package.split(".")) - node.level + 1]
+            source_module = ".".join([*base, *([source_module] if source_module else [])])
+        for alias in node.names:
+            name = alias.name
+            if not name.startswith("_") or name.startswith("__"):
+                continue
+            folder = _REPO.joinpath(*source_module.split("."))
+            if (folder / f"{name}.py").is_file() or (folder / name / "__init__.py").is_file():
+                continue  # a private submodule, not a private name
+            found.append(f"{source_module}:{name}")
+    return found
+
+
+def test_private_imports_are_found() -> None:
+    # The checker itself: a test that cannot fail proves nothing.
+    code = (
+        "from pb_lightning.engine.cascade import _hidden, dendrite_sets\n"
+        "from .banks import _also_hidden\n"
+        "from pb_lightning import _moved\n"
+        "from __future__ import annotations\n"
+    )
+    assert private_imports(code, "pb_lightning.engine.layer") == [
+        "pb_lightning.engine.cascade:_hidden",
+        "pb_lightning.engine.banks:_also_hidden",
+    ]
+
+
+def test_no_module_imports_another_modules_private_names() -> None:
+    # Each module's public names are its interface; a `_name` used by another module means the
+    # two are one concept split in two, or an interface nobody named (see README, Layout).
+    found: dict[str, set[str]] = {}
+    for path in _PACKAGE.rglob("*.py"):
+        module = ".".join(path.relative_to(_REPO).with_suffix("").parts)
+        names = private_imports(path.read_text(), module)
+        if names:
+            found[str(path.relative_to(_REPO))] = set(names)
+    assert found == {}
 
 
 @pytest.mark.parametrize(("front_end", "limit"), [("lightning/callback.py", 200), ("loops/tracker.py", 160)])

@@ -15,6 +15,7 @@ def test_the_readme_has_examples() -> None:
     assert _BLOCKS
 
 
+@pytest.mark.slow  # README runs: each example trains a model
 @pytest.mark.parametrize("index", range(len(_BLOCKS)))
 def test_readme_example_runs(index: int) -> None:
     exec(compile(_BLOCKS[index], f"README.md example {index}", "exec"), {"__name__": "__readme__"})

@@ -32,12 +32,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pb_lightning.engine.outputs import output_entry
+from pb_lightning.engine.stacked_ops import CONV_FUNCTIONS, linear_sets, uniform
 from pb_lightning.errors import PerforationError
 
 log = logging.getLogger(__name__)
-
-_CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 class DendriteBank(nn.Module):
@@ -117,17 +115,6 @@ def take_sets(tensors: dict[str, Tensor], choice: Tensor, *, per_neuron: bool) -
     return out
 
 
-def _linear_sets(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``F.linear`` of every set of ``weight [N, out, in]`` at once, as ``(..., N, out)``."""
-    n, out, _ = weight.shape
-    y = F.linear(x, weight.reshape(n * out, -1), None if bias is None else bias.reshape(n * out))  # (..., N*out)
-    return y.unflatten(-1, (n, out))
-
-
-def _uniform(shape: tuple[int, ...], bound: float, like: Tensor) -> Tensor:
-    return torch.empty(shape, dtype=like.dtype, device=like.device).uniform_(-bound, bound)
-
-
 class LinearBank(DendriteBank):
     """N copies of an ``nn.Linear``: weight ``[N, out, in]``, bias ``[N, out]``."""
 
@@ -136,13 +123,13 @@ class LinearBank(DendriteBank):
         w = template.weight
         # PyTorch's default Linear initialisation bound, scaled.
         bound = init_scale / math.sqrt(template.in_features)
-        self.weight = nn.Parameter(_uniform((num_sets, template.out_features, template.in_features), bound, w))
+        self.weight = nn.Parameter(uniform((num_sets, template.out_features, template.in_features), bound, w))
         self.bias = (
-            nn.Parameter(_uniform((num_sets, template.out_features), bound, w)) if template.bias is not None else None
+            nn.Parameter(uniform((num_sets, template.out_features), bound, w)) if template.bias is not None else None
         )
 
     def forward(self, x: Tensor, neuron_axis: int = -1) -> Tensor:
-        return _linear_sets(x, self.weight, self.bias)
+        return linear_sets(x, self.weight, self.bias)
 
 
 class ConvBank(DendriteBank):
@@ -160,13 +147,16 @@ class ConvBank(DendriteBank):
         self._reversed_padding = template._reversed_padding_repeated_twice
         fan_in = w.shape[1] * math.prod(w.shape[2:])
         bound = init_scale / math.sqrt(fan_in)
-        self.weight = nn.Parameter(_uniform((num_sets, *w.shape), bound, w))
-        self.bias = nn.Parameter(_uniform((num_sets, w.shape[0]), bound, w)) if template.bias is not None else None
+        self.weight = nn.Parameter(uniform((num_sets, *w.shape), bound, w))
+        self.bias = nn.Parameter(uniform((num_sets, w.shape[0]), bound, w)) if template.bias is not None else None
 
     def forward(self, x: Tensor, neuron_axis: int = 1) -> Tensor:
         return self._conv_sets(x, self.weight, self.bias)
 
-    def forward_chunks(self, x: Tensor, *, neuron_axis: int = 1, max_bytes: int) -> list[Tensor]:
+    # A conv bank has one input, so it names it (DendriteBank's takes any inputs and keywords).
+    def forward_chunks(  # type: ignore[override]
+        self, x: Tensor, *, neuron_axis: int = 1, max_bytes: int
+    ) -> list[Tensor]:
         n = self.num_sets
         # One set's output, estimated from the input: its positions shrink by the stride (padding
         # and kernel edges ignored; an estimate is all a chunk size needs).
@@ -196,7 +186,7 @@ class ConvBank(DendriteBank):
         if bias is not None:
             bias = bias.unflatten(1, (g, out // g)).transpose(0, 1).reshape(n * out)
         x, padding = self._padded(x)
-        y = _CONV_FUNCTIONS[self.dims](x, weight, bias, self.stride, padding, self.dilation, g)  # (B, G*N*out/G, *S)
+        y = CONV_FUNCTIONS[self.dims](x, weight, bias, self.stride, padding, self.dilation, g)  # (B, G*N*out/G, *S)
         # (B, G, N, out/G, *S) → (B, N, out, *S); a view when G = 1.
         return y.unflatten(1, (g, n, out // g)).transpose(1, 2).flatten(2, 3)
 
@@ -220,6 +210,7 @@ class ModuleBank(DendriteBank):
     """
 
     per_neuron = False
+    _skeleton: nn.Module  # the template on the meta device, kept out of the submodules
 
     def __init__(
         self, template: nn.Module, num_sets: int, init_scale: float, output_key: int | str | None = None

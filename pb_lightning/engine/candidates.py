@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from pb_lightning.engine.banks import take_sets
-from pb_lightning.engine.cascade import _ACTIVATIONS, _per_neuron, dendrite_sets
+from pb_lightning.engine.cascade import ACTIVATIONS, dendrite_sets, per_neuron
 from pb_lightning.engine.config import DendriteConfig
 from pb_lightning.engine.correlation import CorrelationStatistics, CorrelationTap
 from pb_lightning.engine.sparse_banks import make_bank
@@ -27,8 +27,11 @@ _POOLS: weakref.WeakValueDictionary[int, CandidatePool] = weakref.WeakValueDicti
 _KEYS = itertools.count()
 
 
-def _tap(y: Tensor, v: Tensor, pool: CandidatePool) -> Tensor:
+def error_tap(y: Tensor, v: Tensor, pool: CandidatePool) -> Tensor:
     """Apply the correlation tap: ``y`` unchanged, and ``∂(−J)/∂V`` for ``v`` in backward.
+
+    The layer calls it on its output during a dendrite phase: the gradient that reaches ``y`` is
+    the neuron's error, which ``pool`` observes to score and train its candidates ``v``.
 
     Eagerly this is :class:`CorrelationTap`. Under ``torch.compile`` it is :class:`_TracedTap`,
     which dynamo traces into the layer's graph: a graph break here (the tap used to be a
@@ -104,6 +107,13 @@ class CandidatePool(nn.Module):
         output_key: for a module with a tuple output, the entry that holds the neurons.
         index: for sparse candidates, the inputs ``[K, out, k]`` each one sees (``None``: dense).
     """
+
+    # Buffers and the unregistered template, declared for the type checker (``register_buffer``
+    # and ``__dict__`` set them, so ``nn.Module.__getattr__`` would otherwise type them loosely).
+    best_score: Tensor
+    best_candidate: Tensor
+    best_candidate_score: Tensor
+    _template: nn.Module
 
     def __init__(
         self,
@@ -185,8 +195,8 @@ class CandidatePool(nn.Module):
             # One multiply-add per accepted dendrite; a single broadcast would materialise a
             # (..., K, D, out, ...) temporary in forward and again in backward.
             for a, c in zip(dendrite_sets(accepted, axis), self.cascade_weight.unbind(1), strict=True):
-                z = torch.addcmul(z, a.detach().unsqueeze(axis), _per_neuron(c, trailing))  # c: (K, out)
-        return _ACTIVATIONS[self.config.activation](z)
+                z = torch.addcmul(z, a.detach().unsqueeze(axis), per_neuron(c, trailing))  # c: (K, out)
+        return ACTIVATIONS[self.config.activation](z)
 
     def observe(self, v: Tensor, e: Tensor) -> Tensor | None:
         """Fold a batch into the statistics, snapshot improved candidates, return ``∂(−J)/∂V``."""
@@ -234,8 +244,8 @@ class CandidatePool(nn.Module):
         """
         index = self.bank.structure().get("index")
         fan_in = None if index is None else index.shape[-1]
-        fresh = make_bank(self._template, self.num_candidates, self.config.init_scale, fan_in=fan_in, index=index)
-        fresh = fresh.stacked()
+        bank = make_bank(self._template, self.num_candidates, self.config.init_scale, fan_in=fan_in, index=index)
+        fresh = bank.stacked()
         for name, p in self.bank.stacked().items():
             p[sets] = fresh[name][sets].to(p)
         if self.cascade_weight is not None:

@@ -12,20 +12,31 @@ from torch import Tensor
 
 from pb_lightning.engine.banks import DendriteBank
 
-_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+#: The dendrite activations by ``DendriteConfig.activation`` name. Public because the candidates
+#: must apply the very function the accepted dendrites apply: a candidate is trained to correlate
+#: *as it will run once accepted*.
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "sigmoid": torch.sigmoid,
     "tanh": torch.tanh,
     "relu": torch.relu,
 }
 
 
-def _triangle(d: int) -> int:
-    """Cascade weights of the first ``d`` dendrites: dendrite ``e`` has ``e`` of them."""
+def cascade_weight_count(d: int) -> int:
+    """Cascade weights of the first ``d`` dendrites: dendrite ``e`` has ``e`` of them.
+
+    Dendrite ``d``'s weights on the earlier ones start at row ``cascade_weight_count(d)`` of the
+    layer's ``cascade_weight``; the layer sizes that tensor with it.
+    """
     return d * (d - 1) // 2
 
 
-def _per_neuron(t: Tensor, trailing: int) -> Tensor:
-    """View ``[..., out]`` per-neuron scalars so they broadcast over ``trailing`` spatial axes."""
+def per_neuron(t: Tensor, trailing: int) -> Tensor:
+    """View ``[..., out]`` per-neuron scalars so they broadcast over ``trailing`` spatial axes.
+
+    Every per-neuron weight of a dendrite (cascade, output, a candidate's cascade) multiplies an
+    activation shaped like the layer's output; this is the one place that says how.
+    """
     return t.view(*t.shape, *([1] * trailing))
 
 
@@ -46,7 +57,7 @@ def accepted_activations(
     mapped — and page-faulted — at every step (see :data:`CHUNK_BYTES`). Every consumer takes the
     dendrites one by one (:func:`dendrite_sets`).
     """
-    f = _ACTIVATIONS[activation]
+    f = ACTIVATIONS[activation]
     if not torch.is_grad_enabled():
         chunks = bank.forward_chunks(*inputs, neuron_axis=axis, max_bytes=CHUNK_BYTES, **kwargs)
         zs = [z for chunk in chunks for z in chunk.unbind(axis)]
@@ -72,7 +83,7 @@ def accepted_activations(
     for d in range(1, len(pres)):
         pre = pres[d]
         for e in range(d):
-            pre = torch.addcmul(pre, acts[e], _per_neuron(weights[_triangle(d) + e], trailing))
+            pre = torch.addcmul(pre, acts[e], per_neuron(weights[cascade_weight_count(d) + e], trailing))
         acts.append(f(pre))
     return torch.stack(acts, axis)
 
@@ -107,7 +118,7 @@ def _cascade_in_place(zs: list[Tensor], cascade_weight: Tensor, activation: str,
     weights = cascade_weight.unbind(0)
     for d, z in enumerate(zs):
         for e in range(d):
-            z.addcmul_(zs[e], _per_neuron(weights[_triangle(d) + e], trailing))
+            z.addcmul_(zs[e], per_neuron(weights[cascade_weight_count(d) + e], trailing))
         f_(z)
 
 
@@ -122,5 +133,5 @@ def add_weighted(y: Tensor, acts: Tensor | Sequence[Tensor], weight: Tensor, axi
     # unbind rather than select: one backward node that stacks the D gradients, instead of D
     # select-backwards that each allocate a zero tensor of the full (..., D, out, ...) size.
     for a, w in zip(dendrite_sets(acts, axis), weight.unbind(0), strict=True):
-        y = torch.addcmul(y, a, _per_neuron(w, trailing))
+        y = torch.addcmul(y, a, per_neuron(w, trailing))
     return y

@@ -20,12 +20,12 @@ from pb_lightning.engine.selectors import (
     RECURRENT_TYPES,
     OutputKey,
     Selectors,
-    _as_list,
-    _matches,
-    _neuron_axis,
-    _norm_after,
-    _output_key,
-    _resolve_keys,
+    matches_any,
+    neuron_axis_of,
+    norm_after,
+    output_key_of,
+    resolve_type_keys,
+    selector_list,
 )
 from pb_lightning.errors import PerforationError, invalid
 
@@ -112,14 +112,14 @@ def perforate(
     for argument, value in (("neuron_axes", neuron_axes), ("output_selectors", output_selectors)):
         if value is not None and not isinstance(value, Mapping):
             raise invalid(argument, value, "a mapping {module type or name glob: value}")
-    axes: dict[type[nn.Module] | str, int] = _resolve_keys(neuron_axes, "neuron_axes")
-    outputs: dict[type[nn.Module] | str, OutputKey] = _resolve_keys(output_selectors, "output_selectors")
-    inc = _as_list(include, "include") or list(DEFAULT_NEURON_AXES)
+    axes: dict[type[nn.Module] | str, int] = resolve_type_keys(neuron_axes, "neuron_axes")
+    outputs: dict[type[nn.Module] | str, OutputKey] = resolve_type_keys(output_selectors, "output_selectors")
+    inc = selector_list(include, "include") or list(DEFAULT_NEURON_AXES)
     inc += [k for k in axes if k not in inc]
-    exc = _as_list(exclude, "exclude")
+    exc = selector_list(exclude, "exclude")
     if not isinstance(with_norm, (bool, Mapping)):
         raise invalid("with_norm", with_norm, "a bool or a mapping {module name: norm name}")
-    if isinstance(model, PerforatedLayer) or (_matches(model, "", inc) and not _matches(model, "", exc)):
+    if isinstance(model, PerforatedLayer) or (matches_any(model, "", inc) and not matches_any(model, "", exc)):
         raise PerforationError(
             f"The model itself ({type(model).__name__}) is a module to perforate, and perforate() "
             "converts in place by replacing children. Wrap it in a container first, e.g. "
@@ -128,10 +128,12 @@ def perforate(
 
     def selected(module: nn.Module, name: str) -> bool:
         return (
-            not isinstance(module, PerforatedLayer) and _matches(module, name, inc) and not _matches(module, name, exc)
+            not isinstance(module, PerforatedLayer)
+            and matches_any(module, name, inc)
+            and not matches_any(module, name, exc)
         )
 
-    converted = prepare_attention(model, selected, lambda module, name: _matches(module, name, exc))
+    converted = prepare_attention(model, selected, lambda module, name: matches_any(module, name, exc))
     modules = dict(model.named_modules())
     norm_pairs = _check_norm_pairs(with_norm, modules)
     aliases = _aliases(model)
@@ -149,7 +151,7 @@ def perforate(
                 continue  # never wrap twice
             reader = read_by or (f"`{prefix[:-1]}`: {readers[id(parent)]}" if id(parent) in readers else None)
             here = shared or _second_name(name, aliases.get(id(child), []))
-            if _matches(child, name, inc) and not _matches(child, name, exc):
+            if matches_any(child, name, inc) and not matches_any(child, name, exc):
                 if reader is not None:
                     if include is not None:
                         raise PerforationError(
@@ -175,7 +177,7 @@ def perforate(
                 plan.replacements.append((parent, child_name, layer))
                 plan.wrapped.append(name)
             else:
-                if _matches(child, name, exc) and _matches(child, name, inc):
+                if matches_any(child, name, exc) and matches_any(child, name, inc):
                     plan.skipped[name] = "matched `exclude`"
                 visit(child, f"{name}.", reader, here)
 
@@ -264,7 +266,7 @@ def _resolve_norm(
     if name in norm_pairs:
         return norm_pairs[name]
     if with_norm is True:
-        sibling = _norm_after(parent, child_name, traced)
+        sibling = norm_after(parent, child_name, traced)
         return None if sibling is None else f"{prefix}{sibling}"
     return None
 
@@ -278,7 +280,7 @@ def _wrap_child(
     norm: nn.Module | None,
 ) -> PerforatedLayer:
     """The :class:`PerforatedLayer` that replaces ``child`` (named ``name``), with its layer config."""
-    axis, neurons = _neuron_axis(child, name, axes)
+    axis, neurons = neuron_axis_of(child, name, axes)
     return PerforatedLayer(
         child,
         config=config.for_layer(name),
@@ -286,7 +288,7 @@ def _wrap_child(
         num_neurons=neurons,
         norm=norm,
         name=name,
-        output_key=_output_key(child, name, outputs),
+        output_key=output_key_of(child, name, outputs),
     )
 
 

@@ -148,6 +148,11 @@ class CorrelationStatistics(nn.Module):
         config: the engine configuration (momentum, normalisation, warm-up, eps).
     """
 
+    # Buffers, declared for the type checker (``register_buffer`` sets them).
+    moments: Tensor
+    steps: Tensor
+    skipped_steps: Tensor
+
     def __init__(self, num_candidates: int, num_neurons: int, config: DendriteConfig) -> None:
         super().__init__()
         self.config = config

@@ -97,7 +97,7 @@ def to_inference(model: nn.Module) -> nn.Module:
         # and torch.jit.trace reads every attribute first, so the trace would fail with "not
         # attached to a Trainer" before reaching the dendrites' own explanation. The flag (what
         # Lightning's to_torchscript sets) makes ``trainer`` None on this deployment copy only.
-        deployed._jit_is_scripting = True
+        deployed._jit_is_scripting = True  # type: ignore[assignment]  # a plain attribute, not a submodule
     return deployed
 
 

@@ -20,14 +20,14 @@ error from the ordinary backward pass.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from pb_lightning.engine.banks import DendriteBank, iter_stacked
-from pb_lightning.engine.candidates import CandidatePool, _tap
-from pb_lightning.engine.cascade import _triangle, accepted_activations, add_weighted
+from pb_lightning.engine.candidates import CandidatePool, error_tap
+from pb_lightning.engine.cascade import accepted_activations, add_weighted, cascade_weight_count
 from pb_lightning.engine.config import DendriteConfig
 from pb_lightning.engine.outputs import not_a_tensor, replace_output, select_output
 from pb_lightning.engine.sparse_banks import check_fan_in, connections, make_bank, prune
@@ -126,7 +126,7 @@ class PerforatedLayer(nn.Module):
         self.dendrites.resize(num)
         like = self._like()
         if self.config.cascade:
-            self.cascade_weight = nn.Parameter(like.new_empty(_triangle(num), num_neurons))
+            self.cascade_weight = nn.Parameter(like.new_empty(cascade_weight_count(num), num_neurons))
         self.output_weight = nn.Parameter(like.new_empty(num, num_neurons))
         self._set_neuron_phase_trainability()
 
@@ -287,9 +287,9 @@ class PerforatedLayer(nn.Module):
             return y if key is None else replace_output(out, key, y)
         v = pool(detached, acts, axis, **kwargs)
         if gradient_learning:
-            y = add_weighted(y, v, pool.output_weight, axis)
+            y = add_weighted(y, v, cast(Tensor, pool.output_weight), axis)  # set for gradient learning
         if observe:
-            y = _tap(y, v, pool)
+            y = error_tap(y, v, pool)
         return y if key is None else replace_output(out, key, y)
 
     # ------------------------------------------------------------------ checkpoints

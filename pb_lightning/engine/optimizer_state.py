@@ -19,7 +19,7 @@ import copy
 import warnings
 import weakref
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -101,10 +101,10 @@ class OptimizerStateCarrier:
                 self._saved_for.pop(name, None)
         for opt in optimizers:
             for p in _params(opt):
-                name = self._names.get(id(p))
-                if name is not None and current.get(name) is p and opt.state.get(p):
-                    self.saved[name] = _to_cpu(opt.state[p])
-                    self._saved_for[name] = weakref.ref(p)
+                known = self._names.get(id(p))
+                if known is not None and current.get(known) is p and opt.state.get(p):
+                    self.saved[known] = _to_cpu(opt.state[p])
+                    self._saved_for[known] = weakref.ref(p)
         self._schedulers = [(type(s), copy.deepcopy(s.state_dict())) for s in schedulers]
         self._old_lrs = [
             {group.get("name", i): group["lr"] for i, group in enumerate(s.optimizer.param_groups)} for s in schedulers
@@ -121,8 +121,12 @@ class OptimizerStateCarrier:
             for group, saved_group in zip(opt.param_groups, state_dict["param_groups"], strict=True):
                 for p, index in zip(group["params"], saved_group["params"], strict=True):
                     name = names.get(id(p))
-                    ref = self._saved_for.get(name) if name is not None else None
-                    if ref is not None and ref() is p and _fits(self.saved[name], p):
+                    if name is None:
+                        continue
+                    ref = self._saved_for.get(name)
+                    if ref is None or ref() is not p:
+                        continue  # never saved, or saved for a parameter since replaced
+                    if _fits(self.saved[name], cast(Tensor, p)):  # a param of the group (`is` narrowed it)
                         state_dict["state"][index] = self.saved[name]
                         carried.append(name)
             if carried:

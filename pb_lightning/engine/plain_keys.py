@@ -10,7 +10,7 @@ places maps them (here).
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
@@ -38,7 +38,7 @@ def hook_plain_norm_keys(model: nn.Module, layer_name: str, norm_name: str) -> N
 def _move_norm_keys(layer: str, norm: str, module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
     """The hook of :func:`hook_plain_norm_keys`: ``<norm>.*`` → ``<layer>.norm.*``, for a plain dict only."""
     old, new = f"{prefix}{norm}.", f"{prefix}{layer}.norm."
-    names = list(module.get_submodule(layer).norm.state_dict(keep_vars=True))
+    names = list(cast(nn.Module, module.get_submodule(layer).norm).state_dict(keep_vars=True))
     present = [n for n in names if old + n in state_dict]
     if present and not any(new + n in state_dict for n in names):  # a perforated dict is never touched
         for n in present:

@@ -1,5 +1,15 @@
-"""What ``perforate`` wraps and how: include/exclude selectors, ``type:`` strings, neuron axes,
-output keys, and the norm layer traced after each wrapped module."""
+"""What ``perforate`` wraps and how: the selectors a user writes, resolved against a model.
+
+``perforate`` (:mod:`pb_lightning.engine.convert`) walks the model and decides, module by module;
+this module answers each question it asks, as its public API:
+
+- :func:`selector_list` and :func:`resolve_type_keys` turn the user's ``include``/``exclude``
+  and ``{selector: value}`` arguments into checked selectors (``"type:pkg.Class"`` strings
+  become the classes: :func:`type_selector` writes them);
+- :func:`matches_any`: is a module selected;
+- :func:`neuron_axis_of` and :func:`output_key_of`: where a selected module's neurons are;
+- :func:`norm_after`: which norm layer its parent applies directly to its output (``with_norm``).
+"""
 
 from __future__ import annotations
 
@@ -37,7 +47,7 @@ OutputKey = Union[int, str]
 
 #: Recurrent layers: their output is ``(output, h_n)`` / ``(output, (h_n, c_n))``; the neurons are
 #: the features (last axis) of ``output``.
-RECURRENT_TYPES: tuple[type[nn.Module], ...] = (nn.RNNBase,)
+RECURRENT_TYPES: tuple[type[nn.RNNBase], ...] = (nn.RNNBase,)
 
 #: Normalisation layers that may be wrapped together with the module before them.
 NORM_TYPES: tuple[type[nn.Module], ...] = (
@@ -85,7 +95,7 @@ def _resolve_type(selector: str, argument: str) -> type[nn.Module]:
     raise invalid(argument, selector, "'type:' followed by the importable name of an nn.Module class")
 
 
-def _resolve_keys(mapping: Mapping[Any, Any] | None, argument: str) -> dict[Any, Any]:
+def resolve_type_keys(mapping: Mapping[Any, Any] | None, argument: str) -> dict[Any, Any]:
     """A ``{module type or name glob: value}`` mapping whose ``"type:pkg.Class"`` keys are resolved."""
     return {
         _resolve_type(k, argument) if isinstance(k, str) and k.startswith(TYPE_PREFIX) else k: v
@@ -93,10 +103,15 @@ def _resolve_keys(mapping: Mapping[Any, Any] | None, argument: str) -> dict[Any,
     }
 
 
-def _as_list(selectors: Selectors | None, argument: str) -> list[Selector]:
+def selector_list(selectors: Selectors | None, argument: str) -> list[Selector]:
+    """``include``/``exclude`` as a checked list: one selector or many, ``"type:"`` strings resolved.
+
+    Raises a :class:`PerforationError` naming ``argument`` for anything that is not a selector, so
+    a typo fails at ``perforate`` rather than silently selecting nothing.
+    """
     if selectors is None:
         return []
-    items = list(selectors) if isinstance(selectors, (list, tuple)) else [selectors]
+    items: list[Any] = list(selectors) if isinstance(selectors, (list, tuple)) else [selectors]
     items = [_resolve_type(i, argument) if isinstance(i, str) and i.startswith(TYPE_PREFIX) else i for i in items]
     for item in items:
         ok = isinstance(item, str) or callable(item)
@@ -107,7 +122,8 @@ def _as_list(selectors: Selectors | None, argument: str) -> list[Selector]:
     return items
 
 
-def _matches(module: nn.Module, name: str, selectors: list[Selector]) -> bool:
+def matches_any(module: nn.Module, name: str, selectors: list[Selector]) -> bool:
+    """Whether any selector of :func:`selector_list` picks ``module`` (qualified ``name``)."""
     for s in selectors:
         if isinstance(s, type):
             if isinstance(module, s):
@@ -120,7 +136,7 @@ def _matches(module: nn.Module, name: str, selectors: list[Selector]) -> bool:
     return False
 
 
-def _neuron_axis(
+def neuron_axis_of(
     module: nn.Module, name: str, neuron_axes: Mapping[type[nn.Module] | str, int]
 ) -> tuple[int, int | None]:
     """The neuron axis of ``module``'s output and, where known without running it, the neuron count."""
@@ -146,8 +162,8 @@ def _neuron_axis(
         return 1, module.out_channels
     if isinstance(module, RECURRENT_TYPES):
         check_custom_module(module, name)
-        features = module.proj_size or module.hidden_size  # type: ignore[attr-defined]
-        return -1, features * (2 if module.bidirectional else 1)  # type: ignore[attr-defined]
+        features = module.proj_size or module.hidden_size
+        return -1, features * (2 if module.bidirectional else 1)
     raise PerforationError(
         f"Module `{name}` ({type(module).__name__}) matched `include`, but pb_lightning does not know "
         f"which axis of its output indexes neurons. Name it: perforate(..., neuron_axes={{"
@@ -155,7 +171,9 @@ def _neuron_axis(
     )
 
 
-def _output_key(module: nn.Module, name: str, selectors: Mapping[type[nn.Module] | str, OutputKey]) -> OutputKey | None:
+def output_key_of(
+    module: nn.Module, name: str, selectors: Mapping[type[nn.Module] | str, OutputKey]
+) -> OutputKey | None:
     """Which entry of ``module``'s output holds the neurons (``None``: the output is a tensor)."""
     for key, value in selectors.items():
         if (isinstance(key, str) and fnmatch.fnmatchcase(name, key)) or (
@@ -173,7 +191,7 @@ def _output_key(module: nn.Module, name: str, selectors: Mapping[type[nn.Module]
     return None
 
 
-def _norm_after(parent: nn.Module, child_name: str, traced: dict[int, dict[str, str]]) -> str | None:
+def norm_after(parent: nn.Module, child_name: str, traced: dict[int, dict[str, str]]) -> str | None:
     """The name of the normalisation layer that ``parent`` applies directly to ``child_name``'s output.
 
     In an ``nn.Sequential`` that is the next layer. Elsewhere (a ``BasicBlock`` with ``self.conv1``

@@ -15,16 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pb_lightning.engine.banks import (
-    _CONV_FUNCTIONS,
-    _CONV_TYPES,
-    ConvBank,
-    DendriteBank,
-    LinearBank,
-    ModuleBank,
-    _linear_sets,
-    _uniform,
-)
+from pb_lightning.engine.banks import ConvBank, DendriteBank, LinearBank, ModuleBank
+from pb_lightning.engine.stacked_ops import CONV_FUNCTIONS, CONV_TYPES, linear_sets, uniform
 from pb_lightning.errors import PerforationError
 
 
@@ -59,6 +51,8 @@ class SparseBank(DendriteBank):
     #: speed only, never the result.
     strategy: str = "auto"
 
+    in_size: int  # set in the subclasses' ``__init__``, declared for the type checker
+
     index: Tensor
 
     def structure(self) -> dict[str, Tensor]:
@@ -87,8 +81,8 @@ class SparseBank(DendriteBank):
         self.register_buffer("index", index.to(device=like.device, dtype=torch.long))
         # PyTorch's default initialisation bound for the dendrite's real fan-in, scaled.
         bound = init_scale / math.sqrt(k * math.prod(kernel))
-        self.weight = nn.Parameter(_uniform((num_sets, out, k, *kernel), bound, like))
-        self.bias = nn.Parameter(_uniform((num_sets, out), bound, like)) if bias else None
+        self.weight = nn.Parameter(uniform((num_sets, out, k, *kernel), bound, like))
+        self.bias = nn.Parameter(uniform((num_sets, out), bound, like)) if bias else None
 
     def dense_weight(self) -> Tensor:
         """The compact weights scattered into a dense ``[N, out, in, *kernel]`` zero weight."""
@@ -133,7 +127,7 @@ class SparseLinearBank(SparseBank):
         if strategy == "auto":
             strategy = "gather" if 4 * k <= self.in_size else "masked"
         if strategy == "masked":
-            return _linear_sets(x, self.dense_weight(), self.bias)
+            return linear_sets(x, self.dense_weight(), self.bias)
         # One bag per dendrite over the rows of the transposed input: bag (n, o) sums rows
         # index[n, o, :] (input features, each a row of all samples) weighted by its weights.
         dtype = torch.promote_types(x.dtype, self.weight.dtype)
@@ -165,7 +159,9 @@ class SparseConvBank(SparseBank, ConvBank):
         self.register_buffer("_group_start", group_start.to(w.device).view(1, out, 1), persistent=False)
         self._init(num_sets, out, fan_in, tuple(w.shape[2:]), index, init_scale, w, template.bias is not None)
 
-    forward_chunks = DendriteBank.forward_chunks  # one chunk: its weights are built per forward
+    # One chunk: its weights are built per forward. (ConvBank narrows the signature to one input.)
+    forward_chunks = DendriteBank.forward_chunks  # type: ignore[assignment]
+    _group_start: Tensor  # a buffer
 
     def forward(self, x: Tensor, neuron_axis: int = 1) -> Tensor:
         if self.strategy != "gather":  # "auto": the masked dense conv measured faster
@@ -177,7 +173,7 @@ class SparseConvBank(SparseBank, ConvBank):
         gathered = x.index_select(1, channels)  # (B, N*out*k, *S)
         bias = None if self.bias is None else self.bias.reshape(n * out)
         weight = self.weight.reshape(n * out, k, *self.weight.shape[3:])
-        y = _CONV_FUNCTIONS[self.dims](gathered, weight, bias, self.stride, padding, self.dilation, n * out)
+        y = CONV_FUNCTIONS[self.dims](gathered, weight, bias, self.stride, padding, self.dilation, n * out)
         return y.unflatten(1, (n, out))
 
 
@@ -200,12 +196,12 @@ def make_bank(
     if fan_in is not None:
         if output_key is None and isinstance(module, nn.Linear):
             return SparseLinearBank(module, num_sets, init_scale, fan_in, index)
-        if output_key is None and isinstance(module, _CONV_TYPES):
+        if output_key is None and isinstance(module, CONV_TYPES):
             return SparseConvBank(module, num_sets, init_scale, fan_in, index)  # type: ignore[arg-type]
         raise PerforationError(f"fan_in is only supported for nn.Linear and nn.Conv; got {type(module).__name__}.")
     if output_key is None and isinstance(module, nn.Linear):
         return LinearBank(module, num_sets, init_scale)
-    if output_key is None and isinstance(module, _CONV_TYPES):
+    if output_key is None and isinstance(module, CONV_TYPES):
         return ConvBank(module, num_sets, init_scale)  # type: ignore[arg-type]
     return ModuleBank(module, num_sets, init_scale, output_key)
 
@@ -215,8 +211,8 @@ def fan_in_inputs(module: nn.Module) -> int | None:
     of a group (Conv), ``None`` where fan-in is not defined (custom modules)."""
     if isinstance(module, nn.Linear):
         return module.in_features
-    if isinstance(module, _CONV_TYPES):
-        return module.in_channels // module.groups  # type: ignore[operator]
+    if isinstance(module, CONV_TYPES):
+        return module.in_channels // module.groups
     return None
 
 

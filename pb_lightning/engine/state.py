@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from pb_lightning.engine.transitions import _FROZEN, _hold_norms_in_eval, in_dendrite_phase
+from pb_lightning.engine.transitions import freeze_for_dendrite_phase, frozen_by_dendrite_phase, in_dendrite_phase
 from pb_lightning.errors import PerforationError
 
 
@@ -17,7 +17,7 @@ def perforation_state(model: nn.Module) -> dict[str, Any]:
     rebuilt by ``load_state_dict``; this adds which parameters the dendrite phase froze. Save it
     beside the state dict and give it to :func:`load_perforation_state` after loading.
     """
-    return {"dendrite_phase": in_dendrite_phase(model), "frozen": list(getattr(model, _FROZEN, []))}
+    return {"dendrite_phase": in_dendrite_phase(model), "frozen": frozen_by_dendrite_phase(model)}
 
 
 def load_perforation_state(model: nn.Module, state: dict[str, Any]) -> None:
@@ -34,7 +34,4 @@ def load_perforation_state(model: nn.Module, state: dict[str, Any]) -> None:
     missing = [n for n in state.get("frozen", []) if n not in params]
     if missing:
         raise PerforationError(f"The perforation state names parameters the model does not have: {missing}.")
-    for name in state.get("frozen", []):
-        params[name].requires_grad_(False)
-    setattr(model, _FROZEN, list(state.get("frozen", [])))
-    _hold_norms_in_eval(model)
+    freeze_for_dendrite_phase(model, list(state.get("frozen", [])))

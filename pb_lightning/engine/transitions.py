@@ -70,13 +70,8 @@ def start_dendrite_phase(model: nn.Module, *, num_candidates: int | None = None)
     for layer in layers:
         layer.add_candidates(num_candidates)
     candidate_ids = {id(p) for layer in layers for p in layer.candidates.parameters()}  # type: ignore[union-attr]
-    frozen = []
-    for name, p in model.named_parameters():
-        if p.requires_grad and id(p) not in candidate_ids:
-            p.requires_grad_(False)
-            frozen.append(name)
-    setattr(model, _FROZEN, frozen)
-    _hold_norms_in_eval(model)
+    frozen = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in candidate_ids]
+    freeze_for_dendrite_phase(model, frozen)
     config = layers[0].config
     log.info(
         "Dendrite phase started: %d candidate sets in each of %d layers, trained by %s (%s normalisation); "
@@ -87,6 +82,29 @@ def start_dendrite_phase(model: nn.Module, *, num_candidates: int | None = None)
         config.normalization,
         len(frozen),
     )
+
+
+def frozen_by_dendrite_phase(model: nn.Module) -> list[str]:
+    """The parameters the current dendrite phase froze (none in a neuron phase), by qualified name.
+
+    Only these are unfrozen when the phase ends: a parameter the user froze stays frozen. This
+    list is what :func:`~pb_lightning.engine.state.perforation_state` saves.
+    """
+    return list(getattr(model, _FROZEN, []))
+
+
+def freeze_for_dendrite_phase(model: nn.Module, names: list[str]) -> None:
+    """Freeze the parameters ``names`` for a dendrite phase, remember them, hold norms in eval.
+
+    :func:`start_dendrite_phase` calls it with every trainable non-candidate parameter, and
+    :func:`~pb_lightning.engine.state.load_perforation_state` with the saved list, so a restored
+    dendrite phase is frozen exactly as the one that was saved.
+    """
+    params = dict(model.named_parameters())
+    for name in names:
+        params[name].requires_grad_(False)
+    setattr(model, _FROZEN, list(names))
+    _hold_norms_in_eval(model)
 
 
 def _hold_norms_in_eval(model: nn.Module) -> None:

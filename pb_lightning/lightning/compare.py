@@ -93,7 +93,8 @@ def _make_cli(config_path: Path) -> Any:
 def _perforated_callback(trainer: pl.Trainer) -> Any:
     from pb_lightning.lightning.callback import PerforatedCallback
 
-    return next(c for c in trainer.callbacks if isinstance(c, PerforatedCallback))
+    callbacks: list[pl.Callback] = trainer.callbacks  # type: ignore[attr-defined]  # a property Lightning types loosely
+    return next(c for c in callbacks if isinstance(c, PerforatedCallback))
 
 
 def _has_test_split(cli: Any) -> bool:
@@ -263,7 +264,8 @@ def compare(options: CompareOptions) -> dict[str, Any]:
     todo = [j for j in jobs if (j.arm, j.seed) not in done]
     if len(todo) < len(jobs):
         log.info("compare: --resume: %d of %d fits already in %s", len(jobs) - len(todo), len(jobs), out)
-    start, durations = time.perf_counter(), {}
+    start = time.perf_counter()
+    durations: dict[str, list[float]] = {}
     for index, job in enumerate(todo, 1):
         log.info("compare: fit %d/%d: arm %s, seed %d", index, len(todo), job.arm, job.seed)
         with _quiet_lightning(options.verbose):

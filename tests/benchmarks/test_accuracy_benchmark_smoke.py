@@ -9,10 +9,12 @@ import pytest
 
 from tests.helpers import run_benchmark
 
+# Benchmark smoke tests: each runs a benchmark script (most in a subprocess).
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("sklearn")
 
 
-@pytest.mark.slow
 def test_accuracy_quick_run_writes_every_variant(tmp_path: Path) -> None:
     # The timeout only guards against a hang: this run takes ~1 min alone, several under load.
     run_benchmark("accuracy.py", "--quick", "--controls", "--out", str(tmp_path), timeout=900)

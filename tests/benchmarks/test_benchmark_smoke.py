@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
 import sys
 import types
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import run_benchmark
+from tests.helpers import run_benchmark, run_python
+
+# Benchmark smoke tests: each runs a benchmark script (most in a subprocess).
+pytestmark = pytest.mark.slow
 
 _BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
@@ -121,13 +123,7 @@ def test_engine_speed_refuses_cuda_without_a_gpu_naming_the_option() -> None:
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: --device cuda is valid here")
-    result = subprocess.run(
-        [sys.executable, str(_BENCHMARKS / "engine_speed.py"), "--quick", "--device", "cuda"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = run_python(str(_BENCHMARKS / "engine_speed.py"), "--quick", "--device", "cuda", timeout=120, check=False)
     assert result.returncode == 2
     assert "--device cuda: no CUDA device is available" in result.stderr
     assert "--device cpu" in result.stderr

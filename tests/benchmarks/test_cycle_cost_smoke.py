@@ -9,6 +9,9 @@ import pytest
 
 from tests.helpers import run_benchmark
 
+# Benchmark smoke tests: each runs a benchmark script (most in a subprocess).
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("sklearn")
 
 

@@ -9,8 +9,10 @@ import pytest
 
 from tests.helpers import run_benchmark
 
+# Benchmark smoke tests: each runs a benchmark script (most in a subprocess).
+pytestmark = pytest.mark.slow
 
-@pytest.mark.slow
+
 def test_reference_benchmark_quick_run(tmp_path: Path) -> None:
     # Its own environment for perforatedai (torch from the local CPU wheel, perforatedai from
     # PyPI): about a minute the first time. Without a registry it prints "skipped: ..." and exits 0.

@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 research = pytest.importorskip("research")
 
 
+@pytest.mark.slow  # a benchmark smoke test: the research script's quick run
 def test_quick_run_fits_every_arm_and_renders_from_the_json(tmp_path: Path) -> None:
     args = ("--quick", "--variants", "pb", "fan4-local", "--out", str(tmp_path))
     result = run_benchmark("research.py", *args, timeout=120)

@@ -83,6 +83,7 @@ def test_the_envelope_is_the_best_family_at_the_arms_size() -> None:
     assert transfer.envelope(rows, 120) == (0.52, "patient", False)
 
 
+@pytest.mark.slow  # a benchmark smoke test: the transfer script's quick run, in a subprocess
 def test_quick_run_fits_every_arm_from_one_trained_network(tmp_path: Path) -> None:
     result = run_benchmark("transfer.py", "--quick", "--out", str(tmp_path), timeout=180)
     saved = json.loads((tmp_path / "results.json").read_text())

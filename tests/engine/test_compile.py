@@ -63,6 +63,7 @@ def _fresh_dynamo() -> None:
     torch._dynamo.reset()
 
 
+@pytest.mark.slow  # torch.compile of a 20-layer model: among the longest tests (--durations)
 def test_each_phase_of_a_20_layer_model_compiles_to_one_graph_and_matches_eager() -> None:
     # aot_eager: dynamo's frames and guards are what this counts, and AOTAutograd runs the
     # tap's backward op; inductor's code generation for 20 layers adds minutes and nothing here.
@@ -102,6 +103,7 @@ def test_a_copied_pool_gets_its_own_tap_key() -> None:
     assert len(keys) == 2 * _LAYERS
 
 
+@pytest.mark.slow  # an inductor compile: among the longest tests (--durations)
 def test_inductor_compiled_dendrite_phase_matches_eager() -> None:
     torch.manual_seed(0)
     model = pb.perforate(nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)))

@@ -63,8 +63,8 @@ def test_config_is_immutable() -> None:
 
 def test_every_declared_activation_has_an_implementation() -> None:
     # The Literal alias is the one list of choices (validation reads it); the forward must cover it.
-    from pb_lightning.engine.cascade import _ACTIVATIONS
+    from pb_lightning.engine.cascade import ACTIVATIONS
     from pb_lightning.engine.config import Activation
     from pb_lightning.errors import choices_of
 
-    assert set(_ACTIVATIONS) == set(choices_of(Activation))
+    assert set(ACTIVATIONS) == set(choices_of(Activation))

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 import pb_lightning as pb
 from pb_lightning import DendriteConfig, PerforatedLayer, PerforationError
-from pb_lightning.engine.cascade import _ACTIVATIONS
+from pb_lightning.engine.cascade import ACTIVATIONS
 from pb_lightning.engine.sparse_banks import SparseBank
 
 _MODES = ("local", "random", "learned")
@@ -116,7 +116,7 @@ def _reference(layer: PerforatedLayer, x: Tensor, weight: Tensor, bias: Tensor |
     axis = -1 if isinstance(module, nn.Linear) else 1
     y = module(x)
     acts: list[Tensor] = []
-    f = _ACTIVATIONS[layer.config.activation]
+    f = ACTIVATIONS[layer.config.activation]
     for d in range(bank.index.shape[0]):
         dense = _dense_reference_weight(weight[d], bank.index[d], inputs)
         z = _reference_op(module, x, dense, None if bias is None else bias[d])
@@ -512,6 +512,7 @@ def test_low_precision_parameters_compute_what_float32_does(dtype: torch.dtype, 
     assert all(torch.isfinite(p).all() for p in low.parameters())
 
 
+@pytest.mark.slow  # an inductor compile: among the longest tests (--durations)
 def test_torch_compile_matches_eager() -> None:
     model, x = _grown_cnn("random")
     pb.start_dendrite_phase(model)
@@ -523,6 +524,7 @@ def test_torch_compile_matches_eager() -> None:
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, reference, strict=True))
 
 
+@pytest.mark.slow  # a benchmark run (engine_speed): among the longest tests (--durations)
 def test_engine_speed_times_both_sparse_strategies(tmp_path: Any) -> None:
     from tests.helpers import run_benchmark
 

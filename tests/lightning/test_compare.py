@@ -77,6 +77,7 @@ def _by_hand(fits: list[dict[str, Any]], arm: str, better: str, envelope: bool =
     return mean, se
 
 
+@pytest.mark.slow  # nine fits end to end: among the longest tests (--durations)
 def test_quick_compare_end_to_end_with_test_split_widths_and_callbacks(
     tmp_path: Path, capsys: Any, caplog: Any
 ) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,22 +15,20 @@ import pb_lightning as pb
 from pb_lightning.cycle.decision import ACCEPT
 from pb_lightning.demos.digits import DigitsDataModule, DigitsMLP
 from pb_lightning.engine.correlation import CorrelationStatistics
+from tests.helpers import run_python
 
 _SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ddp_cycle.py"
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+# Process-level: DDP runs in subprocesses (and the refusals need a Trainer with a DDP strategy).
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.xdist_group("distributed"),  # one pytest-xdist worker: the module's DDP run is shared
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+]
 
 
 def _run_ddp(out: Path, *extra: str) -> tuple[dict[str, Any], dict[str, Any]]:
     out.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(
-        [sys.executable, str(_SCRIPT), str(out), *extra],
-        cwd=out,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_python(str(_SCRIPT), str(out), *extra, cwd=out)
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     return ranks[0], ranks[1]
@@ -112,13 +108,8 @@ def test_ddp_spawn_is_refused_with_the_reason(tmp_path: Path) -> None:
 
 
 def test_a_monitor_logged_on_some_ranks_only_is_named(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, str(_SCRIPT), str(tmp_path), "--monitor-rank0-only", "--max-epochs", "2"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
+    result = run_python(
+        str(_SCRIPT), str(tmp_path), "--monitor-rank0-only", "--max-epochs", "2", cwd=tmp_path, check=False
     )
     assert result.returncode != 0
     assert "was logged on some ranks but not on others" in result.stderr

@@ -11,11 +11,13 @@ import pytest
 import yaml
 
 from pb_lightning.lightning.cli import main
+from tests.helpers import run_command
 
 _REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
+@pytest.mark.slow  # a CLI run
 def test_the_capacity_test_config_runs_through_the_cli(tmp_path: Path, caplog: Any) -> None:
     config = _REPO / "configs" / "digits_capacity_test.yaml"
     with caplog.at_level("INFO"):
@@ -60,6 +62,7 @@ def test_the_main_job_config_parses_into_the_documented_objects(tmp_path: Path) 
     assert any((tmp_path / "digits").rglob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow  # a CLI run
 def test_python_dash_m_runs_the_same_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
         sys, "argv", ["pb_lightning", "fit", "--print_config", "--config", str(_REPO / "configs" / "digits.yaml")]
@@ -69,6 +72,7 @@ def test_python_dash_m_runs_the_same_cli(tmp_path: Path, monkeypatch: pytest.Mon
     assert exit_info.value.code == 0
 
 
+@pytest.mark.slow  # example scripts
 @pytest.mark.parametrize("script", ["digits_mlp.py", "digits_conv.py"])
 def test_example_scripts_run(script: str, tmp_path: Path) -> None:
     namespace = runpy.run_path(str(_REPO / "examples" / script))
@@ -78,6 +82,7 @@ def test_example_scripts_run(script: str, tmp_path: Path) -> None:
     assert result["test_acc"] > 0.3
 
 
+@pytest.mark.slow  # an example script
 def test_the_regression_example_runs_with_its_sparse_trained_dendrites(tmp_path: Path) -> None:
     namespace = runpy.run_path(str(_REPO / "examples" / "friedman_regression.py"))
     assert namespace["Regressor"]().dendrite_config == namespace["DENDRITES"]
@@ -87,14 +92,12 @@ def test_the_regression_example_runs_with_its_sparse_trained_dendrites(tmp_path:
     assert result["dendrites"] >= 0
 
 
+@pytest.mark.slow  # the installed command, in a subprocess
 def test_the_console_command_starts_without_lightnings_args_warning(tmp_path: Path) -> None:
     # The installed entry point, run as a user runs it: `pb-lightning --help`.
-    import subprocess
-
     command = Path(sys.executable).with_name("pb-lightning")
     launcher = [str(command)] if command.exists() else [sys.executable, "-m", "pb_lightning"]
-    result = subprocess.run([*launcher, "--help"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    result = run_command([*launcher, "--help"], timeout=300, cwd=tmp_path)
     assert "usage:" in result.stdout
     assert "args parameter is intended" not in result.stderr + result.stdout
 
@@ -110,6 +113,7 @@ def test_console_passes_explicit_arguments_through(monkeypatch: pytest.MonkeyPat
     assert seen == [None, ["fit", "--config", "y.yaml"]]
 
 
+@pytest.mark.slow  # an example script
 @pytest.mark.parametrize("load", ["checkpoint", "state_dict"])
 def test_the_finetune_example_adds_dendrites_to_a_saved_plain_network(load: str, tmp_path: Path) -> None:
     namespace = runpy.run_path(str(_REPO / "examples" / "finetune_trained.py"))

@@ -10,12 +10,11 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 import pb_lightning as pb
 from pb_lightning.demos.digits import DigitsConvNet, DigitsDataModule, DigitsMLP
-from tests.helpers import fast_trainer
+from tests.helpers import PlainClassifier, fast_trainer
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore::DeprecationWarning",
@@ -24,32 +23,15 @@ pytestmark = pytest.mark.filterwarnings(
 )
 
 
-class _Plain(pl.LightningModule):
-    """A LightningModule without dendrites holding the network of a demo model (same ``net.*`` keys)."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return F.cross_entropy(self(batch[0]), batch[1])
-
-    def configure_optimizers(self) -> Any:
-        return torch.optim.Adam(self.parameters(), lr=1e-2)
-
-
 _MODELS = {"mlp": (lambda: DigitsMLP(hidden=8), True), "conv": (lambda: DigitsConvNet(channels=4), False)}
 
 
-def _trained_plain(kind: str, root: Path) -> tuple[_Plain, DigitsDataModule]:
+def _trained_plain(kind: str, root: Path) -> tuple[PlainClassifier, DigitsDataModule]:
     """A plain module with the demo model's network, trained for two epochs (non-default weights
     and, for the conv net, BatchNorm running statistics)."""
     pl.seed_everything(0)
     make, flat = _MODELS[kind]
-    plain = _Plain(make().net)
+    plain = PlainClassifier(make().net)
     data = DigitsDataModule(flat=flat)
     fast_trainer(root, [], 2, limit_val_batches=0).fit(plain, data)
     return plain, data

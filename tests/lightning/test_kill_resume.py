@@ -12,7 +12,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,11 @@ from typing import Any
 import pytest
 import torch
 
+from tests.helpers import run_python
+
 _SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "kill_resume.py"
+# Process-level: every case runs the script in fresh processes (killed, then resumed).
+pytestmark = pytest.mark.slow
 
 
 @dataclass(frozen=True)
@@ -115,15 +118,8 @@ def _run(out: Path, *args: str, kill_at: str | None = None) -> subprocess.Comple
     env.pop("PB_KILL_AT", None)
     if kill_at is not None:
         env["PB_KILL_AT"] = kill_at
-    return subprocess.run(
-        [sys.executable, str(_SCRIPT), str(out), *args],
-        cwd=out,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        start_new_session=True,  # its own process group: a kill takes every DDP rank with it
-    )
+    # Its own process group (new_session): a kill takes every DDP rank with it.
+    return run_python(str(_SCRIPT), str(out), *args, cwd=out, env=env, new_session=True, check=False)
 
 
 def _result(out: Path) -> dict[str, Any]:
@@ -179,9 +175,15 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], d
     return get
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
-    ("scenario", "point"), [(name, point) for name, scenario in SCENARIOS.items() for point in scenario.points]
+    ("scenario", "point"),
+    [
+        # Under pytest-xdist a scenario's cases share one worker, so its uninterrupted run (the
+        # module-scoped `uninterrupted`) runs once; different scenarios run side by side.
+        pytest.param(name, point, marks=pytest.mark.xdist_group(f"kill_resume_{name}"))
+        for name, scenario in SCENARIOS.items()
+        for point in scenario.points
+    ],
 )
 def test_killed_and_resumed_run_ends_exactly_as_the_uninterrupted_one(
     scenario: str, point: str, uninterrupted: Callable[[str], dict[str, Any]], tmp_path: Path
@@ -195,7 +197,7 @@ def test_killed_and_resumed_run_ends_exactly_as_the_uninterrupted_one(
     _assert_same_run(result, full)
 
 
-@pytest.mark.slow
+@pytest.mark.xdist_group("kill_resume_default")  # compares with the default scenario's run
 def test_resuming_a_finished_run_trains_nothing_and_keeps_the_weights(
     uninterrupted: Callable[[str], dict[str, Any]], tmp_path: Path
 ) -> None:
@@ -211,7 +213,7 @@ def test_resuming_a_finished_run_trains_nothing_and_keeps_the_weights(
     _assert_same_run(result, full)
 
 
-@pytest.mark.slow
+@pytest.mark.xdist_group("kill_resume_default")  # compares with the default scenario's run
 def test_a_torn_last_checkpoint_fails_with_an_error_naming_the_file(
     uninterrupted: Callable[[str], dict[str, Any]], tmp_path: Path
 ) -> None:

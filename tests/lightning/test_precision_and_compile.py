@@ -83,6 +83,7 @@ def test_each_precision_runs_a_full_cycle_with_finite_scores(
     assert scores[-1] < scores[0]
 
 
+@pytest.mark.slow  # a compiled and an eager fit: among the longest tests (--durations)
 def test_a_compiled_model_trains_across_restructures_and_matches_eager(tmp_path: Path) -> None:
     """Five structures (two accepted sets), each trained and validated: compiled throughout.
 

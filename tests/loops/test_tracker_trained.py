@@ -13,6 +13,9 @@ from torch.nn import functional as F
 
 import pb_lightning as pb
 
+# One pytest-xdist worker for the module, so its module-scoped training runs once.
+pytestmark = pytest.mark.xdist_group("tracker_trained")
+
 
 def _net() -> nn.Module:
     return nn.Sequential(nn.Linear(64, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 10))

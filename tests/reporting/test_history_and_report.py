@@ -19,7 +19,8 @@ from pb_lightning.lightning.cli import console
 from pb_lightning.reporting.history import final_report, format_report, load_history
 from tests.helpers import fast_trainer
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+# One pytest-xdist worker for the module, so its module-scoped run is fitted once.
+pytestmark = [pytest.mark.xdist_group("history_and_report"), pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 
 def _run(tmp_path: Path, **callback_options: Any) -> tuple[pb.PerforatedCallback, Path, DigitsMLP]:
