@@ -225,7 +225,11 @@ class PhaseMachine:
             s.tries += 1
             best, phase = format_scores(s.global_best, s.phase_best)
             verdict = f"{why}; the cycle did not beat the global best {best} (phase best {phase})"
-            rejected = {"restore": Restore.GLOBAL_BEST, "new_phase_best": new_best, "verdict": Verdict.REJECTED}
+            rejected: dict[str, Any] = {
+                "restore": Restore.GLOBAL_BEST,
+                "new_phase_best": new_best,
+                "verdict": Verdict.REJECTED,
+            }
             if s.tries >= sched.max_tries or not cycle_fits(sched, s):
                 s.done = True
                 why = (
