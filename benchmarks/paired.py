@@ -24,6 +24,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from standard import mean_se
+
 
 def _arm(spec: str) -> dict[tuple[str, int], dict[str, Any]]:
     """``FILE:ARM`` → {(benchmark, seed): run}."""
@@ -32,12 +36,6 @@ def _arm(spec: str) -> dict[tuple[str, int], dict[str, Any]]:
         raise SystemExit(f"--new/--old/--base take FILE:ARM; got {spec!r}")
     runs = json.loads(Path(path).read_text())["runs"]
     return {(r["benchmark"], r["seed"]): r for r in runs if r["arm"] == arm}
-
-
-def _mean_se(values: list[float]) -> tuple[float, float]:
-    mean = statistics.fmean(values)
-    se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan")
-    return mean, se
 
 
 def table(new: dict, old: dict, base: dict | None = None) -> str:
@@ -54,7 +52,7 @@ def table(new: dict, old: dict, base: dict | None = None) -> str:
     ]
     for bench, rows in sorted(by_bench.items()):
         gaps = [100 * (n["test_acc"] - o["test_acc"]) for _, n, o in rows]
-        mean, se = _mean_se(gaps)
+        mean, se = mean_se(gaps)
         worse = len(gaps) > 1 and mean < -se
         epochs_new = statistics.fmean(n["epochs"] for _, n, _ in rows)
         epochs_old = statistics.fmean(o["epochs"] for _, _, o in rows)

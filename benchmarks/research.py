@@ -67,6 +67,7 @@ import torch  # noqa: E402
 from accuracy import Bench, benches  # noqa: E402
 from common.cli import add_report_options, quiet_lightning  # noqa: E402
 from machine import render_report, run_meta, save_report  # noqa: E402
+from standard import plus_minus  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
@@ -550,7 +551,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def _gap(stats: dict[str, Any], key: str) -> str:
     if key not in stats:
         return "–"
-    text = _pm(stats[key][:2], sign=True)
+    text = plus_minus(stats[key][:2], sign=True)
     extra = stats[key][3] if len(stats[key]) > 3 else 0
     return text + (f" ({extra} extrapolated)" if extra else "")
 
@@ -565,14 +566,6 @@ def _order(name: str) -> tuple[int, int, str]:
     if name.startswith("patient@"):
         return (4, int(name.split("@")[1]), name)
     return (1, 0, name)
-
-
-def _pm(t: Any, scale: float = 100.0, digits: int = 2, sign: bool = False) -> str:
-    if t is None or t[0] is None or (isinstance(t[0], float) and math.isnan(t[0])):
-        return "–"
-    mean, se = t[0] * scale, t[1] * scale
-    text = f"{mean:+.{digits}f}" if sign else f"{mean:.{digits}f}"
-    return text + ("" if math.isnan(se) else f" ± {se:.{digits}f}")
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -623,12 +616,12 @@ def markdown(results: dict[str, Any]) -> str:
             s = arms[name]
 
             lines.append(
-                f"| {name} | {s['width']} | {_pm(s['params'], 1, 0)} | {_pm(s['test_acc'])} | "
-                f"{_pm(s['vs_base'], sign=True) if name != 'base' else '–'} | {_gap(s, 'vs_width_frontier')} | "
+                f"| {name} | {s['width']} | {plus_minus(s['params'], 1, 0)} | {plus_minus(s['test_acc'])} | "
+                f"{plus_minus(s['vs_base'], sign=True) if name != 'base' else '–'} | {_gap(s, 'vs_width_frontier')} | "
                 f"{_gap(s, 'vs_restart_frontier')} | "
                 + (f"{_gap(s, 'vs_patient_frontier')} | " if patient else "")
-                + f"{_gap(s, 'vs_inert')} | {_pm(s['dendrites_per_layer'], 1, 1)} | "
-                f"{_pm(s['epochs'], 1, 0)} | {_pm(s['wall_s'], 1, 1)} | {len(s['seeds'])} |"
+                + f"{_gap(s, 'vs_inert')} | {plus_minus(s['dendrites_per_layer'], 1, 1)} | "
+                f"{plus_minus(s['epochs'], 1, 0)} | {plus_minus(s['wall_s'], 1, 1)} | {len(s['seeds'])} |"
             )
     return "\n".join(lines)
 

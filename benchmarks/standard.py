@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -67,6 +68,15 @@ def mean_se(values: list[float]) -> tuple[float, float]:
         return math.nan, math.nan
     se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
     return statistics.fmean(values), se
+
+
+def plus_minus(t: Any, scale: float = 100.0, digits: int = 2, sign: bool = False) -> str:
+    """``mean ± se`` of a (mean, se, ...) tuple for the reports, scaled (fractions → points); ``–`` if missing."""
+    if t is None or t[0] is None or (isinstance(t[0], float) and math.isnan(t[0])):
+        return "–"
+    mean, se = t[0] * scale, t[1] * scale
+    text = f"{mean:+.{digits}f}" if sign else f"{mean:.{digits}f}"
+    return text + ("" if math.isnan(se) else f" ± {se:.{digits}f}")
 
 
 def verdict(gaps: list[float]) -> str:

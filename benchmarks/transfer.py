@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -64,7 +63,7 @@ import torch  # noqa: E402
 from common.cli import add_report_options, quiet_lightning  # noqa: E402
 from machine import render_report, run_meta, save_report  # noqa: E402
 from research import VARIANTS, batches, dendrite_config, evaluate, loss_fn  # noqa: E402
-from standard import WIN_SE, mean_se, verdict  # noqa: E402
+from standard import WIN_SE, mean_se, plus_minus, verdict  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from pb_lightning import PerforatedTracker, PhaseSchedule, parameter_counts, perforated_layers  # noqa: E402
@@ -579,14 +578,6 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _pm(t: Any, scale: float = 100.0, digits: int = 2, sign: bool = False) -> str:
-    if t is None or t[0] is None or (isinstance(t[0], float) and math.isnan(t[0])):
-        return "–"
-    mean, se = t[0] * scale, t[1] * scale
-    text = f"{mean:+.{digits}f}" if sign else f"{mean:.{digits}f}"
-    return text + ("" if math.isnan(se) else f" ± {se:.{digits}f}")
-
-
 def markdown(results: dict[str, Any]) -> str:
     """The Markdown report, generated from the JSON alone."""
     meta = results["meta"]
@@ -607,23 +598,29 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     for key, group in results["summary"].items():
         arms = group["arms"]
-        lines += ["", f"## {key}", "", f"The trained source networks' test score: {_pm(group['source_test'])}.", ""]
+        lines += [
+            "",
+            f"## {key}",
+            "",
+            f"The trained source networks' test score: {plus_minus(group['source_test'])}.",
+            "",
+        ]
         lines += [
             "| arm | params | test | vs finetune | vs envelope | verdict | vs inert | D/layer | epochs | s/fit |",
             "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|",
         ]
         for name, s in arms.items():
-            gap = _pm(s.get("vs_envelope"), sign=True) if "vs_envelope" in s else "–"
+            gap = plus_minus(s.get("vs_envelope"), sign=True) if "vs_envelope" in s else "–"
             if s.get("envelope_families"):
                 gap += f" ({', '.join(s['envelope_families'])}" + (
                     f"; {s['beyond']} beyond its range)" if s["beyond"] else ")"
                 )
-            vs_finetune = _pm(s["vs_finetune"], sign=True) if name != "finetune" else "–"
-            vs_inert = _pm(s["vs_inert"], sign=True) if "vs_inert" in s else "–"
+            vs_finetune = plus_minus(s["vs_finetune"], sign=True) if name != "finetune" else "–"
+            vs_inert = plus_minus(s["vs_inert"], sign=True) if "vs_inert" in s else "–"
             lines.append(
-                f"| {name} | {_pm(s['params'], 1, 0)} | {_pm(s['test_acc'])} | {vs_finetune} | {gap} | "
-                f"{s.get('verdict', '–')} | {vs_inert} | {_pm(s['dendrites_per_layer'], 1, 1)} | "
-                f"{_pm(s['epochs'], 1, 0)} | {_pm(s['wall_s'], 1, 1)} |"
+                f"| {name} | {plus_minus(s['params'], 1, 0)} | {plus_minus(s['test_acc'])} | {vs_finetune} | {gap} | "
+                f"{s.get('verdict', '–')} | {vs_inert} | {plus_minus(s['dendrites_per_layer'], 1, 1)} | "
+                f"{plus_minus(s['epochs'], 1, 0)} | {plus_minus(s['wall_s'], 1, 1)} |"
             )
     return "\n".join(lines)
 
