@@ -119,7 +119,12 @@ class PhaseClock(pl.Callback):
 
 
 def run_pair(
-    bench_name: str, seed: int, quick: bool, patience_steps: int | None = None, run_budget: float | None = None
+    bench_name: str,
+    seed: int,
+    quick: bool,
+    patience_steps: int | None = None,
+    run_budget: float | None = None,
+    run_budget_unit: str | None = None,
 ) -> dict[str, Any]:
     """The baseline and the dendritic run of one benchmark and seed, with the dendritic run's clock.
 
@@ -134,6 +139,8 @@ def run_pair(
         overrides |= {"dendrite_patience_steps": patience_steps, "dendrite_epochs": None}
     if run_budget is not None:
         overrides["run_budget"] = run_budget
+    if run_budget_unit is not None:
+        overrides["run_budget_unit"] = run_budget_unit
     pb = train_one(bench, "pb", bench.width, seed, quick, extra_callbacks=[clock], schedule_overrides=overrides)
     phases = clock.report()
     clocked = sum(phases["seconds"].values())
@@ -263,6 +270,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="the pb runs' PerforatedCallback(run_budget=...) instead of the default",
     )
+    parser.add_argument(
+        "--run-budget-unit",
+        choices=("time", "validations"),
+        default=None,
+        help="the pb runs' PerforatedCallback(run_budget_unit=...) instead of the default (time)",
+    )
     add_report_options(parser, default=Path("benchmarks/results/cycle_cost"))
     args = parser.parse_args(argv)
     if args.render:
@@ -291,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     for seed in range(seeds):
         for name in selected:
-            row = run_pair(name, seed, args.quick, args.dendrite_patience_steps, args.run_budget)
+            row = run_pair(name, seed, args.quick, args.dendrite_patience_steps, args.run_budget, args.run_budget_unit)
             rows.append(row)
             print(
                 f"  {name:<24} seed {seed}: wall x{row['wall_ratio']:.2f} epochs x{row['epoch_ratio']:.2f} "

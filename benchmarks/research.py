@@ -156,19 +156,28 @@ VARIANTS: dict[str, Variant] = {
     },
     **{
         f"plateau-steps{n}-budget{b:g}": Variant(
-            schedule={"dendrite_patience_steps": n, "run_budget": b},
+            schedule={"dendrite_patience_steps": n, "run_budget": b, "run_budget_unit": "validations"},
             note=f"plateau over {n} steps, and the whole run at most {b:g}x the first neuron phase's validations",
         )
         for n in (20, 50, 100)
         for b in (2.5, 3.0)
     },
+    # The budget in wall-clock seconds (run_budget_unit="time", the default since it was added).
+    **{
+        f"plateau-steps{n}-time{b:g}": Variant(
+            schedule={"dendrite_patience_steps": n, "run_budget": b, "run_budget_unit": "time"},
+            note=f"plateau over {n} steps, and the whole run at most {b:g}x the first neuron phase's wall time",
+        )
+        for n in (20, 100)
+        for b in (2.5, 3.0)
+    },
     "plateau-steps100-budget2.5-tries3": Variant(
-        schedule={"dendrite_patience_steps": 100, "run_budget": 2.5, "max_tries": 3},
+        schedule={"dendrite_patience_steps": 100, "run_budget": 2.5, "max_tries": 3, "run_budget_unit": "validations"},
         note="plateau-steps100-budget2.5 with max_tries=3: a run the budget has room for tries once more",
     ),
     **{
         f"plateau-val-budget{b:g}": Variant(
-            schedule={"dendrite_patience_steps": None, "run_budget": b},
+            schedule={"dendrite_patience_steps": None, "run_budget": b, "run_budget_unit": "validations"},
             note=f"dendrite phases judged at validations only (plateau rule over dendrite_patience); budget {b:g}x",
         )
         for b in (2.0, 2.5)

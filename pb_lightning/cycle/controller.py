@@ -68,14 +68,16 @@ class CycleController:
         *,
         restructurer: Restructurer | None = None,
         global_step: int | None = None,
+        seconds: float | None = None,
     ) -> tuple[Decision, bool]:
         """Feed one validation score and carry out the decision.
 
         ``restructurer`` makes the structural changes (default: :class:`EngineRestructurer` of
-        ``model``); ``global_step`` goes into the history row. Returns the decision and whether the
-        set of trainable parameters changed (rebuild the optimizer).
+        ``model``); ``global_step`` goes into the history row; ``seconds`` is the time since the
+        previous validation (:meth:`PhaseMachine.step`). Returns the decision and whether the set
+        of trainable parameters changed (rebuild the optimizer).
         """
-        decision = self.machine.step(score, candidate_score, global_step=global_step)
+        decision = self.machine.step(score, candidate_score, global_step=global_step, seconds=seconds)
         return decision, self.apply(model, decision, restructurer=restructurer)
 
     def training_step(

@@ -23,6 +23,7 @@ how optimizers are built, what is logged.
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -117,6 +118,8 @@ class CycleDriver:
         observers: diagnostics that watch the cycle (:class:`~pb_lightning.cycle.observers.CycleObserver`).
         restructurer: makes, from the model, what carries out the structural changes: the
             PerforatedModule itself under Lightning; by default :class:`EngineRestructurer`.
+        clock: the wall clock a ``run_budget_unit="time"`` budget is measured with: the seconds
+            from :meth:`start` (or the previous validation) to each validation go to the machine.
 
     Example::
 
@@ -137,6 +140,7 @@ class CycleDriver:
         optimizer_state: OptimizerStateMode = "reset",
         observers: Sequence[CycleObserver] = (),
         restructurer: Callable[[nn.Module], Restructurer] = EngineRestructurer,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.optimizer_state = check_optimizer_state(optimizer_state)
         self.machine = PhaseMachine(mode, schedule)
@@ -146,6 +150,8 @@ class CycleDriver:
         self.observers = list(observers)
         self._restructurer = restructurer
         self._closed = False
+        self._clock = clock
+        self._since: float | None = None  # the clock when the time to the next validation began
 
     @property
     def complete(self) -> bool:
@@ -159,6 +165,7 @@ class CycleDriver:
         self.history.start(model)
         for observer in self.observers:
             observer.on_start(model)
+        self._since = self._clock()
 
     # ------------------------------------------------------------------ scores in, outcomes out
     def validation(
@@ -172,20 +179,30 @@ class CycleDriver:
     ) -> Outcome:
         """Decide on one validation ``score`` and carry the decision out on ``model``.
 
-        ``share`` makes every rank take rank 0's inputs (score and candidate score) so that all
-        take the same decision; ``epoch`` and ``global_step`` go into the history row.
+        ``share`` makes every rank take rank 0's inputs (score, candidate score and the seconds
+        since the previous validation) so that all take the same decision; ``epoch`` and
+        ``global_step`` go into the history row.
         """
         candidates = candidate_scores_by_layer(model)
-        score, candidate = share((score, mean_candidate_score(model)))
+        score, candidate, seconds = share((score, mean_candidate_score(model), self._seconds()))
         when = f"epoch {epoch}" if epoch is not None else f"validation {self.machine.state.validations + 1}"
         for observer in self.observers:
             observer.on_validation(model, score, when)
         structure = _Observed(self._restructurer(model), model, self.observers)
         structure.candidates = candidates  # already read: an acceptance need not read them again
         decision, restructured = self.controller.step(
-            model, score, candidate, restructurer=structure, global_step=global_step
+            model, score, candidate, restructurer=structure, global_step=global_step, seconds=seconds
         )
         return self._carried_out(model, decision, restructured, score, candidates, epoch)
+
+    def _seconds(self) -> float | None:
+        """The wall-clock seconds since :meth:`start` or the previous validation, for a budget of
+        time (None for one of validations, or before :meth:`start`)."""
+        if self.machine.schedule.run_budget_unit != "time" or self._since is None:
+            return None
+        now = self._clock()
+        seconds, self._since = max(0.0, now - self._since), now
+        return seconds
 
     def training_step(
         self,

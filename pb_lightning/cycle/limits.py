@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 
 from pb_lightning.cycle.phase_state import PhaseState
 from pb_lightning.cycle.schedule import PhaseSchedule
+from pb_lightning.errors import invalid
 
 #: The machine's logger: the warning below is part of its decisions.
 log = logging.getLogger("pb_lightning.cycle.machine")
@@ -50,12 +52,58 @@ def plateau_reason(fraction: float, size: int, unit: str, setting: str) -> str:
 
 def budget_left(schedule: PhaseSchedule, state: PhaseState) -> float:
     """Validations ``run_budget`` leaves: infinite without a budget, before the first neuron
-    phase has ended (its length is the unit), or with fixed ``neuron_epochs`` (the user set the
-    run's length)."""
+    phase has ended (its cost is the unit), or with fixed ``neuron_epochs`` (the user set the
+    run's length).
+
+    A budget of time counts seconds and converts what is left into validations at the cost of
+    the latest ones (:data:`RECENT_VALIDATIONS`): a fraction, which is <= 0 once the seconds are
+    spent. A budget of validations counts whole validations.
+    """
     budget = schedule.run_budget
     if budget is None or state.baseline_validations is None or schedule.neuron_epochs is not None:
         return math.inf
-    return math.ceil(budget * state.baseline_validations) - state.validations
+    if state.baseline_seconds is None:
+        return math.ceil(budget * state.baseline_validations) - state.validations
+    left = budget * state.baseline_seconds - state.seconds
+    per_validation = sum(state.recent_seconds) / len(state.recent_seconds) if state.recent_seconds else 0.0
+    if per_validation <= 0.0:  # validations that cost nothing measurable: only spent seconds end the run
+        return math.inf if left > 0 else left
+    return left / per_validation
+
+
+#: How many of the latest validations' seconds estimate what the next ones cost.
+RECENT_VALIDATIONS = 5
+
+
+def count_seconds(schedule: PhaseSchedule, state: PhaseState, seconds: float | None) -> None:
+    """Add one validation's reported wall-clock ``seconds`` (None: not reported) to ``state``.
+
+    A run whose budget counts time (``run_budget_unit="time"``) measures it against the first
+    neuron phase's seconds, so those must all be reported; once that phase was timed, a later
+    validation without seconds is refused rather than counted as free.
+    """
+    if seconds is None:
+        if schedule.run_budget_unit == "time" and state.baseline_seconds is not None:
+            raise invalid(
+                "seconds",
+                seconds,
+                "the validation's wall-clock seconds: this run's budget counts the time of every validation "
+                "(PhaseSchedule.run_budget_unit='time'; use 'validations' to count validations instead)",
+            )
+        return
+    if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real) or not 0 <= seconds < math.inf:
+        raise invalid("seconds", seconds, "None or a finite number of seconds >= 0 (the validation's wall time)")
+    state.seconds += float(seconds)
+    state.timed_validations += 1
+    state.recent_seconds = [*state.recent_seconds, float(seconds)][-RECENT_VALIDATIONS:]
+
+
+def baseline_seconds(schedule: PhaseSchedule, state: PhaseState) -> float | None:
+    """The first neuron phase's seconds, the unit of a budget of time; None when the budget
+    counts validations, or when that phase's validations did not all report seconds."""
+    if schedule.run_budget_unit != "time" or state.timed_validations != state.validations:
+        return None
+    return state.seconds
 
 
 def shortest_cycle(schedule: PhaseSchedule) -> int:
@@ -82,6 +130,11 @@ def budget_note(schedule: PhaseSchedule, state: PhaseState) -> str:
     budget, baseline = schedule.run_budget, state.baseline_validations
     assert budget is not None
     assert baseline is not None
+    if state.baseline_seconds is not None:
+        return (
+            f"run_budget={budget:g} allows {budget * state.baseline_seconds:.1f} s "
+            f"({budget:g}x the first neuron phase's {state.baseline_seconds:.1f} s); {state.seconds:.1f} s used"
+        )
     return (
         f"run_budget={budget:g} allows {math.ceil(budget * baseline)} validations "
         f"({budget:g}x the first neuron phase's {baseline}); {state.validations} used"

@@ -42,8 +42,10 @@ from pb_lightning.cycle.decision import (
     Verdict,
 )
 from pb_lightning.cycle.limits import (
+    baseline_seconds,
     budget_left,
     budget_note,
+    count_seconds,
     cycle_fits,
     plateau_reason,
     plateaued,
@@ -94,7 +96,14 @@ class PhaseMachine:
         return score < best - margin if self.mode == "min" else score > best + margin
 
     # ------------------------------------------------------------------ the machine
-    def step(self, score: float, candidate_score: float | None = None, *, global_step: int | None = None) -> Decision:
+    def step(
+        self,
+        score: float,
+        candidate_score: float | None = None,
+        *,
+        global_step: int | None = None,
+        seconds: float | None = None,
+    ) -> Decision:
         """Take one validation's monitored ``score`` and return the decision.
 
         Args:
@@ -102,10 +111,15 @@ class PhaseMachine:
             candidate_score: during a dendrite phase, the candidates' correlation score (higher is
                 better; e.g. the mean of each neuron's best candidate score). Ignored otherwise.
             global_step: the training steps run so far, recorded in the history row (only there).
+            seconds: the wall-clock time since the previous validation (training and validating),
+                what a ``run_budget_unit="time"`` budget counts; the
+                :class:`~pb_lightning.cycle.driver.CycleDriver` reports it. A machine fed no
+                seconds during its first neuron phase counts its budget in validations.
         """
         if isinstance(score, bool) or not isinstance(score, numbers.Real):
             raise invalid("score", score, "a real number (the monitored validation score)")
         check_global_step(global_step)
+        count_seconds(self.schedule, self.state, seconds)
         s = self.state
         s.validations += 1
         s.epochs_in_phase += 1
@@ -253,6 +267,7 @@ class PhaseMachine:
         # The first neuron phase: its best is the baseline every later cycle must beat.
         s.global_best = s.baseline = s.phase_best
         s.baseline_validations = s.validations
+        s.baseline_seconds = baseline_seconds(self.schedule, s)
         return self._next_cycle(f"{why}; baseline best {format_scores(s.phase_best)[0]}", new_best, None)
 
     def _spend_budget(self, *, new_phase_best: bool) -> Decision:

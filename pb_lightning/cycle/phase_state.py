@@ -59,6 +59,14 @@ class PhaseState:
     step_candidate_window: list[float] = field(default_factory=list)
     #: Validations at the end of the first neuron phase: the unit of ``PhaseSchedule.run_budget``.
     baseline_validations: int | None = None
+    #: Wall-clock seconds reported with the validations so far (``PhaseMachine.step(seconds=...)``),
+    #: how many validations reported them, the latest few (what the next ones will cost), and the
+    #: first neuron phase's seconds: the unit of a ``run_budget_unit="time"`` budget, None when
+    #: that phase's validations did not all report seconds (then the budget counts validations).
+    seconds: float = 0.0
+    timed_validations: int = 0
+    recent_seconds: list[float] = field(default_factory=list)
+    baseline_seconds: float | None = None
     done: bool = False
     accepted_cycles: int = 0
     rejected_cycles: int = 0

@@ -9,6 +9,9 @@ from typing import Literal
 from pb_lightning.errors import check_int, invalid
 
 Mode = Literal["min", "max"]
+#: What ``PhaseSchedule.run_budget`` counts (see there).
+BudgetUnit = Literal["time", "validations"]
+BUDGET_UNITS: tuple[BudgetUnit, ...] = ("time", "validations")
 
 #: Dendrite sets the capacity test adds (docs/ALGORITHM.md §5).
 CAPACITY_TEST_DENDRITES = 3
@@ -56,17 +59,26 @@ class PhaseSchedule:
             can afford longer phases do better with ``None`` (Friedman #1: -0.6 points against
             the old rule instead of -2.7, at budget 2.5, for about 25% more wall time) or with
             100 steps (-0.4, but 3.3x the baseline's wall time on MNIST-1D at budget 2.5).
-        run_budget: if set, the whole run may last at most this many times the first neuron
-            phase's validations (the plain network's own training, which a dendritic run is
-            compared with). A cycle that could not fit in what is left is not started, and a cycle
-            still running when the budget is spent is judged there, as if training had ended (its
-            neuron phase kept only if it beat the global best). Why a budget: each cycle costs a
-            dendrite phase and a whole neuron phase, and without one a run's cost has no bound
-            relative to the network's own training (7-11× on the benchmarks before 0.3). It counts
-            validations, so a resumed run stops at the same point; an epoch with dendrites costs
-            more than a plain one, so the wall-time ratio is somewhat higher than the budget
-            (``benchmarks/cycle_cost.py`` measures it). ``None``: no bound. Not applied with
-            ``neuron_epochs``: fixed neuron phases already set the run's length.
+        run_budget: if set, the whole run may cost at most this many times its first neuron
+            phase (the plain network's own training, which a dendritic run is compared with),
+            measured in ``run_budget_unit``. A cycle that could not fit in what is left is not
+            started, and a cycle still running when the budget is spent is judged there, as if
+            training had ended (its neuron phase kept only if it beat the global best). Why a
+            budget: each cycle costs a dendrite phase and a whole neuron phase, and without one a
+            run's cost has no bound relative to the network's own training (7-11× on the
+            benchmarks before 0.3). ``None``: no bound. Not applied with ``neuron_epochs``: fixed
+            neuron phases already set the run's length.
+        run_budget_unit: what ``run_budget`` counts. ``"time"`` (default): wall-clock seconds, as
+            the :class:`~pb_lightning.cycle.driver.CycleDriver` (and so the callback and the
+            tracker) measures them from one validation to the next, every rank taking rank 0's.
+            ``"validations"``: validations, so that two runs of one seed stop at the same
+            validation (bit-reproducible runs, tests). Why time by default: an epoch with
+            dendrites costs more than a plain one — 1.2× on the small MLPs, 1.4-1.6× on the
+            MNIST-1D CNN, more with many sets on large layers — so a budget of 2.5× the
+            validations cost up to 3.5× the baseline's wall time (``benchmarks/cycle_cost.py``),
+            where one of seconds bounds what users wait for on any model and accelerator. The
+            price: where the budget ends a run, the load of the machine can move that end by an
+            epoch or two between two runs of one seed.
         max_dendrites: dendrite sets per layer after which training is complete.
         max_tries: failed cycles in a row (each retried with fresh candidates) after which training
             is complete.
@@ -96,6 +108,7 @@ class PhaseSchedule:
     max_dendrite_epochs: int = 50
     dendrite_patience_steps: int | None = 20
     run_budget: float | None = 2.5
+    run_budget_unit: BudgetUnit = "time"
     max_dendrites: int = 8
     max_tries: int = 2
     require_improvement: bool = True
@@ -135,8 +148,10 @@ class PhaseSchedule:
             raise invalid(
                 "PhaseSchedule.run_budget",
                 budget,
-                "None or a finite float >= 1 (the whole run's validations as a multiple of the first neuron phase's)",
+                "None or a finite float >= 1 (the whole run's cost as a multiple of the first neuron phase's)",
             )
+        if self.run_budget_unit not in BUDGET_UNITS:
+            raise invalid("PhaseSchedule.run_budget_unit", self.run_budget_unit, " or ".join(map(repr, BUDGET_UNITS)))
 
     @classmethod
     def capacity_test(cls, base: PhaseSchedule | None = None) -> PhaseSchedule:

@@ -17,7 +17,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 
 from pb_lightning.cycle.driver import CycleDriver, Outcome
-from pb_lightning.cycle.schedule import PhaseSchedule
+from pb_lightning.cycle.schedule import BudgetUnit, PhaseSchedule
 from pb_lightning.diagnostics.capacity import CapacityTest
 from pb_lightning.engine.convert import perforation_summary
 from pb_lightning.engine.optimizer_state import OptimizerStateMode
@@ -41,7 +41,7 @@ class PerforatedCallback(Callback):
         mode: ``"min"`` if lower is better (a loss), ``"max"`` if higher is better (an accuracy).
         neuron_patience, dendrite_patience, improvement_threshold, improvement_threshold_abs,
             candidate_plateau_fraction, warmup_epochs, neuron_epochs, dendrite_epochs, max_dendrite_epochs,
-            dendrite_patience_steps, run_budget, max_dendrites, max_tries, restarts_only: the switching rules,
+            dendrite_patience_steps, run_budget, run_budget_unit, max_dendrites, max_tries, restarts_only: the rules,
             as the :class:`~pb_lightning.cycle.schedule.PhaseSchedule` fields of those names (and defaults).
         capacity_test: the first experiment on a new model (docs/ALGORITHM.md §5): switch every epoch,
             add three dendrite sets, check the pipeline at every step, report, and stop.
@@ -73,6 +73,7 @@ class PerforatedCallback(Callback):
         max_dendrite_epochs: int = _SCHEDULE.max_dendrite_epochs,
         dendrite_patience_steps: int | None = _SCHEDULE.dendrite_patience_steps,
         run_budget: float | None = _SCHEDULE.run_budget,
+        run_budget_unit: BudgetUnit = _SCHEDULE.run_budget_unit,
         max_dendrites: int = _SCHEDULE.max_dendrites,
         max_tries: int = _SCHEDULE.max_tries,
         restarts_only: bool = _SCHEDULE.restarts_only,

@@ -174,10 +174,66 @@ def test_the_decision_is_taken_on_the_shared_inputs() -> None:
     # Under DDP every rank takes rank 0's score: the driver must decide on what `share` returns.
     driver = CycleDriver("min", pb.PhaseSchedule(neuron_epochs=1))
     model = _model()
-    outcome = driver.validation(model, 5.0, share=lambda inputs: (0.25, inputs[1]))
+    outcome = driver.validation(model, 5.0, share=lambda inputs: (0.25, *inputs[1:]))
     assert outcome.score == 0.25
     assert driver.machine.state.global_best == 0.25
     assert driver.history.rows[-1]["score"] == 0.25
+
+
+class _Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_budget_of_time_gets_the_seconds_between_validations_as_rank_0_measured_them() -> None:
+    clock = _Clock()
+    schedule = pb.PhaseSchedule(neuron_patience=1, dendrite_patience_steps=None, run_budget=2.0)
+    driver = CycleDriver("min", schedule, clock=clock)
+    model = _model()
+    driver.start(model)
+    shared: list[Any] = []
+
+    def rank_0(inputs: Any) -> Any:
+        shared.append(inputs)
+        return (*inputs[:2], 3.0 * inputs[2])  # rank 0's seconds: three times this rank's
+
+    for seconds, score in ((1.0, 1.0), (0.5, 1.0)):
+        clock.now += seconds
+        driver.validation(model, score, share=rank_0)
+    assert [inputs[2] for inputs in shared] == [1.0, 0.5]  # from start(), then from the previous validation
+    state = driver.machine.state
+    assert (state.seconds, state.baseline_seconds, state.recent_seconds) == (4.5, 4.5, [3.0, 1.5])
+    # With validations as the unit the driver reports no seconds.
+    driver = CycleDriver("min", pb.PhaseSchedule(run_budget_unit="validations"), clock=clock)
+    driver.start(model)
+    clock.now += 1.0
+    driver.validation(model, 1.0, share=lambda inputs: shared.append(inputs) or inputs)
+    assert shared[-1][2] is None
+    assert driver.machine.state.seconds == 0.0
+
+
+def test_a_resumed_driver_times_from_its_start_not_from_before_the_checkpoint() -> None:
+    clock = _Clock()
+    schedule = pb.PhaseSchedule(neuron_patience=2, run_budget=2.0)
+    driver = CycleDriver("min", schedule, clock=clock)
+    model = _model()
+    driver.start(model)
+    clock.now += 2.0
+    driver.validation(model, 1.0)
+    saved = driver.state_dict(model)
+    clock.now += 1000.0  # the process is killed; a new one starts much later
+    resumed = CycleDriver("min", schedule, clock=clock)
+    resumed.load_state_dict(saved, model)
+    resumed.start(model)
+    clock.now += 2.5
+    resumed.validation(model, 0.9)
+    assert resumed.machine.state.seconds == 4.5
+    assert resumed.machine.state.recent_seconds == [2.0, 2.5]
 
 
 def test_one_history_row_per_decision_is_the_machines_history_widened() -> None:

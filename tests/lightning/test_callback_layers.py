@@ -36,6 +36,7 @@ def test_the_callbacks_schedule_arguments_are_phase_schedules_fields_with_its_de
     custom["restarts_only"] = True
     custom["dendrite_epochs"] = None
     custom["run_budget"] = 1.75  # at least 1
+    custom["run_budget_unit"] = "validations"  # not the default
     schedule = pb.PerforatedCallback(**custom).schedule
     assert {name: getattr(schedule, name) for name in SCHEDULE_ARGUMENTS} == custom
 
