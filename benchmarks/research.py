@@ -169,7 +169,7 @@ VARIANTS: dict[str, Variant] = {
             note=f"plateau over {n} steps, and the whole run at most {b:g}x the first neuron phase's wall time",
         )
         for n in (20, 100)
-        for b in (2.5, 3.0)
+        for b in (2.5, 2.8, 3.0)
     },
     "plateau-steps100-budget2.5-tries3": Variant(
         schedule={"dendrite_patience_steps": 100, "run_budget": 2.5, "max_tries": 3, "run_budget_unit": "validations"},

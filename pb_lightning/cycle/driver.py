@@ -150,7 +150,7 @@ class CycleDriver:
         self.observers = list(observers)
         self._restructurer = restructurer
         self._closed = False
-        self._clock = clock
+        self.clock = clock
         self._since: float | None = None  # the clock when the time to the next validation began
 
     @property
@@ -165,7 +165,7 @@ class CycleDriver:
         self.history.start(model)
         for observer in self.observers:
             observer.on_start(model)
-        self._since = self._clock()
+        self._since = self.clock()
 
     # ------------------------------------------------------------------ scores in, outcomes out
     def validation(
@@ -200,7 +200,7 @@ class CycleDriver:
         time (None for one of validations, or before :meth:`start`)."""
         if self.machine.schedule.run_budget_unit != "time" or self._since is None:
             return None
-        now = self._clock()
+        now = self.clock()
         seconds, self._since = max(0.0, now - self._since), now
         return seconds
 

@@ -56,8 +56,8 @@ def budget_left(schedule: PhaseSchedule, state: PhaseState) -> float:
     run's length).
 
     A budget of time counts seconds and converts what is left into validations at the cost of
-    the latest ones (:data:`RECENT_VALIDATIONS`): a fraction, which is <= 0 once the seconds are
-    spent. A budget of validations counts whole validations.
+    the latest ones (:data:`RECENT_VALIDATIONS`), a fraction; a budget of validations counts
+    whole ones.
     """
     budget = schedule.run_budget
     if budget is None or state.baseline_validations is None or schedule.neuron_epochs is not None:
@@ -118,6 +118,15 @@ def shortest_cycle(schedule: PhaseSchedule) -> int:
     if schedule.dendrite_epochs is not None:
         return neuron + schedule.dendrite_epochs
     return neuron + (0 if schedule.dendrite_patience_steps is not None else schedule.dendrite_patience + 1)
+
+
+def budget_spent(schedule: PhaseSchedule, state: PhaseState) -> bool:
+    """Whether not even one more validation fits in the budget: the run is judged now.
+
+    For a budget of validations, none is left; for one of time, less than the latest
+    validations' cost is left, so the run ends before the budget, never a validation past it.
+    """
+    return budget_left(schedule, state) < 1
 
 
 def cycle_fits(schedule: PhaseSchedule, state: PhaseState) -> bool:

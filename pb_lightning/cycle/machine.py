@@ -43,8 +43,8 @@ from pb_lightning.cycle.decision import (
 )
 from pb_lightning.cycle.limits import (
     baseline_seconds,
-    budget_left,
     budget_note,
+    budget_spent,
     count_seconds,
     cycle_fits,
     plateau_reason,
@@ -127,14 +127,14 @@ class PhaseMachine:
         phase = s.phase
         if s.done:
             decision = Decision(STOP, "training is already complete")
-        elif s.phase == Phase.DENDRITE and budget_left(self.schedule, self.state) <= 0:
+        elif s.phase == Phase.DENDRITE and budget_spent(self.schedule, self.state):
             # No validation would be left to judge what the phase would accept: drop the candidates.
             decision = self._spend_budget(new_phase_best=False)
         elif s.phase == Phase.DENDRITE:
             decision = self._dendrite_step(candidate_score)
         else:
             decision = self._neuron_step(float(score))
-            if decision.action == CONTINUE and budget_left(self.schedule, self.state) <= 0:
+            if decision.action == CONTINUE and budget_spent(self.schedule, self.state):
                 decision = self._spend_budget(new_phase_best=decision.new_phase_best)
         # Plain strings in the history (a checkpoint loaded with weights_only=True holds no enums).
         self._remember(phase, float(score), candidate_score, decision, global_step)
