@@ -107,7 +107,7 @@ class PhaseSchedule:
     dendrite_epochs: int | None = None
     max_dendrite_epochs: int = 50
     dendrite_patience_steps: int | None = 20
-    run_budget: float | None = 2.8
+    run_budget: float | None = 2.5
     run_budget_unit: BudgetUnit = "time"
     max_dendrites: int = 8
     max_tries: int = 2
