@@ -291,6 +291,10 @@ def train_one(
         "restarts_only": callback.machine.schedule.restarts_only,
         "epochs": trainer.current_epoch,
         "wall_s": fit_seconds,
+        # What a budget of time measured (None for a budget of validations): the first neuron
+        # phase's seconds, the budget's unit, and all the seconds the run reported.
+        "budget_baseline_s": callback.machine.state.baseline_seconds,
+        "budget_spent_s": callback.machine.state.seconds,
     }
 
 
