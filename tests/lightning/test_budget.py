@@ -10,6 +10,7 @@ import pytest
 
 import pb_lightning as pb
 from pb_lightning.demos.digits import DigitsDataModule, DigitsMLP
+from pb_lightning.lightning.cli import main as cli_main
 from tests.helpers import fast_trainer
 
 PLAIN_SECONDS, DENDRITIC_SECONDS = 1.0, 4.0
@@ -59,3 +60,13 @@ def test_a_budget_of_validations_ignores_what_the_epochs_cost(tmp_path: Path) ->
     assert f"allows {math.ceil(BUDGET * s.baseline_validations)} validations" in reason or "budget" not in reason
     # Longer than the same run under a budget of time, which its 4x epochs cut short.
     assert s.validations > _run(tmp_path / "time", "time").machine.state.validations
+
+
+def test_the_cli_names_a_bad_budget_unit_and_what_is_valid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = Path(__file__).resolve().parents[2] / "configs" / "digits_capacity_test.yaml"
+    args = ["fit", "--config", str(config), "--trainer.default_root_dir", str(tmp_path)]
+    with pytest.raises(SystemExit):
+        cli_main([*args, "--trainer.callbacks.init_args.run_budget_unit", "hours"])
+    error = capsys.readouterr().err
+    assert 'Parser key "run_budget_unit"' in error
+    assert "Literal['time', 'validations']. Got value: hours" in error
