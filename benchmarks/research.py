@@ -171,6 +171,16 @@ VARIANTS: dict[str, Variant] = {
         for n in (20, 100)
         for b in (2.5, 2.8, 3.0)
     },
+    # More candidates per dendrite phase under the budget of time: the phases are a few percent
+    # of a run, so a larger pool costs little and may find a better set per cycle.
+    **{
+        f"plateau-steps{n}-time2.5-k8": Variant(
+            {"num_candidates": 8},
+            schedule={"dendrite_patience_steps": n, "run_budget": 2.5, "run_budget_unit": "time"},
+            note=f"plateau-steps{n}-time2.5 with 8 candidates per neuron (default 4)",
+        )
+        for n in (20, 100)
+    },
     "plateau-steps100-budget2.5-tries3": Variant(
         schedule={"dendrite_patience_steps": 100, "run_budget": 2.5, "max_tries": 3, "run_budget_unit": "validations"},
         note="plateau-steps100-budget2.5 with max_tries=3: a run the budget has room for tries once more",
