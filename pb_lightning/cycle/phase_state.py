@@ -57,7 +57,7 @@ class PhaseState:
     last_score: float | None = None
     #: The same window over training steps (``PhaseSchedule.dendrite_patience_steps``).
     step_candidate_window: list[float] = field(default_factory=list)
-    #: Validations at the end of the first neuron phase: the unit of ``PhaseSchedule.run_budget``.
+    #: Validations at the end of the first neuron phase: the unit of a budget of validations.
     baseline_validations: int | None = None
     #: Wall-clock seconds reported with the validations so far (``PhaseMachine.step(seconds=...)``),
     #: how many validations reported them, the latest few (what the next ones will cost), and the
