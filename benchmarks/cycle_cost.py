@@ -187,6 +187,12 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             entry[f"{variant}_epochs"] = statistics.fmean(r[variant]["epochs"] for r in runs)
             entry[f"{variant}_wall_s"] = statistics.fmean(r[variant]["wall_s"] for r in runs)
         entry["pb_dendrites"] = statistics.fmean(r["pb"]["dendrites_per_layer"] for r in runs)
+        # A budget of time: its unit (the pb run's own first neuron phase) against the base run,
+        # and what the run spent in that unit. Older results (or a budget of validations) lack them.
+        if all(r["pb"].get("budget_baseline_s") for r in runs):
+            first = [r["pb"]["budget_baseline_s"] / r["base"]["wall_s"] for r in runs]
+            entry["first_phase_vs_base"] = [min(first), max(first)]
+            entry["spent_vs_first_phase"] = max(r["pb"]["budget_spent_s"] / r["pb"]["budget_baseline_s"] for r in runs)
         entry["target_met"] = entry["wall_ratio"] <= TARGET_WALL_RATIO
         summary.append(entry)
     return summary
@@ -235,6 +241,23 @@ def markdown(report: dict[str, Any]) -> str:
             else f"Target (wall ≤ {TARGET_WALL_RATIO:g}× the baseline): met on every benchmark run here."
         ),
     ]
+    # From the runs, so that results saved before these fields were summarised render them too.
+    budgeted = [s for s in summarize(report["runs"]) if "first_phase_vs_base" in s]
+    if budgeted:
+        lines += [
+            "",
+            "The run budget's own accounting (a budget of time): the `pb` run's first neuron phase — the "
+            "budget's unit — against the separate `base` run of the same epochs (range over seeds), and "
+            "the most any run spent in that unit.",
+            "",
+            "| benchmark | pb first phase ÷ base run | spent ÷ first phase (max) |",
+            "|---|---:|---:|",
+            *(
+                f"| {s['benchmark']} | {s['first_phase_vs_base'][0]:.2f}-{s['first_phase_vs_base'][1]:.2f} "
+                f"| {s['spent_vs_first_phase']:.2f} |"
+                for s in budgeted
+            ),
+        ]
     return "\n".join(lines)
 
 
