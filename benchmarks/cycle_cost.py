@@ -203,8 +203,10 @@ def _pct(x: float) -> str:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    """The results table, rendered from results.json."""
+    """The results table, rendered from results.json's runs (summarised here, so that results
+    saved before a summary field existed render it too)."""
     meta = report["meta"]
+    summary = summarize(report["runs"])
     lines = [
         "# Cycle cost: a dendritic run against its baseline",
         "",
@@ -223,7 +225,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"| ≤ {TARGET_WALL_RATIO:g}× |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for s in report["summary"]:
+    for s in summary:
         lines.append(
             f"| {s['benchmark']} | {s['seeds']} | {s['base_test_acc']:.4f} | {s['pb_test_acc']:.4f} "
             f"| {s['pb_dendrites']:.1f} | {s['base_epochs']:.0f} | {s['pb_epochs']:.0f} "
@@ -232,7 +234,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {_pct(s['dendrite_step_share'])} | {_pct(s['dendrite_val_wall_share'])} "
             f"| {'met' if s['target_met'] else '**missed**'} |"
         )
-    missed = [s["benchmark"] for s in report["summary"] if not s["target_met"]]
+    missed = [s["benchmark"] for s in summary if not s["target_met"]]
     lines += [
         "",
         (
@@ -241,8 +243,7 @@ def markdown(report: dict[str, Any]) -> str:
             else f"Target (wall ≤ {TARGET_WALL_RATIO:g}× the baseline): met on every benchmark run here."
         ),
     ]
-    # From the runs, so that results saved before these fields were summarised render them too.
-    budgeted = [s for s in summarize(report["runs"]) if "first_phase_vs_base" in s]
+    budgeted = [s for s in summary if "first_phase_vs_base" in s]
     if budgeted:
         lines += [
             "",

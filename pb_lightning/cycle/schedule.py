@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, get_args
 
 from pb_lightning.errors import check_int, invalid
 
 Mode = Literal["min", "max"]
 #: What ``PhaseSchedule.run_budget`` counts (see there).
 BudgetUnit = Literal["time", "validations"]
-BUDGET_UNITS: tuple[BudgetUnit, ...] = ("time", "validations")
+BUDGET_UNITS: tuple[BudgetUnit, ...] = get_args(BudgetUnit)
 
 #: Dendrite sets the capacity test adds (docs/ALGORITHM.md §5).
 CAPACITY_TEST_DENDRITES = 3
