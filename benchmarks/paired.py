@@ -38,6 +38,39 @@ def _arm(spec: str) -> dict[tuple[str, int], dict[str, Any]]:
     return {(r["benchmark"], r["seed"]): r for r in runs if r["arm"] == arm}
 
 
+def at_budget(run: dict[str, Any], budget: float, threshold: float = 1e-4) -> dict[str, Any]:
+    """``run`` as it would have ended at ``budget`` times its own first neuron phase's seconds.
+
+    Why: the old default's accuracy came from runs of 3-7x the baseline's epochs, so a gap to it
+    mixes the rule with the compute. Cut at the budget the new default runs under, the old run
+    answers the question of equal cost: what would it have left a user who stopped it then?
+    Reads the ``trajectory`` a run records when its harness is patched as
+    ``results/phases_end/equal_time/old_default_trajectory.patch`` (one entry per validation:
+    seconds of training so far, without the recording's own test evaluations; phase; validation
+    score; the judged weights' test score; dendrite sets). The kept model is the first neuron-phase
+    validation that beat every earlier one by the schedule's default margin (``threshold`` of the
+    best, as ``PhaseMachine.is_improvement``): a run cut by its budget leaves its best weights.
+    """
+    trajectory = run["trajectory"]
+    limit = budget * run["first_phase_s"] if run.get("first_phase_s") is not None else float("inf")
+    sign = -1.0 if run["mode"] == "min" else 1.0
+    kept: dict[str, Any] | None = None
+    seen = [v for v in trajectory if v["t"] <= limit] or trajectory[:1]
+    for v in seen:
+        if v["phase"] != "neuron":
+            continue
+        if kept is None or sign * (v["val"] - kept["val"]) > abs(kept["val"]) * threshold:
+            kept = v
+    kept = kept or seen[-1]
+    return {
+        **run,
+        "test_acc": kept["test"],
+        "epochs": seen[-1]["epoch"],
+        "dendrites_per_layer": kept["dendrites"],
+        "wall_s": seen[-1]["t"],
+    }
+
+
 def table(new: dict, old: dict, base: dict | None = None) -> str:
     """The Markdown table of :func:`paired` rows."""
     by_bench: dict[str, list[tuple[int, dict, dict]]] = defaultdict(list)
@@ -107,15 +140,16 @@ def story(new: dict) -> str:
     return "\n".join(lines)
 
 
-def by_length(new: dict, old: dict, base: dict, limit: float = 3.0) -> str:
+def by_length(new: dict, old: dict, base: dict, limit: float = 3.0, uncut: dict | None = None) -> str:
     """The paired gap split by how long the old arm's run was: seeds whose old run lasted at most
     ``limit`` times the base arm's epochs (what a run within issue 22's 3x target could match)
-    and those that ran longer."""
+    and those that ran longer. ``uncut``: the old runs' whole lengths, where ``old`` was cut."""
+    lengths = uncut or old
     groups: dict[str, tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
     for key, run in new.items():
         if key in old and key in base:
             gap = 100 * (run["test_acc"] - old[key]["test_acc"])
-            long = old[key]["epochs"] > limit * max(1, base[key]["epochs"])
+            long = lengths[key]["epochs"] > limit * max(1, base[key]["epochs"])
             for name in (key[0], "all benchmarks"):
                 groups[name][long].append(gap)
 
@@ -136,14 +170,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new", required=True, help="FILE:ARM of the new arm")
     parser.add_argument("--old", required=True, help="FILE:ARM of the arm it is compared with")
     parser.add_argument("--base", default=None, help="FILE:ARM of the dendrite-free base arm (epochs as a multiple)")
+    parser.add_argument(
+        "--old-at-budget",
+        type=float,
+        default=None,
+        metavar="B",
+        help="cut each old run at B times its own first neuron phase's seconds (runs with a trajectory)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the table to OUT/results.md")
     args = parser.parse_args(argv)
-    new = _arm(args.new)
-    text = table(new, _arm(args.old), _arm(args.base) if args.base else None)
+    new, old = _arm(args.new), _arm(args.old)
+    uncut, intro = old, ""
+    if args.old_at_budget is not None:
+        if args.old_at_budget < 1:
+            parser.error(
+                f"--old-at-budget must be >= 1 (a multiple of the first neuron phase); got {args.old_at_budget}"
+            )
+        missing = sorted({k[0] for k, r in old.items() if "trajectory" not in r})
+        if missing:
+            parser.error(f"--old-at-budget needs runs recorded with a trajectory; none in {missing}")
+        whole = [k for k, r in old.items() if at_budget(r, float("inf"))["test_acc"] != r["test_acc"]]
+        intro = (
+            f"The old arm cut at {args.old_at_budget:g}× its own first neuron phase's seconds: the best "
+            "weights it had found by then. Uncut, the trajectory gives back every run's own test score "
+            f"on {len(old) - len(whole)} of {len(old)} runs.\n\n"
+        )
+        old = {k: at_budget(r, args.old_at_budget) for k, r in old.items()}
+    text = intro + table(new, old, _arm(args.base) if args.base else None)
     if args.base:
         text += (
             "\n\nThe gap (mean, points) split by how long the old run was, as a multiple of the base "
-            "arm's epochs on the same seed:\n\n" + by_length(new, _arm(args.old), _arm(args.base))
+            "arm's epochs on the same seed"
+            + (" (the old run's whole length)" if uncut is not old else "")
+            + ":\n\n"
+            + by_length(new, old, _arm(args.base), uncut=uncut)
         )
     if runs_story := story(new):
         text += (

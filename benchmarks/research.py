@@ -171,6 +171,16 @@ VARIANTS: dict[str, Variant] = {
         for n in (20, 100)
         for b in (2.5, 2.8, 3.0)
     },
+    # Judged at validations under the budget of time: the budget now bounds the wall time whatever
+    # the phase rule, so the longer candidate training that cost the 3x target under a budget of
+    # validations (plateau-val-budget2.5) is a question of accuracy only.
+    **{
+        f"plateau-val-time{b:g}": Variant(
+            schedule={"dendrite_patience_steps": None, "run_budget": b, "run_budget_unit": "time"},
+            note=f"dendrite phases judged at validations only (plateau rule over dendrite_patience); {b:g}x wall time",
+        )
+        for b in (2.5,)
+    },
     # More candidates per dendrite phase under the budget of time: the phases are a few percent
     # of a run, so a larger pool costs little and may find a better set per cycle.
     **{
