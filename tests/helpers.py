@@ -6,6 +6,7 @@ the output a failure shows) reaches every test that uses it.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -72,6 +73,48 @@ def run_command(
 def run_python(*args: str, **options: Any) -> subprocess.CompletedProcess[str]:
     """:func:`run_command` with this interpreter: ``run_python("script.py", "--flag")``."""
     return run_command([sys.executable, *args], **options)
+
+
+class ForkServer:
+    """Runs ``script``'s ``main(argv)`` in fresh processes forked from one that imported it once.
+
+    For the tests that start many short runs of one script (the kill/resume cases): each child
+    skips the seconds of importing torch and Lightning, and is otherwise what
+    :func:`run_python` starts — a new process in its own session, its own directory, environment
+    and output (``tests/scripts/fork_server.py`` says why that holds). A script that launches more
+    processes from ``sys.argv`` (DDP ranks) goes through :func:`run_python` instead.
+    """
+
+    def __init__(self, script: Path) -> None:
+        self.script = script
+        self._server = subprocess.Popen(
+            [sys.executable, str(_REPO / "tests" / "scripts" / "fork_server.py"), str(script)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def run(
+        self, *args: str, cwd: Path, env: Mapping[str, str], timeout: float = 600
+    ) -> subprocess.CompletedProcess[str]:
+        """One run: its exit status (negative: the signal that ended it) and its text output."""
+        out, err = cwd / ".fork_stdout", cwd / ".fork_stderr"
+        request = {"argv": list(args), "env": dict(env), "cwd": str(cwd), "stdout": str(out), "stderr": str(err)}
+        stdin, stdout = self._server.stdin, self._server.stdout
+        assert stdin is not None
+        assert stdout is not None
+        stdin.write(json.dumps({**request, "timeout": timeout}) + "\n")
+        stdin.flush()
+        reply = stdout.readline()
+        assert reply, f"the fork server for {self.script.name} exited (status {self._server.poll()})"
+        returncode = json.loads(reply)["returncode"]
+        command = [sys.executable, str(self.script), *args]
+        return subprocess.CompletedProcess(command, returncode, out.read_text(), err.read_text())
+
+    def close(self) -> None:
+        assert self._server.stdin is not None
+        self._server.stdin.close()
+        self._server.wait(timeout=60)
 
 
 def run_benchmark(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:

@@ -12,15 +12,15 @@ import os
 import shutil
 import signal
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 import torch
 
-from tests.helpers import run_python
+from tests.helpers import ForkServer, run_python
 
 _SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "kill_resume.py"
 # Process-level: every case runs the script in fresh processes (killed, then resumed).
@@ -112,26 +112,44 @@ SCENARIOS = {
 }
 
 
-def _run(out: Path, *args: str, kill_at: str | None = None) -> subprocess.CompletedProcess[str]:
-    out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("PB_KILL_AT", None)
-    if kill_at is not None:
-        env["PB_KILL_AT"] = kill_at
-    # Its own process group (new_session): a kill takes every DDP rank with it.
-    return run_python(str(_SCRIPT), str(out), *args, cwd=out, env=env, new_session=True, check=False)
+class _Runner(Protocol):
+    def __call__(self, out: Path, *args: str, kill_at: str | None = None) -> subprocess.CompletedProcess[str]: ...
+
+
+@pytest.fixture(scope="module")
+def run() -> Iterator[_Runner]:
+    """Runs the script in a fresh process, killed at ``kill_at`` if given.
+
+    Forked from one process that has imported it (``ForkServer``: the ~50 runs of this module
+    skip ~5 s of imports each), except the DDP runs: their ranks are started from ``sys.argv``.
+    Either way a child is its own process group, so a kill takes every process it started.
+    """
+    server = ForkServer(_SCRIPT)
+
+    def run(out: Path, *args: str, kill_at: str | None = None) -> subprocess.CompletedProcess[str]:
+        out.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.pop("PB_KILL_AT", None)
+        if kill_at is not None:
+            env["PB_KILL_AT"] = kill_at
+        if "--devices" in args:
+            return run_python(str(_SCRIPT), str(out), *args, cwd=out, env=env, new_session=True, check=False)
+        return server.run(str(out), *args, cwd=out, env=env)
+
+    yield run
+    server.close()
 
 
 def _result(out: Path) -> dict[str, Any]:
     return torch.load(out / "result.pt", weights_only=True)
 
 
-def _kill_and_resume(out: Path, point: str, *args: str) -> dict[str, Any]:
+def _kill_and_resume(run: _Runner, out: Path, point: str, *args: str) -> dict[str, Any]:
     """Run until SIGKILL at ``point``, resume with ``--resume``, and return the resumed run's result."""
-    killed = _run(out, *args, kill_at=point)
+    killed = run(out, *args, kill_at=point)
     assert killed.returncode == -signal.SIGKILL, f"the run was not killed at {point}: {killed.stderr[-2000:]}"
     assert not (out / "result.pt").exists()
-    resumed = _run(out, *args, "--resume")
+    resumed = run(out, *args, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     return _result(out)
 
@@ -147,7 +165,7 @@ def _assert_same_run(resumed: dict[str, Any], full: dict[str, Any]) -> None:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], dict[str, Any]]:
+def uninterrupted(run: _Runner, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], dict[str, Any]]:
     """The uninterrupted run of a scenario, by name: run once for the module, checked on every use.
 
     A factory rather than a parametrised fixture: every test asks for the scenario it compares
@@ -159,7 +177,7 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], d
         scenario = SCENARIOS[name]
         if name not in runs:
             out = tmp_path_factory.mktemp(name)
-            runs[name] = (_run(out, *scenario.args), out)
+            runs[name] = (run(out, *scenario.args), out)
         done, out = runs[name]
         assert done.returncode == 0, done.stderr[-3000:]
         result = _result(out)
@@ -186,11 +204,11 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], d
     ],
 )
 def test_killed_and_resumed_run_ends_exactly_as_the_uninterrupted_one(
-    scenario: str, point: str, uninterrupted: Callable[[str], dict[str, Any]], tmp_path: Path
+    scenario: str, point: str, uninterrupted: Callable[[str], dict[str, Any]], run: _Runner, tmp_path: Path
 ) -> None:
     full = uninterrupted(scenario)
     setup = SCENARIOS[scenario]
-    result = _kill_and_resume(tmp_path, point, *setup.args)
+    result = _kill_and_resume(run, tmp_path, point, *setup.args)
     done_epochs = setup.points[point]
     assert (result["resumed_from"] is None) == (done_epochs is None)
     assert result["batches_run"] == 6 * (setup.epochs - (done_epochs or 0))
@@ -199,12 +217,12 @@ def test_killed_and_resumed_run_ends_exactly_as_the_uninterrupted_one(
 
 @pytest.mark.xdist_group("kill_resume_default")  # compares with the default scenario's run
 def test_resuming_a_finished_run_trains_nothing_and_keeps_the_weights(
-    uninterrupted: Callable[[str], dict[str, Any]], tmp_path: Path
+    uninterrupted: Callable[[str], dict[str, Any]], run: _Runner, tmp_path: Path
 ) -> None:
     full = uninterrupted("default")
     out = tmp_path / "run"
     shutil.copytree(full["dir"], out)
-    resumed = _run(out, "--resume")
+    resumed = run(out, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     result = _result(out)
     assert result["resumed_from"] is not None
@@ -215,19 +233,19 @@ def test_resuming_a_finished_run_trains_nothing_and_keeps_the_weights(
 
 @pytest.mark.xdist_group("kill_resume_default")  # compares with the default scenario's run
 def test_a_torn_last_checkpoint_fails_with_an_error_naming_the_file(
-    uninterrupted: Callable[[str], dict[str, Any]], tmp_path: Path
+    uninterrupted: Callable[[str], dict[str, Any]], run: _Runner, tmp_path: Path
 ) -> None:
     full = uninterrupted("default")
-    killed = _run(tmp_path, kill_at="write:4")
+    killed = run(tmp_path, kill_at="write:4")
     assert killed.returncode == -signal.SIGKILL
     torn = tmp_path / "ckpt" / "last.ckpt"
     assert torn.stat().st_size > 0
-    resumed = _run(tmp_path, "--resume")
+    resumed = run(tmp_path, "--resume")
     assert resumed.returncode != 0
     assert not (tmp_path / "result.pt").exists()  # never trained on, never finished from garbage
     assert f"the checkpoint {torn} cannot be read" in resumed.stderr
     # The epoch's own checkpoint, written just before last.ckpt, is intact: resuming from it
     # explicitly (what the error suggests) ends as the uninterrupted run.
     (epoch_file,) = (tmp_path / "ckpt").glob("epoch=4-*.ckpt")
-    assert "cannot be read" not in _run(tmp_path, "--resume", "--ckpt", str(epoch_file)).stderr
+    assert "cannot be read" not in run(tmp_path, "--resume", "--ckpt", str(epoch_file)).stderr
     _assert_same_run(_result(tmp_path), full)

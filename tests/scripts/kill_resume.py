@@ -139,7 +139,7 @@ class FaultInjection(pl.Callback):
             _die()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
     parser.add_argument("--resume", action="store_true")
@@ -152,7 +152,7 @@ def main() -> None:
     parser.add_argument(
         "--steps", action="store_true", help="end dendrite phases in training steps (dendrite_patience_steps=2)"
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     pl.seed_everything(SEED, verbose=False)
