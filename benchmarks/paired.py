@@ -47,15 +47,27 @@ def at_budget(run: dict[str, Any], budget: float, threshold: float = 1e-4) -> di
     Reads the ``trajectory`` a run records when its harness is patched as
     ``results/phases_end/equal_time/old_default_trajectory.patch`` (one entry per validation:
     seconds of training so far, without the recording's own test evaluations; phase; validation
-    score; the judged weights' test score; dendrite sets). The kept model is the first neuron-phase
-    validation that beat every earlier one by the schedule's default margin (``threshold`` of the
-    best, as ``PhaseMachine.is_improvement``): a run cut by its budget leaves its best weights.
+    score; the judged weights' test score; dendrite sets).
     """
-    trajectory = run["trajectory"]
     limit = budget * run["first_phase_s"] if run.get("first_phase_s") is not None else float("inf")
+    return _cut(run, [v for v in run["trajectory"] if v["t"] <= limit], threshold)
+
+
+def at_epochs(run: dict[str, Any], epochs: int, threshold: float = 1e-4) -> dict[str, Any]:
+    """``run`` cut after ``epochs`` epochs: the same question as :func:`at_budget` without the
+    clock's noise (a run's seconds depend on what else the machine ran), at the price of counting a
+    dendrite-phase epoch, which costs more, as one."""
+    return _cut(run, [v for v in run["trajectory"] if v["epoch"] <= epochs], threshold)
+
+
+def _cut(run: dict[str, Any], seen: list[dict[str, Any]], threshold: float) -> dict[str, Any]:
+    """The run ended after the validations ``seen``: it leaves its best weights by then, those of
+    the first neuron-phase validation that beat every earlier one by the schedule's default margin
+    (``threshold`` of the best, as ``PhaseMachine.is_improvement``; frozen dendrite-phase scores
+    never count)."""
+    seen = seen or run["trajectory"][:1]
     sign = -1.0 if run["mode"] == "min" else 1.0
     kept: dict[str, Any] | None = None
-    seen = [v for v in trajectory if v["t"] <= limit] or trajectory[:1]
     for v in seen:
         if v["phase"] != "neuron":
             continue
@@ -177,25 +189,36 @@ def main(argv: list[str] | None = None) -> int:
         metavar="B",
         help="cut each old run at B times its own first neuron phase's seconds (runs with a trajectory)",
     )
+    parser.add_argument(
+        "--old-at-new-epochs",
+        action="store_true",
+        help="cut each old run after the new run's epochs on the same seed (runs with a trajectory)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the table to OUT/results.md")
     args = parser.parse_args(argv)
     new, old = _arm(args.new), _arm(args.old)
     uncut, intro = old, ""
-    if args.old_at_budget is not None:
-        if args.old_at_budget < 1:
+    if args.old_at_budget is not None or args.old_at_new_epochs:
+        if args.old_at_budget is not None and args.old_at_new_epochs:
+            parser.error("--old-at-budget and --old-at-new-epochs are two cuts: give one")
+        if args.old_at_budget is not None and args.old_at_budget < 1:
             parser.error(
                 f"--old-at-budget must be >= 1 (a multiple of the first neuron phase); got {args.old_at_budget}"
             )
         missing = sorted({k[0] for k, r in old.items() if "trajectory" not in r})
         if missing:
-            parser.error(f"--old-at-budget needs runs recorded with a trajectory; none in {missing}")
+            parser.error(f"cutting the old runs needs runs recorded with a trajectory; none in {missing}")
         whole = [k for k, r in old.items() if at_budget(r, float("inf"))["test_acc"] != r["test_acc"]]
+        if args.old_at_new_epochs:
+            how = "after the new run's epochs on the same seed"
+            old = {k: at_epochs(r, new[k]["epochs"]) for k, r in old.items() if k in new}
+        else:
+            how = f"at {args.old_at_budget:g}× its own first neuron phase's seconds"
+            old = {k: at_budget(r, args.old_at_budget) for k, r in old.items()}
         intro = (
-            f"The old arm cut at {args.old_at_budget:g}× its own first neuron phase's seconds: the best "
-            "weights it had found by then. Uncut, the trajectory gives back every run's own test score "
-            f"on {len(old) - len(whole)} of {len(old)} runs.\n\n"
+            f"The old arm cut {how}: the best weights it had found by then. Uncut, the trajectory gives "
+            f"back every run's own test score on {len(uncut) - len(whole)} of {len(uncut)} runs.\n\n"
         )
-        old = {k: at_budget(r, args.old_at_budget) for k, r in old.items()}
     text = intro + table(new, old, _arm(args.base) if args.base else None)
     if args.base:
         text += (

@@ -68,6 +68,16 @@ def test_a_run_cut_at_a_budget_keeps_its_best_neuron_phase_weights_by_then(mode:
     assert (run["epochs"], run["test_acc"]) == (7, 0.77)  # the run itself is not changed
 
 
+def test_a_run_cut_after_a_number_of_epochs_ignores_the_clock() -> None:
+    run = _trajectory_run()
+    for v in run["trajectory"]:
+        v["t"] = 100.0 * v["epoch"]  # a slow machine: no budget of seconds would reach epoch 6
+    cut = paired.at_epochs(run, 5)
+    assert (cut["test_acc"], cut["epochs"]) == (0.66, 5)
+    assert paired.at_epochs(run, 6)["test_acc"] == 0.77
+    assert paired.at_budget(run, 2.5)["test_acc"] == 0.40  # only validation 0 fits 5 s of this clock
+
+
 def test_a_run_whose_first_phase_never_ended_is_not_cut() -> None:
     run = _trajectory_run(first_phase_s=None)
     assert paired.at_budget(run, 1.0)["test_acc"] == 0.77
@@ -88,6 +98,16 @@ def test_the_cut_is_printed_against_the_new_arm(tmp_path: Path, capsys: pytest.C
     text = capsys.readouterr().out
     assert "on 1 of 1 runs" in text
     assert "| b | 1 | 70.00 | 66.00 | +4.00 ± nan | no | 4 / 5 | 1.0 / 0.0 |" in text
+
+
+def test_the_old_runs_can_be_cut_at_the_new_runs_epochs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    new = _write(tmp_path, "new", [_run(0.70, 6)])
+    old = _write(tmp_path, "old", [_trajectory_run()])
+    assert paired.main(["--new", new, "--old", old, "--old-at-new-epochs"]) == 0
+    assert "| b | 1 | 70.00 | 77.00 | -7.00 ± nan | no | 6 / 6 | 1.0 / 1.0 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        paired.main(["--new", new, "--old", old, "--old-at-new-epochs", "--old-at-budget", "2"])
+    assert "give one" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
