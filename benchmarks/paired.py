@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="also write the table to OUT/results.md")
     args = parser.parse_args(argv)
     new, old = _arm(args.new), _arm(args.old)
-    uncut, intro = old, ""
+    uncut, intro, how = old, "", ""
     if args.old_at_budget is not None or args.old_at_new_epochs:
         if args.old_at_budget is not None and args.old_at_new_epochs:
             parser.error("--old-at-budget and --old-at-new-epochs are two cuts: give one")
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "results.md").write_text(
-            f"# `{new_arm}` against `{old_arm}`, paired by seed\n\n`{command}`\n\n"
+            f"# `{new_arm}` against `{old_arm}`{' cut ' + how if how else ''}, paired by seed\n\n`{command}`\n\n"
             "Test accuracy (R² for Friedman) × 100, mean over the seeds both arms ran; gap: mean ± "
             "standard error of the per-seed differences.\n\n" + text + "\n"
         )

@@ -181,6 +181,17 @@ VARIANTS: dict[str, Variant] = {
         )
         for b in (2.5,)
     },
+    # ... and with a smaller plateau fraction, so phases run longer: close to the old rule's long
+    # phases, which Friedman #1 wins by at equal cost (results/phases_end/equal_time).
+    "plateau-val-frac0.03-time2.5": Variant(
+        schedule={
+            "dendrite_patience_steps": None,
+            "candidate_plateau_fraction": 0.03,
+            "run_budget": 2.5,
+            "run_budget_unit": "time",
+        },
+        note="plateau-val-time2.5 with candidate_plateau_fraction=0.03 (default 0.1): longer dendrite phases",
+    ),
     # More candidates per dendrite phase under the budget of time: the phases are a few percent
     # of a run, so a larger pool costs little and may find a better set per cycle.
     **{
