@@ -16,6 +16,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -89,3 +90,67 @@ def render_report(out: Path, markdown: Callable[[dict[str, Any]], str]) -> str:
     rendered = markdown(json.loads((out / "results.json").read_text()))
     (out / "results.md").write_text(rendered + "\n")
     return rendered
+
+
+Summarize = Callable[[list[dict[str, Any]]], Any]
+
+
+def resume_report(
+    out: Path, argv: Sequence[str] | None, *, fresh: bool
+) -> tuple[dict[str, Any], list[dict[str, Any]], set[tuple[str, str, int]], dict[str, Any]]:
+    """The report a run of a fit-by-fit benchmark adds to: ``(meta, rows, done, previous meta)``.
+
+    A re-run with the same ``--out`` keeps the fits already saved (``done``: their benchmark, arm
+    and seed) and adds its command to the ``commands`` that made the report, so the report says
+    every command behind its numbers. ``fresh`` (a smoke test) starts an empty report.
+    """
+    previous: dict[str, Any] = {}
+    if (out / "results.json").is_file() and not fresh:
+        previous = json.loads((out / "results.json").read_text())
+    rows: list[dict[str, Any]] = list(previous.get("runs", []))
+    done = {(r["benchmark"], r["arm"], r["seed"]) for r in rows}
+    meta = run_meta(argv)
+    meta["quick"] = fresh
+    commands = previous.get("meta", {}).get("commands", [])
+    meta["commands"] = [*commands, meta["command"]] if meta["command"] not in commands else commands
+    return meta, rows, done, previous.get("meta", {})
+
+
+def save_fit(
+    out: Path,
+    report: tuple[dict[str, Any], list[dict[str, Any]]],
+    row: dict[str, Any],
+    label: tuple[str, str, int],
+    summarize: Summarize,
+    markdown: Callable[[dict[str, Any]], str],
+    widths: tuple[int, int] = (22, 16),
+) -> None:
+    """Add one fit's ``row`` to the report ``(meta, rows)``, print its line and save the report.
+
+    Saved after every fit, so a long run that is stopped keeps every fit it finished, and a
+    re-run with the same ``--out`` adds only the missing ones. ``label`` is (benchmark, arm, seed).
+    """
+    meta, rows = report
+    row["commit"] = meta["commit"]
+    rows.append(row)
+    name, arm, seed = label
+    print(
+        f"{name:<{widths[0]}} {arm:<{widths[1]}} seed {seed}: test {row['test_acc']:.4f} params {row['params']:>6} "
+        f"D {row['dendrites_per_layer']} epochs {row['epochs']:>4} {row['wall_s']:6.1f} s",
+        flush=True,
+    )
+    save_report(out, {"meta": meta, "runs": rows, "summary": summarize(rows)}, markdown)
+
+
+def finish_report(
+    out: Path,
+    report: tuple[dict[str, Any], list[dict[str, Any]]],
+    summarize: Summarize,
+    markdown: Callable[[dict[str, Any]], str],
+    start: float,
+) -> int:
+    """Save the whole report, print its Markdown and the run's time; the script's exit status."""
+    meta, rows = report
+    print(save_report(out, {"meta": meta, "runs": rows, "summary": summarize(rows)}, markdown))
+    print(f"done in {time.perf_counter() - start:.1f} s")
+    return 0

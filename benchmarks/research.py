@@ -48,7 +48,6 @@ re-run skips the fits already there, so variants and benchmarks can be added to 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -66,7 +65,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from accuracy import Bench, benches  # noqa: E402
 from common.cli import add_report_options, quiet_lightning  # noqa: E402
-from machine import render_report, run_meta, save_report  # noqa: E402
+from machine import finish_report, render_report, resume_report, save_fit  # noqa: E402
 from standard import plus_minus  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
@@ -690,17 +689,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in table]
     if unknown:
         parser.error(f"unknown benchmarks {unknown}; valid: {sorted(table)}")
-    previous: dict[str, Any] = {}
-    if (args.out / "results.json").is_file() and not quick:
-        previous = json.loads((args.out / "results.json").read_text())
-    rows: list[dict[str, Any]] = list(previous.get("runs", []))
-    done = {(r["benchmark"], r["arm"], r["seed"]) for r in rows}
-    meta = run_meta(argv)
-    meta["quick"] = quick
-    commands = previous.get("meta", {}).get("commands", [])
-    meta["commands"] = [*commands, meta["command"]] if meta["command"] not in commands else commands
-    notes = previous.get("meta", {}).get("variant_notes", {})
-    meta["variant_notes"] = {**notes, **{v: VARIANTS[v].note for v in args.variants}}
+    meta, rows, done, previous = resume_report(args.out, argv, fresh=quick)
+    meta["variant_notes"] = {**previous.get("variant_notes", {}), **{v: VARIANTS[v].note for v in args.variants}}
     start = time.perf_counter()
     for name in names:
         bench = table[name]
@@ -711,21 +701,11 @@ def main(argv: list[str] | None = None) -> int:
                 if not wanted or (name, arm.name, seed) in done:
                     continue
                 row = fit(bench, arm, seed, data, quick)
-                row["commit"] = meta["commit"]
                 if args.limit_train is not None:
                     row["limit_train"] = args.limit_train
-                rows.append(row)
                 done.add((name, arm.name, seed))
-                print(
-                    f"{name:<22} {arm.name:<16} seed {seed}: test {row['test_acc']:.4f} params {row['params']:>6} "
-                    f"D {row['dendrites_per_layer']} epochs {row['epochs']:>4} {row['wall_s']:6.1f} s",
-                    flush=True,
-                )
-                save_report(args.out, {"meta": meta, "runs": rows, "summary": summarize(rows)}, markdown)
-    rendered = save_report(args.out, {"meta": meta, "runs": rows, "summary": summarize(rows)}, markdown)
-    print(rendered)
-    print(f"done in {time.perf_counter() - start:.1f} s")
-    return 0
+                save_fit(args.out, (meta, rows), row, (name, arm.name, seed), summarize, markdown)
+    return finish_report(args.out, (meta, rows), summarize, markdown, start)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -61,7 +60,7 @@ import numpy as np  # noqa: E402
 import standard  # noqa: E402
 import torch  # noqa: E402
 from common.cli import add_report_options, quiet_lightning  # noqa: E402
-from machine import render_report, run_meta, save_report  # noqa: E402
+from machine import finish_report, render_report, resume_report, save_fit  # noqa: E402
 from research import VARIANTS, batches, dendrite_config, evaluate, loss_fn  # noqa: E402
 from standard import WIN_SE, mean_se, plus_minus, verdict  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
@@ -655,15 +654,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     names = args.benchmarks or (["Friedman-1 → shifted MLP-8"] if args.quick else list(BENCHES))
     seeds = 2 if args.quick and "--seeds" not in (argv or sys.argv) else args.seeds
-    previous: dict[str, Any] = {}
-    if (args.out / "results.json").is_file() and not args.quick:
-        previous = json.loads((args.out / "results.json").read_text())
-    rows: list[dict[str, Any]] = list(previous.get("runs", []))
-    done = {(r["benchmark"], r["arm"], r["seed"]) for r in rows}
-    meta = run_meta(argv)
-    meta["quick"] = args.quick
-    commands = previous.get("meta", {}).get("commands", [])
-    meta["commands"] = [*commands, meta["command"]] if meta["command"] not in commands else commands
+    meta, rows, done, _ = resume_report(args.out, argv, fresh=args.quick)
     start = time.perf_counter()
     for name in names:
         bench = BENCHES[name]
@@ -676,18 +667,8 @@ def main(argv: list[str] | None = None) -> int:
             trained, source_info = pretrain(bench, source, seed, args.quick)
             for arm in arms:
                 row = fit(bench, arm, seed, trained, target, args.quick) | source_info
-                row["commit"] = meta["commit"]
-                rows.append(row)
-                print(
-                    f"{name:<28} {arm.name:<28} seed {seed}: test {row['test_acc']:.4f} params {row['params']:>6} "
-                    f"D {row['dendrites_per_layer']} epochs {row['epochs']:>4} {row['wall_s']:6.1f} s",
-                    flush=True,
-                )
-                save_report(args.out, {"meta": meta, "runs": rows, "summary": summarize(rows)}, markdown)
-    rendered = save_report(args.out, {"meta": meta, "runs": rows, "summary": summarize(rows)}, markdown)
-    print(rendered)
-    print(f"done in {time.perf_counter() - start:.1f} s")
-    return 0
+                save_fit(args.out, (meta, rows), row, (name, arm.name, seed), summarize, markdown, widths=(28, 28))
+    return finish_report(args.out, (meta, rows), summarize, markdown, start)
 
 
 if __name__ == "__main__":
