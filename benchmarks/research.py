@@ -191,6 +191,12 @@ VARIANTS: dict[str, Variant] = {
         },
         note="plateau-val-time2.5 with candidate_plateau_fraction=0.03 (default 0.1): longer dendrite phases",
     ),
+    # A higher candidate LR: can 20 steps learn what the old rule's long phases did on Friedman #1?
+    "plateau-steps20-time2.5-clr30": Variant(
+        candidate_lr=30.0,
+        schedule={"dendrite_patience_steps": 20, "run_budget": 2.5, "run_budget_unit": "time"},
+        note="plateau-steps20-time2.5 (the default) with the candidates' LR at 30x the network's (the harness's 10x)",
+    ),
     # More candidates per dendrite phase under the budget of time: the phases are a few percent
     # of a run, so a larger pool costs little and may find a better set per cycle.
     **{
