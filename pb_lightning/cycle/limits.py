@@ -150,6 +150,14 @@ def budget_note(schedule: PhaseSchedule, state: PhaseState) -> str:
     )
 
 
+#: Added to the reason when the budget ends a run whose last cycle improved the score: the run was
+#: still paying, and the setting that lets it go on is not the one a user would look for first.
+STILL_IMPROVING = (
+    "the last cycle improved the score, so a longer run might have gained more: "
+    "run_budget=None lets a run go on while its cycles improve (or raise run_budget)"
+)
+
+
 def warn_max_dendrite_epochs(schedule: PhaseSchedule) -> None:
     """A phase that ran to its cap is one the plateau rule did not end: say which settings do."""
     log.warning(

@@ -42,6 +42,7 @@ from pb_lightning.cycle.decision import (
     Verdict,
 )
 from pb_lightning.cycle.limits import (
+    STILL_IMPROVING,
     baseline_seconds,
     budget_note,
     budget_spent,
@@ -273,7 +274,8 @@ class PhaseMachine:
     def _spend_budget(self, *, new_phase_best: bool) -> Decision:
         """The budget ran out in the middle of a cycle: judge it there, as :meth:`finish` does."""
         final, note = self.finish(), budget_note(self.schedule, self.state)
-        return replace(final, reason=f"{note}: {final.reason}", new_phase_best=new_phase_best)
+        hint = f"; {STILL_IMPROVING}" if final.verdict == Verdict.ACCEPTED else ""
+        return replace(final, reason=f"{note}: {final.reason}{hint}", new_phase_best=new_phase_best)
 
     def _next_cycle(self, reason: str, new_best: bool, verdict: Verdict | None) -> Decision:
         s, sched = self.state, self.schedule
@@ -282,14 +284,16 @@ class PhaseMachine:
             return self._next_restart(reason, new_best, verdict)
         if s.dendrites >= sched.max_dendrites or out_of_budget:
             s.done = True
+            budget_ended = out_of_budget and s.dendrites < sched.max_dendrites
             why = (
                 f"no cycle fits in what is left ({budget_note(self.schedule, self.state)})"
-                if out_of_budget and s.dendrites < sched.max_dendrites
+                if budget_ended
                 else f"{s.dendrites} dendrite sets reached max_dendrites"
             )
+            hint = f"; {STILL_IMPROVING}" if budget_ended and verdict == Verdict.ACCEPTED else ""
             return Decision(
                 STOP,
-                f"{reason}; {why}: training is complete",
+                f"{reason}; {why}: training is complete{hint}",
                 restore=RESTORE_PHASE_BEST,
                 new_phase_best=new_best,
                 new_global_best=True,

@@ -152,3 +152,30 @@ def test_the_seconds_survive_a_state_round_trip_and_old_states_count_validations
     # A state saved before the budget counted time lacks the fields: its run counts validations.
     old = {k: v for k, v in machine.state_dict()["state"].items() if "seconds" not in k and k != "timed_validations"}
     assert PhaseState.from_dict(old).baseline_seconds is None
+
+
+@pytest.mark.parametrize(
+    ("neuron_scores", "says_so"),
+    [((0.85, 0.85, 0.85), True), ((0.95, 0.95, 0.95), False)],
+    ids=["the last cycle improved", "the last cycle failed"],
+)
+def test_a_budget_that_ends_an_improving_run_says_which_setting_lets_it_go_on(
+    neuron_scores: tuple[float, ...], says_so: bool
+) -> None:
+    # Budget 2.5 x 4 validations = 10. The cycle accepts at the 6th validation and is judged at
+    # the 9th; no cycle (or retry) fits in the one validation left.
+    machine = PhaseMachine("min", _schedule(2.5, unit="validations"))
+    _first_phase(machine)
+    decisions = [machine.step(0.9, 0.5), machine.step(0.9, 0.5)] + [machine.step(s) for s in neuron_scores]
+    assert decisions[-1].action == STOP
+    assert "fits in what is left" in decisions[-1].reason
+    assert ("run_budget=None lets a run go on" in decisions[-1].reason) == says_so
+
+
+def test_a_budget_spent_mid_cycle_on_an_improving_cycle_says_so_too() -> None:
+    machine = PhaseMachine("min", _schedule(2.0, unit="validations"))
+    _first_phase(machine)
+    assert _actions_of_the_cycle(machine, None) == ["continue", "accept", "continue", "stop"]
+    reason = machine.state.history[-1]["reason"]
+    assert "the last cycle improved the global best" in reason
+    assert "run_budget=None lets a run go on" in reason
