@@ -47,6 +47,7 @@ from common.cli import add_report_options  # noqa: E402
 from machine import render_report, run_meta, save_report  # noqa: E402
 
 from pb_lightning import in_dendrite_phase  # noqa: E402
+from pb_lightning.cycle.schedule import BUDGET_UNITS  # noqa: E402
 
 #: Issue 22's target for a dendritic run's wall time ÷ its baseline's, with default settings.
 TARGET_WALL_RATIO = 3.0
@@ -296,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--run-budget-unit",
-        choices=("time", "validations"),
+        choices=BUDGET_UNITS,
         default=None,
         help="the pb runs' PerforatedCallback(run_budget_unit=...) instead of the default (time)",
     )

@@ -148,9 +148,8 @@ def finish_report(
     summarize: Summarize,
     markdown: Callable[[dict[str, Any]], str],
     start: float,
-) -> int:
-    """Save the whole report, print its Markdown and the run's time; the script's exit status."""
+) -> None:
+    """Save the whole report, then print its Markdown and the run's time."""
     meta, rows = report
     print(save_report(out, {"meta": meta, "runs": rows, "summary": summarize(rows)}, markdown))
     print(f"done in {time.perf_counter() - start:.1f} s")
-    return 0

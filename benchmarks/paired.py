@@ -208,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         missing = sorted({k[0] for k, r in old.items() if "trajectory" not in r})
         if missing:
             parser.error(f"cutting the old runs needs runs recorded with a trajectory; none in {missing}")
-        whole = [k for k, r in old.items() if at_budget(r, float("inf"))["test_acc"] != r["test_acc"]]
+        # The trajectory read whole must give back the run's own score: the check of the recording.
+        faithful = sum(_cut(r, r["trajectory"], 1e-4)["test_acc"] == r["test_acc"] for r in old.values())
         if args.old_at_new_epochs:
             how = "after the new run's epochs on the same seed"
             old = {k: at_epochs(r, new[k]["epochs"]) for k, r in old.items() if k in new}
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             old = {k: at_budget(r, args.old_at_budget) for k, r in old.items()}
         intro = (
             f"The old arm cut {how}: the best weights it had found by then. Uncut, the trajectory gives "
-            f"back every run's own test score on {len(uncut) - len(whole)} of {len(uncut)} runs.\n\n"
+            f"back every run's own test score on {faithful} of {len(uncut)} runs.\n\n"
         )
     text = intro + table(new, old, _arm(args.base) if args.base else None)
     if args.base:

@@ -98,6 +98,12 @@ class Variant:
     note: str = ""
 
 
+def _timed(steps: int | None, budget: float = 2.5) -> dict[str, Any]:
+    """A schedule judged every ``steps`` training steps (None: at validations), with a budget of
+    ``budget`` times the first neuron phase's wall time: the schedule issue 22's later variants vary."""
+    return {"dendrite_patience_steps": steps, "run_budget": budget, "run_budget_unit": "time"}
+
+
 #: Named dendritic variants (``--variants``). A ``fan_in`` of ``k`` applies to every layer with
 #: more than ``k`` inputs (features, or input channels for a conv); layers with at most ``k`` keep
 #: dense dendrites (see :func:`dendrite_config`).
@@ -164,7 +170,7 @@ VARIANTS: dict[str, Variant] = {
     # The budget in wall-clock seconds (run_budget_unit="time", the default since it was added).
     **{
         f"plateau-steps{n}-time{b:g}": Variant(
-            schedule={"dendrite_patience_steps": n, "run_budget": b, "run_budget_unit": "time"},
+            schedule=_timed(n, b),
             note=f"plateau over {n} steps, and the whole run at most {b:g}x the first neuron phase's wall time",
         )
         for n in (20, 100)
@@ -175,7 +181,7 @@ VARIANTS: dict[str, Variant] = {
     # validations (plateau-val-budget2.5) is a question of accuracy only.
     **{
         f"plateau-val-time{b:g}": Variant(
-            schedule={"dendrite_patience_steps": None, "run_budget": b, "run_budget_unit": "time"},
+            schedule=_timed(None, b),
             note=f"dendrite phases judged at validations only (plateau rule over dendrite_patience); {b:g}x wall time",
         )
         for b in (2.5,)
@@ -183,18 +189,13 @@ VARIANTS: dict[str, Variant] = {
     # ... and with a smaller plateau fraction, so phases run longer: close to the old rule's long
     # phases, which Friedman #1 wins by at equal cost (results/phases_end/equal_time).
     "plateau-val-frac0.03-time2.5": Variant(
-        schedule={
-            "dendrite_patience_steps": None,
-            "candidate_plateau_fraction": 0.03,
-            "run_budget": 2.5,
-            "run_budget_unit": "time",
-        },
+        schedule={**_timed(None), "candidate_plateau_fraction": 0.03},
         note="plateau-val-time2.5 with candidate_plateau_fraction=0.03 (default 0.1): longer dendrite phases",
     ),
     # A higher candidate LR: can 20 steps learn what the old rule's long phases did on Friedman #1?
     "plateau-steps20-time2.5-clr30": Variant(
         candidate_lr=30.0,
-        schedule={"dendrite_patience_steps": 20, "run_budget": 2.5, "run_budget_unit": "time"},
+        schedule=_timed(20),
         note="plateau-steps20-time2.5 (the default) with the candidates' LR at 30x the network's (the harness's 10x)",
     ),
     # More candidates per dendrite phase under the budget of time: the phases are a few percent
@@ -202,7 +203,7 @@ VARIANTS: dict[str, Variant] = {
     **{
         f"plateau-steps{n}-time2.5-k8": Variant(
             {"num_candidates": 8},
-            schedule={"dendrite_patience_steps": n, "run_budget": 2.5, "run_budget_unit": "time"},
+            schedule=_timed(n),
             note=f"plateau-steps{n}-time2.5 with 8 candidates per neuron (default 4)",
         )
         for n in (20, 100)
@@ -711,7 +712,8 @@ def main(argv: list[str] | None = None) -> int:
                     row["limit_train"] = args.limit_train
                 done.add((name, arm.name, seed))
                 save_fit(args.out, (meta, rows), row, (name, arm.name, seed), summarize, markdown)
-    return finish_report(args.out, (meta, rows), summarize, markdown, start)
+    finish_report(args.out, (meta, rows), summarize, markdown, start)
+    return 0
 
 
 if __name__ == "__main__":

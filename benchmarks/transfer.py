@@ -668,7 +668,8 @@ def main(argv: list[str] | None = None) -> int:
             for arm in arms:
                 row = fit(bench, arm, seed, trained, target, args.quick) | source_info
                 save_fit(args.out, (meta, rows), row, (name, arm.name, seed), summarize, markdown, widths=(28, 28))
-    return finish_report(args.out, (meta, rows), summarize, markdown, start)
+    finish_report(args.out, (meta, rows), summarize, markdown, start)
+    return 0
 
 
 if __name__ == "__main__":

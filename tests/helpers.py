@@ -100,10 +100,11 @@ class ForkServer:
         """One run: its exit status (negative: the signal that ended it) and its text output."""
         out, err = cwd / ".fork_stdout", cwd / ".fork_stderr"
         request = {"argv": list(args), "env": dict(env), "cwd": str(cwd), "stdout": str(out), "stderr": str(err)}
+        request["timeout"] = timeout
         stdin, stdout = self._server.stdin, self._server.stdout
         assert stdin is not None
         assert stdout is not None
-        stdin.write(json.dumps({**request, "timeout": timeout}) + "\n")
+        stdin.write(json.dumps(request) + "\n")
         stdin.flush()
         reply = stdout.readline()
         assert reply, f"the fork server for {self.script.name} exited (status {self._server.poll()})"

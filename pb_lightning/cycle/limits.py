@@ -11,6 +11,7 @@ import logging
 import math
 import numbers
 
+from pb_lightning.cycle.decision import Verdict
 from pb_lightning.cycle.phase_state import PhaseState
 from pb_lightning.cycle.schedule import PhaseSchedule
 from pb_lightning.errors import invalid
@@ -156,6 +157,11 @@ STILL_IMPROVING = (
     "the last cycle improved the score, so a longer run might have gained more: "
     "run_budget=None lets a run go on while its cycles improve (or raise run_budget)"
 )
+
+
+def still_improving(verdict: Verdict | None) -> str:
+    """What a budget stop's reason ends with: :data:`STILL_IMPROVING` after an accepted cycle."""
+    return f"; {STILL_IMPROVING}" if verdict == Verdict.ACCEPTED else ""
 
 
 def warn_max_dendrite_epochs(schedule: PhaseSchedule) -> None:

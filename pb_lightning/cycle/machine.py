@@ -42,7 +42,6 @@ from pb_lightning.cycle.decision import (
     Verdict,
 )
 from pb_lightning.cycle.limits import (
-    STILL_IMPROVING,
     baseline_seconds,
     budget_note,
     budget_spent,
@@ -50,6 +49,7 @@ from pb_lightning.cycle.limits import (
     cycle_fits,
     plateau_reason,
     plateaued,
+    still_improving,
     warn_max_dendrite_epochs,
 )
 from pb_lightning.cycle.phase_state import HISTORY_KEYS, PhaseState, check_global_step
@@ -274,8 +274,8 @@ class PhaseMachine:
     def _spend_budget(self, *, new_phase_best: bool) -> Decision:
         """The budget ran out in the middle of a cycle: judge it there, as :meth:`finish` does."""
         final, note = self.finish(), budget_note(self.schedule, self.state)
-        hint = f"; {STILL_IMPROVING}" if final.verdict == Verdict.ACCEPTED else ""
-        return replace(final, reason=f"{note}: {final.reason}{hint}", new_phase_best=new_phase_best)
+        reason = f"{note}: {final.reason}{still_improving(final.verdict)}"
+        return replace(final, reason=reason, new_phase_best=new_phase_best)
 
     def _next_cycle(self, reason: str, new_best: bool, verdict: Verdict | None) -> Decision:
         s, sched = self.state, self.schedule
@@ -290,10 +290,9 @@ class PhaseMachine:
                 if budget_ended
                 else f"{s.dendrites} dendrite sets reached max_dendrites"
             )
-            hint = f"; {STILL_IMPROVING}" if budget_ended and verdict == Verdict.ACCEPTED else ""
             return Decision(
                 STOP,
-                f"{reason}; {why}: training is complete{hint}",
+                f"{reason}; {why}: training is complete{still_improving(verdict) if budget_ended else ''}",
                 restore=RESTORE_PHASE_BEST,
                 new_phase_best=new_best,
                 new_global_best=True,
