@@ -79,8 +79,8 @@ class PhaseSchedule:
             MNIST-1D CNN, more with many sets on large layers — so a budget of 2.5× the
             validations cost up to 3.5× the baseline's wall time (``benchmarks/cycle_cost.py``),
             where one of seconds bounds what users wait for on any model and accelerator. The
-            price: where the budget ends a run, the load of the machine can move that end by an
-            epoch or two between two runs of one seed.
+            price: where the budget ends a run, the load of the machine can move that end by a
+            few epochs (up to a neuron phase) between two runs of one seed.
         max_dendrites: dendrite sets per layer after which training is complete.
         max_tries: failed cycles in a row (each retried with fresh candidates) after which training
             is complete.
